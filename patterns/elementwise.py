@@ -1,0 +1,132 @@
+"""Elementwise arithmetic: constants per channel, and sums of two region values.
+
+``ChannelAffine`` is ``γ ⊙ v + β`` with γ, β scalars or per-channel vectors
+(multiply, divide, add, subtract, negate by a constant; eval-mode BatchNorm)::
+
+    γ⊙(M·x + c) + β  ->  (diag(γ)·M)·x + (γ⊙c + β)
+
+``Sum`` adds or subtracts two values of the same region (a residual around an
+adapter, a parallel LoRA branch)::
+
+    (M₁·x + c₁) ± (M₂·x + c₂)  ->  (M₁ ± M₂)·x + (c₁ ± c₂)
+
+A constant that varies along any axis but the channel axis, or a sum of
+values from two different sources, ends the region.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from repfold._affine import Affine, Channels, NotAffine, add, scale
+
+from ._base import Match, const_vector
+
+
+@dataclass
+class ChannelAffine:
+    """``γ ⊙ v + β``; γ and β are floats or arrays broadcast against the input."""
+
+    gamma: np.ndarray | float = 1.0
+    beta: np.ndarray | float = 0.0
+
+    heavy = False
+
+    def _per_channel(self, t, v: Affine, ch: Channels):
+        try:
+            axis, values = const_vector(t, len(v.dims))
+        except ValueError as e:
+            raise NotAffine(str(e)) from None
+        if axis is not None:
+            ch.require(v, axis, "a per-channel constant")
+        return values
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        g, b = self._per_channel(self.gamma, v, ch), self._per_channel(self.beta, v, ch)
+        return v.with_map(scale(g, v.M), add(g * v.c, b))
+
+
+@dataclass
+class Sum:
+    """``a + sign·b`` for two values of one region."""
+
+    sign: float = 1.0
+
+    heavy = False
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        a, b = ins
+        if a.source != b.source:
+            raise NotAffine("adds values that come from different sources")
+        if a.dims != b.dims:
+            raise NotAffine("adds values laid out differently")
+        return a.with_map(add(a.M, self.sign * b.M), add(a.c, self.sign * b.c))
+
+
+# --- torch.fx --------------------------------------------------------------------------
+
+_FX = {
+    operator.add: "add", torch.add: "add", "add": "add",
+    operator.sub: "sub", torch.sub: "sub", "sub": "sub",
+    operator.mul: "mul", torch.mul: "mul", "mul": "mul",
+    operator.truediv: "div", torch.div: "div", "div": "div",
+    operator.neg: "neg", torch.neg: "neg", "neg": "neg",
+}
+
+
+def _combine(kind: str, args: list, consts: list, label: str) -> Match | None:
+    """The op for ``kind(args)`` given which args are constants (None where not)."""
+    if kind == "neg":
+        return Match(ChannelAffine(-1.0), (args[0],), label)
+    (a, b), (ca, cb) = args, consts
+    if ca is None and cb is None:
+        return Match(Sum(1.0 if kind == "add" else -1.0), (a, b), label) if kind in ("add", "sub") else None
+    if ca is not None and cb is not None:
+        return None
+    x, k, k_first = (b, ca, True) if ca is not None else (a, cb, False)
+    if kind == "mul":
+        op = ChannelAffine(gamma=k)
+    elif kind == "add":
+        op = ChannelAffine(beta=k)
+    elif kind == "sub":
+        op = ChannelAffine(-1.0, k) if k_first else ChannelAffine(beta=-k)
+    elif kind == "div" and not k_first:
+        op = ChannelAffine(gamma=1.0 / k)
+    else:
+        return None
+    return Match(op, (x,), label)
+
+
+def match_fx(node, ctx) -> Match | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    kind = _FX.get(node.target)
+    if kind is None or node.kwargs:
+        return None
+    args = list(node.args)
+    if len(args) != (1 if kind == "neg" else 2):
+        return None
+    consts = [ctx.const(a) for a in args]
+    if kind != "neg" and any(c is None and not ctx.is_tensor(a) for a, c in zip(args, consts)):
+        return None
+    return _combine(kind, args, consts, f"{node.name} ({kind})")
+
+
+# --- ONNX ------------------------------------------------------------------------------
+
+_ONNX = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg"}
+
+
+def match_onnx(node, ctx) -> Match | None:
+    kind = _ONNX.get(node.op)
+    if kind is None:
+        return None
+    args = list(node.inputs)
+    consts = [ctx.const(a) for a in args]
+    consts = [None if c is None else (float(c) if c.ndim == 0 else c) for c in consts]
+    return _combine(kind, args, consts, f"{node.name} ({node.op})")

@@ -1,0 +1,194 @@
+"""Linear maps along one axis: ``nn.Linear``, ``F.linear``, 1×1 convolutions, ONNX MatMul/Gemm/Conv.
+
+Transfer (the layer reads a region value ``v = M·x + c``)::
+
+    W·v + b  ->  (W·M)·x + (W·c + b)
+
+Absorb (the layer takes over a whole region whose exit is ``M·x + c``)::
+
+    region(x) -> layer'(x) with W' = M, b' = c
+
+A grouped 1×1 conv is the block-diagonal dense ``W`` it stands for; it
+absorbs only an ``M`` that keeps those blocks (anything else would densify
+it), and a layer without a bias absorbs only ``c = 0`` (a new bias would add an
+operator in ONNX).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups, matmul, matvec
+
+from ._base import Match
+
+
+@dataclass
+class Dense:
+    """``y = W·v + b`` along ``axis`` of a rank-``rank`` input; ``W`` is (out, in), float64."""
+
+    W: np.ndarray
+    b: np.ndarray | None
+    axis: int
+    rank: int
+    groups: int = 1
+    kind: str = "Linear"
+
+    heavy = True
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        ch.require(v, self.axis, self.kind)
+        c = matvec(self.W, v.c)
+        return v.with_map(matmul(self.W, v.M), c if self.b is None else c + self.b)
+
+    def absorb(self, v: Affine, ch: Channels, source_rank: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't."""
+        if source_rank != self.rank or ch.axis.get(v.source) != self.axis:
+            raise NotAffine(f"the source's layout does not fit a {self.kind} on axis {self.axis}")
+        if v.dims != tuple(range(len(v.dims))):
+            raise NotAffine("the region permutes axes on its way to the layer")
+        if isinstance(v.M, float) or v.M.shape != self.W.shape:
+            got = "a scaled identity" if isinstance(v.M, float) else "x".join(map(str, v.M.shape))
+            raise NotAffine(f"needs a {self.W.shape[0]}x{self.W.shape[1]} map, the region is {got}")
+        if collapse_groups(v.M, self.groups) is None:
+            raise NotAffine(
+                f"would densify a conv with {self.groups} groups: cost x{self.groups}"
+            )
+        c = np.full(self.W.shape[0], v.c) if isinstance(v.c, float) else v.c
+        if self.b is None:
+            if np.any(c):
+                raise NotAffine(f"{self.kind} has no bias to take the region's constant")
+            return v.M, None
+        return v.M, c
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return False
+    unpadded = m.padding in ("valid", "same") or (
+        not isinstance(m.padding, str) and all(p == 0 for p in m.padding)
+    )
+    return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and unpadded
+
+
+def _fx_module_emit(node, ctx):
+    """Rebuild a call_module layer: a copy of the module with the new weights."""
+
+    def emit(new_input, W: np.ndarray, b: np.ndarray | None):
+        old = ctx.module(node)
+        new = copy.deepcopy(old)
+        w = W if not isinstance(old, nn.modules.conv._ConvNd) else collapse_groups(W, old.groups)
+        w = torch.from_numpy(np.ascontiguousarray(w)).reshape(old.weight.shape)
+        new.weight = nn.Parameter(w.to(old.weight), requires_grad=old.weight.requires_grad)
+        if b is not None:
+            new.bias = nn.Parameter(
+                torch.from_numpy(b).to(old.bias), requires_grad=old.bias.requires_grad
+            )
+        return ctx.graph.call_module(ctx.replace_module(node, new), (new_input,))
+
+    return emit
+
+
+def match_fx(node, ctx) -> Match | None:
+    if node.op == "call_module":
+        m = ctx.module(node)
+        rank = ctx.rank(node.args[0])
+        if rank is None:
+            return None
+        if isinstance(m, nn.Linear):
+            op = Dense(_np(m.weight), _np(m.bias), rank - 1, rank)
+        elif _is_pointwise_conv(m):
+            w = _np(m.weight).reshape(m.out_channels, -1)
+            op = Dense(expand_groups(w, m.groups), _np(m.bias), 1, rank, m.groups, "1x1 Conv")
+        else:
+            return None
+        return Match(op, (node.args[0],), f"{node.target} ({type(m).__name__})", emit=_fx_module_emit(node, ctx))
+    if node.op == "call_function" and node.target is F.linear:
+        x, w = node.args[0], ctx.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        b = None if bias is None else ctx.const(bias)
+        rank = ctx.rank(x)
+        if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
+            return None
+        return Match(Dense(w, b, rank - 1, rank), (x,), f"{node.name} (F.linear)")
+    return None
+
+
+# --- ONNX ------------------------------------------------------------------------------
+
+
+def _onnx_emit(nodes, ctx, kind: str):
+    """Rebuild MatMul(+Add) / Gemm / Conv with new initializers; returns the new output."""
+
+    def emit(new_input, W: np.ndarray, b: np.ndarray | None):
+        first, weight = nodes[0], nodes[0].inputs[1]
+        if kind == "MatMul":
+            w = W.T
+        elif kind == "Gemm":
+            w = W if first.attrs.get("transB", 0) else W.T
+        else:  # Conv: back to (out, in/groups, 1, ...)
+            w = collapse_groups(W, first.attrs.get("group", 1)).reshape(weight.shape)
+        ins = [new_input, ctx.new_const(weight, w)]
+        if kind != "MatMul" and b is not None:
+            ins.append(ctx.new_const(first.inputs[2], b))
+        out = ctx.copy_node(first, ins)
+        if len(nodes) == 2:  # MatMul + Add(bias), in the Add's own input order
+            add, mm_out = nodes[1], first.outputs[0]
+            out = ctx.copy_node(add, [out if i is mm_out else ctx.new_const(i, b) for i in add.inputs])
+        return out
+
+    return emit
+
+
+def match_onnx(node, ctx) -> Match | None:
+    op = node.op
+    if op == "MatMul":
+        x, w = node.inputs
+        W, rank = ctx.const(w), ctx.rank(x)
+        if W is None or W.ndim != 2 or rank is None or rank < 2 or ctx.const(x) is not None:
+            return None
+        covers, b = (node,), None
+        nxt = ctx.only_consumer(node.outputs[0])
+        if nxt is not None and nxt.op == "Add":
+            other = next(i for i in nxt.inputs if i is not node.outputs[0])
+            bv = ctx.const(other)
+            if bv is not None and bv.size == W.shape[1] and bv.shape[-1] == W.shape[1] and bv.ndim <= rank:
+                covers, b = (node, nxt), bv.reshape(-1)
+        return Match(Dense(W.T, b, rank - 1, rank), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
+    if op == "Gemm":
+        a = node.attrs
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            return None
+        B = ctx.const(node.inputs[1])
+        C = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
+        if B is None or (len(node.inputs) > 2 and (C is None or C.size != (B.shape[0] if a.get("transB", 0) else B.shape[1]))):
+            return None
+        W = B if a.get("transB", 0) else B.T
+        return Match(Dense(W, None if C is None else C.reshape(-1), 1, 2), (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
+    if op == "Conv":
+        w = ctx.const(node.inputs[1])
+        a = node.attrs
+        if w is None or any(k != 1 for k in w.shape[2:]):
+            return None
+        if any(s != 1 for s in a.get("strides", [1])) or any(p != 0 for p in a.get("pads", [0])):
+            return None
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return None
+        b = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
+        if len(node.inputs) > 2 and b is None:
+            return None
+        g = a.get("group", 1)
+        W = expand_groups(w.reshape(w.shape[0], -1), g)
+        return Match(Dense(W, b, 1, w.ndim, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
+    return None

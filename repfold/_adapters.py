@@ -1,0 +1,96 @@
+"""Trainable linear adapters that ``repfold.insert`` places into a graph.
+
+The adapter is RepAdapter (Luo et al., arXiv 2302.08106): a dense 1×1
+down-projection to ``hidden_dim`` channels, dropout (active in training only),
+a grouped 1×1 up-projection back to the input width (the paper's dense–sparse
+design), a scalar ``scale``, and the identity::
+
+    y = x + scale · Up_g(Dropout(Down(x)))
+
+Every piece is linear, so in eval mode ``y = M·x + c`` along the channel axis;
+``repfold.fold`` finds that by algebra on the traced ops (it never looks at
+this class). The up-projection starts at zero, so a fresh adapter is an exact
+identity.
+
+Two layouts exist, chosen by where the channel axis is:
+
+* token form (channels last, ``(B, N, C)`` or ``(B, H, W, C)``): the channel
+  axis is swapped to position 1, the 1×1 convs run there, and swapped back,
+  which is how the paper's code writes it;
+* channels-first form (``(B, C, H, W)`` and friends): the convs run directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class RepAdapter(nn.Module):
+    """``x + scale * up(dropout(down(x)))`` with 1×1 convs along one channel axis.
+
+    Args:
+        channels: width of the value the adapter sits on.
+        hidden_dim: width of the bottleneck.
+        groups: groups of the up-projection; must divide ``hidden_dim`` and
+            ``channels``.
+        scale: constant factor on the adapter branch.
+        dropout: dropout probability inside the branch (training only).
+        rank: rank of the tensors it will see (3 for ``(B, N, C)`` tokens).
+        channels_last: ``True`` for the token form, ``False`` for NCHW.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_dim: int = 8,
+        groups: int = 2,
+        scale: float = 1.0,
+        dropout: float = 0.1,
+        rank: int = 3,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_dim < 1 or groups < 1:
+            raise ValueError("hidden_dim and groups must be positive")
+        if hidden_dim % groups or channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide hidden_dim={hidden_dim} and channels={channels}"
+            )
+        if rank - 2 not in _CONV:
+            raise ValueError(f"adapters support tensors of rank 3 to 5, not {rank}")
+        conv = _CONV[rank - 2]
+        self.channels, self.hidden_dim, self.groups = channels, hidden_dim, groups
+        self.scale, self.rank, self.channels_last = float(scale), rank, channels_last
+        self.down = conv(channels, hidden_dim, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.up = conv(hidden_dim, channels, 1, groups=groups)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def config(self) -> dict:
+        """The constructor arguments, enough to rebuild an empty twin."""
+        return {
+            "channels": self.channels,
+            "hidden_dim": self.hidden_dim,
+            "groups": self.groups,
+            "scale": self.scale,
+            "dropout": self.dropout.p,
+            "rank": self.rank,
+            "channels_last": self.channels_last,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            t = x.transpose(1, -1)
+            t = t + self.up(self.dropout(self.down(t))) * self.scale
+            return t.transpose(1, -1)
+        return x + self.up(self.dropout(self.down(x))) * self.scale
+
+    def extra_repr(self) -> str:
+        form = "tokens" if self.channels_last else "channels-first"
+        return f"{form}, scale={self.scale}"

@@ -1,0 +1,107 @@
+"""The public entry points: ``fold``, ``save_adapters`` and ``load_adapters``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import fx, nn
+
+from ._insert import PREFIX, insert
+from ._report import FoldReport
+from ._trace import META_KEY, to_graph_module
+
+log = logging.getLogger("repfold")
+
+Model = TypeVar("Model")
+
+
+def fold(model: Model, *, example_inputs=None, return_report: bool = False):
+    """Fold every adapter region into its neighbouring layer; returns a new model of the same kind.
+
+    ``model`` may be an ``nn.Module`` (traced with torch.fx; the result is an
+    ``fx.GraphModule``), an ``fx.GraphModule``, an ``onnx.ModelProto``, or the
+    path of an ``.onnx`` file (the result is an ``onnx.ModelProto``). The
+    input is never modified. Regions are found by algebra; those that cannot
+    fold exactly and at no extra cost are kept and explained in the report,
+    which ``return_report=True`` returns as ``(model, report)``.
+
+    ``example_inputs`` shapes the fx graph; it defaults to the shapes
+    ``insert`` recorded, then to timm's ``pretrained_cfg['input_size']``.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        import onnx
+
+        model = onnx.load(os.fspath(model))
+    if isinstance(model, nn.Module):
+        from ._fx import fold_fx
+
+        was_training = model.training
+        if was_training:
+            log.warning("folding a model in training mode as if in eval mode (dropout off)")
+        out, report = fold_fx(model, example_inputs)
+        out.train(False)
+    elif type(model).__name__ == "ModelProto":
+        from ._onnx import fold_onnx
+
+        out, report = fold_onnx(model)
+    else:
+        raise TypeError(f"fold takes an nn.Module, an onnx.ModelProto or a path, not {type(model).__name__}")
+    log.info("%s", report)
+    return (out, report) if return_report else out
+
+
+def _adapter_state(gm: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in gm.state_dict().items()
+        if k.startswith(PREFIX + ".")
+    }
+
+
+def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
+    """Write only the adapters' weights (and how they were inserted) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = _adapter_state(gm)
+    if not state:
+        raise ValueError("this model has no repfold adapters to save")
+    meta = getattr(gm, "meta", {}).get(META_KEY, {})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> fx.GraphModule:
+    """A new GraphModule: ``model`` with the adapters saved at ``path``.
+
+    A model that has no adapters yet gets them inserted first, with the
+    settings recorded in the file; ``model`` itself is not modified.
+    """
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if any(name.startswith(PREFIX + ".") for name, _ in model.named_modules()):
+        gm = to_graph_module(model)
+    else:
+        settings = meta.get("insert")
+        if settings is None:
+            raise ValueError(f"{path} does not say how its adapters were inserted")
+        shapes = meta.get("input_shapes")
+        if example_inputs is None and shapes:
+            p = next(model.parameters())
+            example_inputs = tuple(torch.zeros(s, dtype=p.dtype, device=p.device) for s in shapes)
+        gm = insert(model, example_inputs=example_inputs, **settings)
+    missing = sorted(set(_adapter_state(gm)) - set(state))
+    unexpected = sorted(set(state) - set(_adapter_state(gm)))
+    if missing or unexpected:
+        raise ValueError(f"adapters in {path} do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    gm.load_state_dict(state, strict=False)
+    return gm

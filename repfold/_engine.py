@@ -1,0 +1,170 @@
+"""Region finding and fold planning, independent of the graph representation.
+
+A frontend (torch.fx or ONNX) turns its graph into :class:`Step` s, the ops a
+rule in ``repfold.patterns`` recognised, in topological order. Every other
+value is a *source*. The engine then
+
+1. propagates affine states: each step's output is ``M·x + c`` of the source
+   its inputs share, or (when the rule says it is not affine) a new source;
+2. groups steps by source into regions; a region's *exits* are the values that
+   leave it (read by an op outside it, or a graph output);
+3. calls a region an *adapter region* when it holds more heavy layers (with a
+   weight matrix) than it has exits: collapsing it removes layers;
+4. gives every exit one heavy layer of the region that can absorb its map with
+   the same shape, groups and bias (nearest ancestor first); if one exit finds
+   none the whole region is kept, with the reason.
+
+The frontend then rebuilds each absorbing layer on the source with the new
+weights and deletes the region's other ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._affine import Affine, Channels, NotAffine
+from ._report import Region
+
+OUTPUT = "<output>"
+
+
+@dataclass
+class Step:
+    """An op a rule recognised: its name (the value it produces), semantics and inputs."""
+
+    name: str
+    op: Any
+    inputs: tuple[str, ...]
+    label: str
+    emit: Callable | None = None
+
+
+@dataclass
+class Fold:
+    """Replace ``exit`` by ``absorber`` rebuilt on ``source`` with ``(W, b)``."""
+
+    exit: str
+    source: str
+    absorber: str
+    W: np.ndarray
+    b: np.ndarray | None
+
+
+@dataclass
+class Plan:
+    folds: list[Fold]
+    regions: list[Region]
+    removable: list[str]  # steps of folded regions, to delete once unused
+
+
+def plan(
+    steps: Sequence[Step],
+    consumers: Callable[[str], list[str]],
+    rank: Callable[[str], int | None],
+    label: Callable[[str], str],
+) -> Plan:
+    """Find the adapter regions among ``steps`` and decide how each folds."""
+    by_name = {s.name: s for s in steps}
+    ch = Channels()
+    state: dict[str, Affine | None] = {}
+    ended: dict[str, str] = {}  # step -> why its output starts a new region
+
+    def source(name: str) -> Affine | None:
+        r = rank(name)
+        return None if r is None else Affine.of_source(name, r)
+
+    for s in steps:
+        ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
+        if any(v is None for v in ins):
+            state[s.name], ended[s.name] = source(s.name), "the rank of its input is unknown"
+            continue
+        saved = dict(ch.axis)
+        try:
+            state[s.name] = s.op.transfer(ins, ch)
+        except NotAffine as e:
+            ch.axis = saved
+            state[s.name], ended[s.name] = source(s.name), str(e)
+
+    groups: dict[str, list[str]] = {}
+    for s in steps:
+        v = state[s.name]
+        if v is not None and v.source != s.name:
+            groups.setdefault(v.source, []).append(s.name)
+
+    folds: list[Fold] = []
+    regions: list[Region] = []
+    removable: list[str] = []
+    for src, members in groups.items():
+        inside = set(members)
+        heavy = [m for m in members if by_name[m].op.heavy]
+        exits = [m for m in members if any(c not in inside for c in consumers(m))]
+        todo = [e for e in exits if not state[e].is_identity]
+        if len(heavy) <= len(todo):
+            continue  # nothing to remove: a plain layer, not an adapter region
+        region = Region(label(src), [by_name[m].label for m in members], folded=False)
+        regions.append(region)
+        chosen, why = _assign(todo, heavy, by_name, state, ch, rank(src))
+        if why is not None:
+            e = why[0]
+            outside = [c for c in consumers(e) if c not in inside]
+            blockers = ", ".join(_blocker(c, label, ended) for c in outside)
+            region.reason = f"{by_name[e].label} feeds {blockers}; {why[1]}"
+            continue
+        region.folded = True
+        for e in todo:
+            h, (W, b) = chosen[e]
+            folds.append(Fold(e, src, h, W, b))
+            region.into.append(by_name[h].label)
+        removable.extend(members)
+    return Plan(folds, regions, removable)
+
+
+def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) -> str:
+    if consumer == OUTPUT:
+        return "the graph output"
+    why = ended.get(consumer, "not a channel-affine op")
+    return f"{label(consumer)} ({why})"
+
+
+def _assign(todo, heavy, by_name, state, ch, source_rank):
+    """Match every exit to a distinct heavy layer that absorbs it; else (exit, reason)."""
+    ancestors = _ancestors(by_name)
+    used: set[str] = set()
+    chosen: dict[str, tuple[str, tuple]] = {}
+    for e in todo:
+        up = ancestors(e) | {e}
+        order = [h for h in reversed(heavy) if h in up] + [h for h in reversed(heavy) if h not in up]
+        reasons = []
+        for h in order:
+            step = by_name[h]
+            if h in used or step.emit is None:
+                continue
+            try:
+                chosen[e] = (h, step.op.absorb(state[e], ch, source_rank))
+            except NotAffine as err:
+                reasons.append(f"{step.label}: {err}")
+                continue
+            used.add(h)
+            break
+        else:
+            detail = reasons[0] if reasons else "no layer of the region is left to absorb it"
+            return chosen, (e, f"no layer can absorb it ({detail})")
+    return chosen, None
+
+
+def _ancestors(by_name):
+    memo: dict[str, set[str]] = {}
+
+    def up(name: str) -> set[str]:
+        if name not in memo:
+            memo[name] = set()
+            for i in by_name[name].inputs:
+                if i in by_name:
+                    memo[name] |= {i} | up(i)
+        return memo[name]
+
+    return up

@@ -1,0 +1,189 @@
+"""The torch.fx frontend: graph -> steps for the engine, and the rewrite of a plan."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from repfold.patterns import RULES
+
+from . import _engine
+from ._report import FoldReport
+from ._trace import TraceError, example_inputs, shape, to_graph_module
+
+
+class FxContext:
+    """What the fx matchers in ``repfold.patterns`` may ask about a graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm, self.graph = gm, gm.graph
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def rank(self, arg) -> int | None:
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        return len(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    def is_tensor(self, arg) -> bool:
+        return self.rank(arg) is not None
+
+    def const(self, arg) -> np.ndarray | float | None:
+        """The value of a constant argument (a number or a get_attr tensor), else None."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return float(arg)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            value = _get_attr(self.gm, arg.target)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.detach().to(torch.float64).cpu().numpy()
+        return None
+
+    def replace_module(self, node: fx.Node, new: nn.Module) -> str:
+        """Install ``new`` in place of ``node``'s module; a new name if others call the old one."""
+        target = node.target
+        if self.calls[target] > 1:
+            base, i = f"{target}_folded", 0
+            while _has_submodule(self.gm, target):
+                target = f"{base}_{i}" if i else base
+                i += 1
+        self.gm.add_submodule(target, new) if "." not in target else _set(self.gm, target, new)
+        return target
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_submodule(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set(gm: nn.Module, target: str, new: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    if not _has_submodule(gm, parent):
+        gm.add_submodule(target, new)
+    else:
+        setattr(gm.get_submodule(parent), name, new)
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return fx.Tracer().is_leaf_module(m, "")
+
+
+def inline_submodules(gm: fx.GraphModule) -> None:
+    """Trace through every call of a non-torch module (adapters included), in place."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or _is_leaf(gm.get_submodule(node.target)):
+            continue
+        sub = gm.get_submodule(node.target)
+        try:
+            sub_gm = fx.symbolic_trace(sub)
+        except Exception as e:
+            raise TraceError(f"torch.fx cannot trace {node.target} ({type(sub).__name__}): {e}") from e
+        result = _splice(graph, node, sub_gm.graph)
+        if isinstance(result, fx.Node):
+            node.replace_all_uses_with(result)
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def _splice(graph: fx.Graph, call: fx.Node, sub: fx.Graph):
+    """Copy ``sub`` in before ``call`` with its inputs bound to ``call``'s arguments."""
+    args, env, result = list(call.args), {}, None
+    with graph.inserting_before(call):
+        for sn in sub.nodes:
+            if sn.op == "placeholder":
+                if args:
+                    env[sn] = args.pop(0)
+                elif sn.target in call.kwargs:
+                    env[sn] = call.kwargs[sn.target]
+                else:
+                    env[sn] = sn.args[0] if sn.args else None
+            elif sn.op == "output":
+                result = fx.node.map_arg(sn.args[0], lambda n: env[n])
+            else:
+                new = graph.node_copy(sn, lambda n: env[n])
+                if new.op in ("call_module", "get_attr"):
+                    new.target = f"{call.target}.{sn.target}"
+                env[sn] = new
+    return result
+
+
+def op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """Operator counts of a graph: modules by class, functions and methods by name."""
+    counts: Counter[str] = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[type(gm.get_submodule(n.target)).__name__] += 1
+        elif n.op in ("call_function", "call_method"):
+            t = n.target
+            counts[t if isinstance(t, str) else getattr(t, "__name__", str(t))] += 1
+    return dict(counts)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fold_fx(model: nn.Module, example=None) -> tuple[fx.GraphModule, FoldReport]:
+    """Fold every adapter region of ``model``; returns a new GraphModule and the report."""
+    gm = to_graph_module(model)
+    inline_submodules(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    shape(gm, example_inputs(model, example))
+    report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
+
+    ctx = FxContext(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    steps = []
+    for node in gm.graph.nodes:
+        for rule in RULES:
+            m = rule.match_fx(node, ctx)
+            if m is not None:
+                ins = tuple(i.name for i in m.inputs)
+                steps.append(_engine.Step(node.name, m.op, ins, m.label, m.emit))
+                break
+
+    def consumers(name: str) -> list[str]:
+        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users]
+
+    def label(name: str) -> str:
+        n = nodes[name]
+        if n.op == "call_module":
+            return f"{n.target} ({type(ctx.module(n)).__name__})"
+        scope = next(reversed(n.meta.get("nn_module_stack", {None: None})))
+        what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
+        return f"{scope} ({what})" if scope else n.name
+
+    plan = _engine.plan(steps, consumers, lambda n: ctx.rank(nodes[n]), label)
+    report.regions = plan.regions
+    emitters = {s.name: s.emit for s in steps}
+    for f in plan.folds:
+        exit_node = nodes[f.exit]
+        with gm.graph.inserting_before(exit_node):
+            new = emitters[f.absorber](nodes[f.source], f.W, f.b)
+        new.meta = dict(nodes[f.absorber].meta)
+        exit_node.replace_all_uses_with(new)
+    for name in reversed(plan.removable):
+        if not nodes[name].users:
+            gm.graph.erase_node(nodes[name])
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    report.ops_after, report.params_after = op_counts(gm), n_params(gm)
+    return gm, report

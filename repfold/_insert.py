@@ -1,0 +1,132 @@
+"""``repfold.insert``: put trainable adapters at module-scope boundaries of an fx graph."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ._adapters import RepAdapter
+from . import _trace
+from ._trace import META_KEY, shape, to_graph_module
+
+PREFIX = "repfold_adapters"
+
+
+def scopes(gm: fx.GraphModule) -> list[str]:
+    """Every module path that owns at least one node, in graph order."""
+    seen: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        for path in n.meta.get("nn_module_stack", {}):
+            seen.setdefault(path, None)
+    return list(seen)
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if "." not in pattern:
+        return fnmatch.fnmatchcase(path.rpartition(".")[2], pattern)
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _float_tensor(n: fx.Node) -> TensorMetadata | None:
+    meta = n.meta.get("tensor_meta")
+    return meta if isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point else None
+
+
+def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
+    """The one floating tensor that flows into ``scope`` from outside, and the nodes inside."""
+    inside = [n for n in gm.graph.nodes if scope in n.meta.get("nn_module_stack", {})]
+    inside_set = set(inside)
+    values: dict[fx.Node, None] = {}
+    for n in inside:
+        for a in n.all_input_nodes:
+            if a not in inside_set and a.op != "get_attr" and _float_tensor(a) is not None:
+                values.setdefault(a, None)
+    if len(values) != 1:
+        names = ", ".join(v.name for v in values) or "none"
+        raise ValueError(
+            f"module scope {scope!r} receives {len(values)} tensors ({names}); "
+            "an adapter needs exactly one"
+        )
+    return next(iter(values)), inside
+
+
+def _reads_shape_only(n: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()``: the adapter keeps shapes, so these stay on ``x``."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in ("shape", "ndim", "dtype", "device")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _reads_as_conv(gm: fx.GraphModule, value: fx.Node, inside: list[fx.Node]) -> bool:
+    """Whether the scope consumes ``value`` with a convolution (channels at axis 1)."""
+    for n in inside:
+        if value in n.all_input_nodes and n.op == "call_module":
+            if isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd):
+                return True
+    return False
+
+
+def insert(
+    model: nn.Module,
+    before: str | Sequence[str],
+    *,
+    hidden_dim: int = 8,
+    groups: int = 2,
+    scale: float = 1.0,
+    dropout: float = 0.1,
+    example_inputs: tuple | torch.Tensor | None = None,
+) -> fx.GraphModule:
+    """Return a copy of ``model`` with an adapter on the value entering each selected scope."""
+    names = [before] if isinstance(before, str) else list(before)
+    gm = to_graph_module(model)
+    inputs = _trace.example_inputs(model, example_inputs)
+    shape(gm, inputs)
+    all_scopes = scopes(gm)
+    chosen: dict[str, None] = {}
+    for pattern in names:
+        hits = [s for s in all_scopes if _matches(pattern, s)]
+        if not hits:
+            leaves = sorted({s.rpartition(".")[2] for s in all_scopes if not s.isdigit()})
+            raise ValueError(
+                f"before={pattern!r} matches no module scope; scope names are: {', '.join(leaves)}"
+            )
+        chosen.update(dict.fromkeys(hits))
+
+    placed = {}
+    for scope in chosen:
+        value, inside = _entering(gm, scope)
+        meta = _float_tensor(value)
+        channels_last = not _reads_as_conv(gm, value, inside)
+        width = meta.shape[-1] if channels_last else meta.shape[1]
+        adapter = RepAdapter(
+            width, hidden_dim, groups, scale, dropout, rank=len(meta.shape), channels_last=channels_last
+        ).to(dtype=meta.dtype, device=inputs[0].device)
+        target = f"{PREFIX}.{scope.replace('.', '_')}"
+        gm.add_submodule(target, adapter)
+        with gm.graph.inserting_after(value):
+            node = gm.graph.call_module(target, (value,))
+        for n in inside:
+            if not _reads_shape_only(n):
+                n.replace_input_with(value, node)
+        placed[scope] = target
+
+    for name, p in gm.named_parameters():
+        p.requires_grad_(name.startswith(PREFIX + "."))
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[META_KEY] = {
+        "input_shapes": [list(t.shape) for t in inputs],
+        "insert": {
+            "before": names,
+            "hidden_dim": hidden_dim,
+            "groups": groups,
+            "scale": scale,
+            "dropout": dropout,
+        },
+        "adapters": placed,
+    }
+    return gm

@@ -1,0 +1,60 @@
+"""The fold report: every adapter region found, folded into what or why not."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Region:
+    """One adapter region: the value it reads, its ops, and what became of it."""
+
+    source: str
+    ops: list[str]
+    folded: bool
+    into: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+    def line(self) -> str:
+        what = f"folded into {', '.join(self.into)}" if self.folded else f"kept: {self.reason}"
+        return f"{self.source} -> [{len(self.ops)} ops] {what}"
+
+
+@dataclass
+class FoldReport:
+    """What :func:`repfold.fold` did; ``str(report)`` is a readable summary."""
+
+    frontend: str
+    regions: list[Region] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def folded(self) -> list[Region]:
+        return [r for r in self.regions if r.folded]
+
+    @property
+    def kept(self) -> list[Region]:
+        return [r for r in self.regions if not r.folded]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = (
+            f"repfold ({self.frontend}): {len(self.regions)} adapter regions, "
+            f"{len(self.folded)} folded, {len(self.kept)} kept"
+        )
+        lines = [head] + ["  " + r.line() for r in self.regions]
+        if self.params_before:
+            lines.append(f"  parameters: {self.params_before:,} -> {self.params_after:,}")
+        if self.ops_before:
+            changed = sorted(
+                k for k in set(self.ops_before) | set(self.ops_after)
+                if self.ops_before.get(k, 0) != self.ops_after.get(k, 0)
+            )
+            diff = ", ".join(f"{k} {self.ops_before.get(k, 0)}->{self.ops_after.get(k, 0)}" for k in changed)
+            lines.append(f"  operators changed: {diff or 'none'}")
+        return "\n".join(lines)
