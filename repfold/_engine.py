@@ -101,26 +101,60 @@ def plan(
     for src, members in groups.items():
         inside = set(members)
         heavy = [m for m in members if by_name[m].op.heavy]
-        exits = [m for m in members if any(c not in inside for c in consumers(m))]
-        todo = [e for e in exits if not state[e].is_identity]
-        if len(heavy) <= len(todo):
+        exits = _exits(members, consumers)
+        if len(heavy) <= sum(not state[e].is_identity for e in exits):
             continue  # nothing to remove: a plain layer, not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False)
         regions.append(region)
-        chosen, why = _assign(todo, heavy, by_name, state, ch, rank(src))
-        if why is not None:
-            e = why[0]
-            outside = [c for c in consumers(e) if c not in inside]
+        outcome = _settle(members, by_name, state, ch, rank(src), consumers)
+        if isinstance(outcome, tuple):
+            e, why, outside = outcome
             blockers = ", ".join(_blocker(c, label, ended) for c in outside)
-            region.reason = f"{by_name[e].label} feeds {blockers}; {why[1]}"
+            region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
             continue
         region.folded = True
-        for e in todo:
-            h, (W, b) = chosen[e]
+        for e, (h, (W, b)) in outcome.items():
             folds.append(Fold(e, src, h, W, b))
             region.into.append(by_name[h].label)
-        removable.extend(members)
+        removable.extend(members)  # erased only once nothing reads them
     return Plan(folds, regions, removable)
+
+
+def _exits(members: list[str], consumers) -> list[str]:
+    inside = set(members)
+    return [m for m in members if any(c not in inside for c in consumers(m))]
+
+
+def _settle(members, by_name, state, ch, source_rank, consumers):
+    """Give every exit an absorber, pulling cheap ops that can't be absorbed out of the region.
+
+    An exit that is an elementwise or layout op (GELU's ``x / sqrt(2)`` after
+    the absorbing Linear, say) stays in the graph as it was: its inputs become
+    the exits instead, and so does everything of the region downstream of it.
+    Returns ``{exit: (absorber, (W, b))}``, or the first failure as ``(exit,
+    reason, its consumers outside)`` when a heavy layer would have to be kept or
+    nothing would be removed.
+    """
+    folded, first = list(members), None
+    while True:
+        exits = [e for e in _exits(folded, consumers) if not state[e].is_identity]
+        heavy = [m for m in folded if by_name[m].op.heavy]
+        chosen, why = _assign(exits, heavy, by_name, state, ch, source_rank)
+        if why is None and len(heavy) > len(exits):
+            return chosen
+        if why is None:
+            why = exits[0], "folding it would remove no layer"
+        e = why[0]
+        first = first or (*why, [c for c in consumers(e) if c not in set(folded)])
+        if by_name[e].op.heavy:
+            return first
+        doomed = {e}
+        for m in folded:  # members are in topological order
+            if any(i in doomed for i in by_name[m].inputs):
+                doomed.add(m)
+        folded = [m for m in folded if m not in doomed]
+        if not folded:
+            return first
 
 
 def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) -> str:

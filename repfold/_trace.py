@@ -28,10 +28,34 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
     }
     try:
-        return fx.symbolic_trace(model, concrete_args=concrete or None)
+        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types; all mean "not traceable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {first}") from e
+    _drop_specialised(gm, [p.name in concrete for p in params])
+    return gm
+
+
+def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
+    """Remove the placeholders fx keeps for concrete args, and the checks it hangs on them.
+
+    Those checks (``is_causal == False`` and friends) break TorchScript-based
+    ONNX export; the values are baked into the graph either way.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    doomed: list[fx.Node] = []
+    for node, is_fixed in zip(placeholders, fixed):
+        if is_fixed:
+            stack = [node]
+            while stack:
+                n = stack.pop()
+                if n not in doomed:
+                    doomed.append(n)
+                    stack.extend(n.users)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in sorted(doomed, key=order.__getitem__, reverse=True):
+        gm.graph.erase_node(n)
+    gm.recompile()
 
 
 def to_graph_module(model: nn.Module) -> fx.GraphModule:
@@ -77,5 +101,11 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
+    except Exception as e:
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"the model does not run on example inputs of shape {shapes} ({msg}); pass example_inputs="
+        ) from e
     finally:
         gm.train(was_training)

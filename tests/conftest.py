@@ -1,0 +1,60 @@
+"""Shared helpers: small real backbones, adapters with random weights, error measures."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+# Small variants of real timm models: same code paths, a fraction of the cost.
+SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2)
+
+
+def make_vit(name: str = "vit_tiny_patch16_224", dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A small timm ViT-family model with random, non-zero weights everywhere (biases too)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **SMALL).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)  # as in a trained model; also keeps exporters from sharing them
+    return model.to(dtype)
+
+
+def image(batch: int = 2, dtype=torch.float32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def randomize_adapters(gm: torch.nn.Module, std: float = 0.2, seed: int = 2) -> None:
+    """Stand-in for training: every adapter weight random and non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in gm.named_parameters():
+            if n.startswith("repfold_adapters."):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude."""
+    a = torch.as_tensor(a).detach().to(torch.float64)
+    b = torch.as_tensor(b).detach().to(torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def export(model: torch.nn.Module, x: torch.Tensor, dynamo: bool):
+    """The ONNX proto of ``model`` from one of torch's two exporters."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        return onnx.load_from_string(buf.getvalue())

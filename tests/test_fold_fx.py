@@ -1,0 +1,103 @@
+"""End to end in torch.fx: adapters inserted into real timm ViTs, folded back into their Linears."""
+
+import logging
+
+import pytest
+import torch
+
+import repfold
+from conftest import image, make_vit, randomize_adapters, rel_err
+
+MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
+# float64 checks the algebra; float32 what users see (relative to the output's scale).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def adapted(name, dtype):
+    model, x = make_vit(name, dtype), image(dtype=dtype)
+    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
+    randomize_adapters(gm)
+    return model, gm.eval(), x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", MODELS)
+def test_fold_keeps_outputs_and_restores_base_cost(name, dtype):
+    model, gm, x = adapted(name, dtype)
+    with torch.no_grad():
+        y = gm(x)
+        assert rel_err(y, model(x)) > 1e-2  # the adapters matter
+        folded, report = repfold.fold(gm, return_report=True)
+        assert rel_err(folded(x), y) <= TOL[dtype]
+
+    assert len(report.regions) == 4 and not report.kept
+    assert sorted(into for r in report.folded for into in r.into) == sorted(
+        f"blocks.{i}.{layer} (Linear)" for i in range(2) for layer in ("attn.qkv", "mlp.fc1")
+    )
+    _, base = repfold.fold(model, example_inputs=x, return_report=True)
+    assert report.ops_after == base.ops_after
+    assert report.params_after == base.params_after == sum(p.numel() for p in model.parameters())
+    assert not any(isinstance(m, repfold.RepAdapter) for m in folded.modules())
+    assert next(folded.parameters()).dtype == dtype
+    folded.graph.lint()
+
+
+def test_fold_does_not_touch_its_input():
+    _, gm, x = adapted(MODELS[0], torch.float64)
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    code = gm.code
+    repfold.fold(gm)
+    assert gm.code == code
+    assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+
+
+def test_folding_twice_changes_nothing():
+    _, gm, x = adapted(MODELS[0], torch.float64)
+    once = repfold.fold(gm)
+    twice, report = repfold.fold(once, example_inputs=x, return_report=True)
+    assert report.regions == []
+    assert torch.equal(twice(x), once(x))
+
+
+def test_plain_module_with_handwritten_adapter_folds():
+    """No insert: a user's own module, traced by fold, found by algebra alone."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+            self.adapter = repfold.RepAdapter(16, 4, 2, scale=0.7)
+            self.fc = torch.nn.Linear(16, 32)
+
+        def forward(self, x):
+            return torch.relu(self.fc(self.adapter(self.norm(x))))
+
+    block = Block().double().eval()
+    torch.nn.init.normal_(block.adapter.up.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    folded, report = repfold.fold(block, example_inputs=x, return_report=True)
+    assert [r.into for r in report.regions] == [["fc (Linear)"]]
+    assert rel_err(folded(x), block(x)) <= 1e-12
+
+
+def test_training_mode_folds_as_eval_with_a_warning(caplog):
+    _, gm, x = adapted(MODELS[0], torch.float64)
+    with caplog.at_level(logging.WARNING, logger="repfold"):
+        folded = repfold.fold(gm.train())
+    assert "training mode" in caplog.text
+    assert not folded.training
+    with torch.no_grad():
+        assert rel_err(folded(x), gm.eval()(x)) <= 1e-10
+
+
+def test_unfoldable_region_is_kept_and_explained():
+    """An adapter on the residual stream feeds LayerNorm: no Linear of its shape can absorb it."""
+    model, x = make_vit(dtype=torch.float64), image(dtype=torch.float64)
+    gm = repfold.insert(model, before="blocks.1", example_inputs=x)
+    randomize_adapters(gm)
+    folded, report = repfold.fold(gm.eval(), return_report=True)
+    (region,) = report.regions
+    assert not region.folded
+    assert "no layer can absorb it" in region.reason and "layer_norm" in region.reason
+    with torch.no_grad():
+        assert rel_err(folded(x), gm(x)) <= 1e-12
