@@ -180,14 +180,25 @@ def _assign(todo, heavy, by_name, state, ch, source_rank):
             try:
                 chosen[e] = (h, step.op.absorb(state[e], ch, source_rank))
             except NotAffine as err:
-                reasons.append(f"{step.label}: {err}")
+                reasons.append((h, f"{step.label}: {err}"))
                 continue
             used.add(h)
             break
         else:
-            detail = reasons[0] if reasons else "no layer of the region is left to absorb it"
-            return chosen, (e, f"no layer can absorb it ({detail})")
+            return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
     return chosen, None
+
+
+def _why_none(v: Affine, order, by_name, reasons) -> str:
+    """The most telling reason no layer absorbed ``v``: a missing shape beats the rest."""
+    if not isinstance(v.M, float):
+        shape = v.M.shape
+        if not any(getattr(by_name[h].op, "W", np.empty(0)).shape == shape for h in order):
+            return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
+        for h, r in reasons:
+            if by_name[h].op.W.shape == shape:
+                return r
+    return reasons[0][1] if reasons else "no layer of the region is left to absorb it"
 
 
 def _ancestors(by_name):

@@ -111,7 +111,9 @@ def _keep_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every adapter region of an ONNX model; the input proto is not modified."""
     report = FoldReport("onnx", ops_before=op_counts(model), params_before=n_params(model))
-    graph = gs.import_onnx(model)
+    private = onnx.ModelProto()
+    private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
+    graph = gs.import_onnx(private)
     graph.toposort()
     ctx = OnnxContext(graph, _ranks(model))
     tensors = graph.tensors()

@@ -1,0 +1,113 @@
+"""ONNX path: export an adapted timm ViT with both torch exporters, fold the graph, compare in onnxruntime."""
+
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import repfold
+from conftest import export, image, make_vit, randomize_adapters, rel_err
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {model.graph.input[0].name: x.numpy()})[0]
+
+
+def ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["torchscript", "dynamo"])
+def exported(request):
+    """(adapted ONNX, adapter-free ONNX, input) for one exporter."""
+    model, x = make_vit(), image()
+    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
+    randomize_adapters(gm)
+    return export(gm.eval(), x, request.param), export(model, x, request.param), x
+
+
+def test_onnx_fold_matches_and_costs_the_base(exported):
+    adapted, base, x = exported
+    before = onnx.ModelProto()
+    before.CopyFrom(adapted)
+    folded, report = repfold.fold(adapted, return_report=True)
+
+    assert adapted == before  # the input proto is untouched
+    onnx.checker.check_model(folded, full_check=True)
+    assert len(report.regions) == 4 and len(report.folded) == 4
+    assert ops(folded) == ops(base)
+    assert report.params_after == sum(int(np.prod(t.dims)) for t in base.graph.initializer)
+    y = run(adapted, x)
+    assert rel_err(y, run(base, x)) > 1e-2
+    assert rel_err(run(folded, x), y) <= 1e-5
+    assert [o.name for o in folded.graph.output] == [o.name for o in adapted.graph.output]
+    assert folded.opset_import == adapted.opset_import
+
+
+def test_onnx_fold_twice_changes_nothing(exported):
+    once = repfold.fold(exported[0])
+    twice, report = repfold.fold(once, return_report=True)
+    assert report.regions == [] and ops(twice) == ops(once)
+
+
+def test_fold_accepts_a_path(exported, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(exported[0], str(path))
+    folded = repfold.fold(path)
+    assert isinstance(folded, onnx.ModelProto) and ops(folded) == ops(exported[1])
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "repfold", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_folds_checks_and_reports(exported, tmp_path):
+    src, out, rep = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(exported[0], str(src))
+    r = cli(src, "-o", out, "--check", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "largest difference" in r.stdout and "4 folded" in r.stdout
+    assert ops(onnx.load(str(out))) == ops(exported[1])
+    assert '"folded": true' in rep.read_text()
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: d / "missing.onnx", "no such file"),
+        (lambda d: d, "is a directory"),
+        (lambda d: (d / "junk.onnx").write_bytes(b"\x00not a model" * 10) and d / "junk.onnx", "not"),
+    ],
+    ids=["missing", "directory", "garbage"],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, setup, message):
+    src, out = setup(tmp_path), tmp_path / "out.onnx"
+    r = cli(src, "-o", out)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_its_input(exported, tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(exported[0], str(src))
+    data = src.read_bytes()
+    r = cli(src, "-o", src)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert src.read_bytes() == data
+
+
+def test_cli_failed_check_writes_nothing(exported, tmp_path):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(exported[0], str(src))
+    r = cli(src, "-o", out, "--check", "--rtol", "0")
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    assert not out.exists()
