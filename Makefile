@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# This environment's pins only (pyproject.toml declares ranges): the torch and
+# torchvision pair that pip's local copies hold. onnxruntime-gpu also runs on
+# CPU-only machines (CPUExecutionProvider); never install it beside onnxruntime.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+ORT        := onnxruntime-gpu
+
+.PHONY: demo test fuzz lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet $(ORT) -e ".[test,timm]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check repfold patterns tests examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
