@@ -12,7 +12,6 @@ import torch
 from torch import fx, nn
 
 from ._insert import PREFIX, insert
-from ._report import FoldReport
 from ._trace import META_KEY, to_graph_module
 
 log = logging.getLogger("repfold")

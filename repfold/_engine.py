@@ -99,7 +99,6 @@ def plan(
     regions: list[Region] = []
     removable: list[str] = []
     for src, members in groups.items():
-        inside = set(members)
         heavy = [m for m in members if by_name[m].op.heavy]
         exits = _exits(members, consumers)
         if len(heavy) <= sum(not state[e].is_identity for e in exits):

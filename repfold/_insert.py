@@ -9,8 +9,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ._adapters import RepAdapter
 from . import _trace
+from ._adapters import RepAdapter
 from ._trace import META_KEY, shape, to_graph_module
 
 PREFIX = "repfold_adapters"

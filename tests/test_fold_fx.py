@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
+from conftest import image, make_vit, randomize_adapters, rel_err
 
 import repfold
-from conftest import image, make_vit, randomize_adapters, rel_err
 
 MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
 # float64 checks the algebra; float32 what users see (relative to the output's scale).

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import export, image, make_vit, randomize_adapters, rel_err
 
 import repfold
-from conftest import export, image, make_vit, randomize_adapters, rel_err
 
 ort = pytest.importorskip("onnxruntime")
 

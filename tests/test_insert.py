@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import image, make_vit, randomize_adapters, rel_err
 
 import repfold
-from conftest import image, make_vit, randomize_adapters, rel_err
 
 
 def test_identity_at_insertion_and_only_adapters_train():

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from repfold.patterns.elementwise import ChannelAffine, Sum
 
 from repfold._affine import Affine, Channels, NotAffine
-from repfold.patterns.elementwise import ChannelAffine, Sum
 
 rng = np.random.default_rng(1)
 

@@ -1,9 +1,9 @@
 """Rule: permutes move the channel axis; identities pass values through."""
 
 import pytest
+from repfold.patterns.layout import Permute, Same, swap
 
 from repfold._affine import Affine, Channels, NotAffine
-from repfold.patterns.layout import Permute, Same, swap
 
 
 def test_transpose_moves_the_channel_axis():

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from repfold.patterns.linear import Dense
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
-from repfold.patterns.linear import Dense
 
 rng = np.random.default_rng(0)
 
