@@ -68,7 +68,7 @@ class OnnxContext:
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
         """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64)."""
         dtype = self.raw_const(like).dtype
-        return gs.Constant(self.unique(f"{like.name}_folded"), np.ascontiguousarray(values).astype(dtype))
+        return gs.Constant(self.unique(f"{like.name}_folded"), np.ascontiguousarray(np.asarray(values).astype(dtype)))
 
     def copy_node(self, node: gs.Node, inputs: list) -> gs.Variable:
         out = gs.Variable(self.unique(f"{node.outputs[0].name}_folded"), dtype=node.outputs[0].dtype)
@@ -78,13 +78,27 @@ class OnnxContext:
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every value shape inference can tell, without copying weight data.
+
+    Initializers are handed to the inferencer as typed inputs, so it sees
+    their shapes but not their bytes (fast, and fine for models over 2 GB).
+    """
+    g = model.graph
+    light = onnx.helper.make_graph(
+        list(g.node),
+        g.name,
+        [*g.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializer)],
+        list(g.output),
+        value_info=list(g.value_info),
+    )
+    probe = onnx.helper.make_model(light, opset_imports=list(model.opset_import))
+    probe.ir_version = model.ir_version
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(probe).graph
     except Exception:  # shape inference is a help, not a requirement
-        inferred = model
-    g = inferred.graph
+        inferred = light
     out = {}
-    for vi in [*g.input, *g.output, *g.value_info]:
+    for vi in [*inferred.input, *inferred.output, *inferred.value_info]:
         t = vi.type.tensor_type
         if t.HasField("shape"):
             out[vi.name] = len(t.shape.dim)
