@@ -24,13 +24,19 @@ def ops(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["torchscript", "dynamo"])
+@pytest.fixture(
+    scope="module",
+    params=[("vit_tiny_patch16_224", False), ("vit_tiny_patch16_224", True), ("deit_tiny_patch16_224", False),
+            ("deit_tiny_patch16_224", True)],
+    ids=["vit-torchscript", "vit-dynamo", "deit-torchscript", "deit-dynamo"],
+)
 def exported(request):
-    """(adapted ONNX, adapter-free ONNX, input) for one exporter."""
-    model, x = make_vit(), image()
+    """(adapted ONNX, adapter-free ONNX, input) for one model and one exporter."""
+    name, dynamo = request.param
+    model, x = make_vit(name), image()
     gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
     randomize_adapters(gm)
-    return export(gm.eval(), x, request.param), export(model, x, request.param), x
+    return export(gm.eval(), x, dynamo), export(model, x, dynamo), x
 
 
 def test_onnx_fold_matches_and_costs_the_base(exported):
