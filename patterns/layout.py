@@ -62,7 +62,7 @@ def match_fx(node, ctx) -> Match | None:
     label = f"{node.name} ({node.target if isinstance(node.target, str) else node.target.__name__})"
     if node.op == "call_module":
         m = ctx.module(node)
-        if isinstance(m, (nn.Dropout, nn.Identity)) or type(m).__name__ == "Dropout":
+        if isinstance(m, (nn.Dropout, nn.Identity)):
             return Match(Same(), (node.args[0],), f"{node.target} ({type(m).__name__})")
         return None
     if node.op == "call_method" and node.target in _FX_SAME_METHODS and len(node.args) == 1:

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Matrix = "np.ndarray | float"
-
 
 class NotAffine(Exception):
     """Raised by a transfer rule: the op's output is not affine in the region's source."""
@@ -125,14 +123,6 @@ def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
     if A.shape != B.shape:
         raise NotAffine(f"adds values of shapes {A.shape} and {B.shape} in channel space")
     return A + B
-
-
-def as_matrix(M: np.ndarray | float, width: int) -> np.ndarray:
-    return M * np.eye(width) if isinstance(M, float) else M
-
-
-def as_vector(c: np.ndarray | float, width: int) -> np.ndarray:
-    return np.full(width, c) if isinstance(c, float) else c
 
 
 # --- grouped weights ------------------------------------------------------------------

@@ -51,7 +51,7 @@ class FxContext:
             while _has_submodule(self.gm, target):
                 target = f"{base}_{i}" if i else base
                 i += 1
-        self.gm.add_submodule(target, new) if "." not in target else _set(self.gm, target, new)
+        _set(self.gm, target, new)
         return target
 
 
