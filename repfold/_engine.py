@@ -58,7 +58,6 @@ class Fold:
 class Plan:
     folds: list[Fold]
     regions: list[Region]
-    removable: list[str]  # steps of folded regions, to delete once unused
 
 
 def plan(
@@ -97,7 +96,6 @@ def plan(
 
     folds: list[Fold] = []
     regions: list[Region] = []
-    removable: list[str] = []
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
         exits = _exits(members, consumers)
@@ -115,8 +113,7 @@ def plan(
         for e, (h, (W, b)) in outcome.items():
             folds.append(Fold(e, src, h, W, b))
             region.into.append(by_name[h].label)
-        removable.extend(members)  # erased only once nothing reads them
-    return Plan(folds, regions, removable)
+    return Plan(folds, regions)
 
 
 def _exits(members: list[str], consumers) -> list[str]:

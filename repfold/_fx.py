@@ -178,10 +178,7 @@ def fold_fx(model: nn.Module, example=None) -> tuple[fx.GraphModule, FoldReport]
             new = emitters[f.absorber](nodes[f.source], f.W, f.b)
         new.meta = dict(nodes[f.absorber].meta)
         exit_node.replace_all_uses_with(new)
-    for name in reversed(plan.removable):
-        if not nodes[name].users:
-            gm.graph.erase_node(nodes[name])
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
