@@ -75,13 +75,17 @@ def test_plain_module_with_handwritten_adapter_folds():
     block = Block().double().eval()
     torch.nn.init.normal_(block.adapter.up.weight)
     x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(block(x), torch.relu(block.fc(block.norm(x)))) > 1e-2  # the adapter matters
     folded, report = repfold.fold(block, example_inputs=x, return_report=True)
     assert [r.into for r in report.regions] == [["fc (Linear)"]]
     assert rel_err(folded(x), block(x)) <= 1e-12
 
 
 def test_training_mode_folds_as_eval_with_a_warning(caplog):
-    _, gm, x = adapted(MODELS[0], torch.float64)
+    model, gm, x = adapted(MODELS[0], torch.float64)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) > 1e-2
     with caplog.at_level(logging.WARNING, logger="repfold"):
         folded = repfold.fold(gm.train())
     assert "training mode" in caplog.text
@@ -95,6 +99,8 @@ def test_unfoldable_region_is_kept_and_explained():
     model, x = make_vit(dtype=torch.float64), image(dtype=torch.float64)
     gm = repfold.insert(model, before="blocks.1", example_inputs=x)
     randomize_adapters(gm)
+    with torch.no_grad():
+        assert rel_err(gm.eval()(x), model(x)) > 1e-2
     folded, report = repfold.fold(gm.eval(), return_report=True)
     (region,) = report.regions
     assert not region.folded
