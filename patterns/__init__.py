@@ -5,9 +5,9 @@ the order of :data:`RULES`. Adding an op means adding its semantics and its
 two matchers to one of these files (or a new one listed here) and a test.
 """
 
-from . import elementwise, layout, linear
+from . import attention, conv, elementwise, layout, linear, normalization
 from ._base import Match
 
-RULES = (linear, elementwise, layout)
+RULES = (linear, conv, attention, normalization, elementwise, layout)
 
-__all__ = ["RULES", "Match", "elementwise", "layout", "linear"]
+__all__ = ["RULES", "Match", "attention", "conv", "elementwise", "layout", "linear", "normalization"]

@@ -15,11 +15,14 @@ A matcher returns a :class:`Match` or None (the node is not in this family).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch import fx, nn
 
 
 @dataclass
@@ -28,8 +31,9 @@ class Match:
 
     ``inputs`` are the frontend's own handles (fx ``Node`` or onnx-graphsurgeon
     ``Variable``); ``covers`` the ONNX nodes the op spans (MatMul + Add is one
-    Linear); ``emit`` rebuilds a heavy layer with new weights on a new input and
-    returns the value that replaces the old output.
+    Linear); ``emit(swap, W, b)`` rebuilds the layer with new weights, reading
+    ``swap.get(i, i)`` for each of its inputs ``i``, and returns the value that
+    replaces its old output.
     """
 
     op: Any
@@ -58,3 +62,34 @@ def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarr
     if len(varying) > 1:
         raise ValueError(f"the constant varies along {len(varying)} axes")
     return rank - t.ndim + varying[0], t.reshape(-1)
+
+
+def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.ndarray]]):
+    """``emit`` for a call_module layer: a copy of its module with ``params(module, W, b)`` set."""
+
+    def emit(swap: dict, W, b):
+        old = ctx.module(node)
+        new = copy.deepcopy(old)
+        for name, value in params(old, W, b).items():
+            ref = getattr(old, name)
+            t = torch.from_numpy(np.ascontiguousarray(value)).reshape(ref.shape).to(ref)
+            setattr(new, name, nn.Parameter(t, requires_grad=ref.requires_grad))
+        args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))
+        return ctx.graph.call_module(ctx.replace_module(node, new), args, kwargs)
+
+    return emit
+
+
+def onnx_rebuild(node, ctx, inits: Callable[[Any, Any], dict[int, np.ndarray]]):
+    """``emit`` for one ONNX node: a copy with new initializers at the input indices ``inits(W, b)`` gives."""
+
+    def emit(swap: dict, W, b):
+        new = dict(inits(W, b))
+        ins = [
+            ctx.new_const(i, new[k]) if k in new else swap.get(i, i)
+            for k, i in enumerate(node.inputs)
+        ]
+        return ctx.copy_node(node, ins)
+
+    return emit

@@ -38,16 +38,16 @@ class ChannelAffine:
 
     def _per_channel(self, t, v: Affine, ch: Channels):
         try:
-            axis, values = const_vector(t, len(v.dims))
+            axis, values = const_vector(t, v.rank)
         except ValueError as e:
             raise NotAffine(str(e)) from None
         if axis is not None:
-            ch.require(v, axis, "a per-channel constant")
-        return values
+            v = ch.require(v, axis, "a per-channel constant")
+        return v, values
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
-        (v,) = ins
-        g, b = self._per_channel(self.gamma, v, ch), self._per_channel(self.beta, v, ch)
+        v, g = self._per_channel(self.gamma, ins[0], ch)
+        v, b = self._per_channel(self.beta, v, ch)
         return v.with_map(scale(g, v.M), add(g * v.c, b))
 
 
@@ -63,7 +63,7 @@ class Sum:
         a, b = ins
         if a.source != b.source:
             raise NotAffine("adds values that come from different sources")
-        if a.dims != b.dims:
+        if not ch.same_layout(a, b):
             raise NotAffine("adds values laid out differently")
         return a.with_map(add(a.M, self.sign * b.M), add(a.c, self.sign * b.c))
 

@@ -1,18 +1,28 @@
-"""Ops that move or keep values without touching channel arithmetic.
+"""Ops that move values between positions without touching channel arithmetic.
 
-``Permute`` reorders axes (transpose, permute); the map is unchanged and the
-channel axis moves with it::
+Each op keeps the map and moves the layout (see ``repfold._affine``)::
 
-    permute(M·x + c, p)  ->  same (M, c), dims' = dims[p]
+    layout_op(M·x + c)  ->  same (M, c), positions moved
 
-``Same`` passes a value through unchanged: eval-mode dropout, identity,
-contiguous, clone.
+as long as the channel axis stays whole: permute / transpose, reshape / view /
+flatten / squeeze / unsqueeze, roll, slicing and concatenation along other
+axes, pads by zero amounts (window partitions are made of these). ``Same``
+passes a value through unchanged: eval-mode dropout, identity, contiguous,
+clone, a cast to the same dtype.
+
+A fold replays the layout ops that lie between the source and the absorbing
+layer on the source itself, so the folded graph keeps the model's own layout
+ops (a Swin window partition) and drops those that cancel out (the transposes
+around a channels-first adapter).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,21 +32,25 @@ from repfold._affine import Affine, Channels, NotAffine
 from ._base import Match
 
 
+class _Layout:
+    heavy = False
+    layout = True  # a fold may replay it on the source
+
+
 @dataclass
-class Permute:
+class Permute(_Layout):
     """Axis ``i`` of the output is axis ``perm[i]`` of the input (negative indices allowed)."""
 
     perm: tuple[int, ...]
 
-    heavy = False
-
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         (v,) = ins
-        r = len(v.dims)
+        r = v.rank
         perm = [p % r for p in self.perm] if r else []
         if sorted(perm) != list(range(r)):
             raise NotAffine(f"permutation {self.perm} does not fit a rank-{r} value")
-        return Affine(v.source, tuple(v.dims[p] for p in perm), v.M, v.c)
+        shape = tuple(v.shape[p] for p in perm)
+        return ch.relayout(v, shape, lambda p: p.transpose(perm), lambda p, a: (p.transpose(perm), perm.index(a)))
 
 
 def swap(rank: int, a: int, b: int) -> tuple[int, ...]:
@@ -46,55 +60,237 @@ def swap(rank: int, a: int, b: int) -> tuple[int, ...]:
 
 
 @dataclass
-class Same:
-    """The identity."""
+class Reshape(_Layout):
+    """Row-major reshape to ``shape`` (view, reshape, flatten, squeeze, unsqueeze)."""
 
+    shape: tuple[int, ...]
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        out = self.shape
+        if math.prod(out) != math.prod(v.shape):
+            raise NotAffine(f"reshapes {v.shape} to {out}")
+
+        def reduced(pos, cax):
+            before, width = math.prod(v.shape[:cax]), v.shape[cax]
+            for a, n in enumerate(out):
+                if n == width and math.prod(out[:a]) == before:
+                    return pos.reshape(tuple(1 if i == a else m for i, m in enumerate(out))), a
+            raise NotAffine(f"reshaping {v.shape} to {out} splits or merges the channel axis")
+
+        return ch.relayout(v, out, lambda p: p.reshape(out), reduced)
+
+
+@dataclass
+class Roll(_Layout):
+    """``torch.roll`` by ``shifts`` along ``dims`` (cyclic shift of positions)."""
+
+    shifts: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+
+        def reduced(pos, cax):
+            if cax in [d % v.rank for d in self.dims]:
+                raise NotAffine("rolls along the channel axis")
+            return np.roll(pos, self.shifts, self.dims), cax
+
+        return ch.relayout(v, v.shape, lambda p: np.roll(p, self.shifts, self.dims), reduced)
+
+
+@dataclass
+class Slice(_Layout):
+    """Basic indexing by a tuple of slices (one per leading axis), channel axis untouched."""
+
+    index: tuple[slice, ...]
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        shape = np.empty(v.shape, dtype=np.bool_)[self.index].shape
+
+        def reduced(pos, cax):
+            if cax < len(self.index) and self.index[cax].indices(v.shape[cax]) != (0, v.shape[cax], 1):
+                raise NotAffine("slices the channel axis")
+            return pos[self.index], cax
+
+        return ch.relayout(v, shape, lambda p: p[self.index], reduced)
+
+
+@dataclass
+class Concat:
+    """``cat`` of several values of one region along a non-channel axis; they must share one map."""
+
+    axis: int
     heavy = False
+    layout = True
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        first = ins[0]
+        for v in ins[1:]:
+            if v.source != first.source:
+                raise NotAffine("concatenates values from different sources")
+            if not (_same(v.M, first.M) and _same(v.c, first.c)):
+                raise NotAffine("concatenates values with different channel maps")
+        axis = self.axis % first.rank
+        shape = list(first.shape)
+        shape[axis] = sum(v.shape[axis] for v in ins)
+        if first.source not in ch.axis:
+            pos = np.concatenate([ch._full(v) for v in ins], axis=axis)
+            return ch._canonical(Affine(first.source, tuple(shape), first.M, first.c, pos))
+        forms = [ch.channel_form(v) for v in ins]
+        if any(f.cax != forms[0].cax for f in forms) or forms[0].cax == axis:
+            raise NotAffine("concatenates along the channel axis")
+        pos = np.concatenate([f.pos if f.pos is not None else ch._identity_reduced(f.source) for f in forms], axis=axis)
+        return ch._canonical(Affine(first.source, tuple(shape), first.M, first.c, pos, forms[0].cax))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, float) and isinstance(b, float) and a == b
+    return a is b or (a.shape == b.shape and np.array_equal(a, b))
+
+
+@dataclass
+class Same(_Layout):
+    """The identity."""
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         return ins[0]
 
 
+# --- torch.fx --------------------------------------------------------------------------
+
 _FX_SAME_METHODS = {"contiguous", "clone"}
+_FX_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.reshape,
+                torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten}
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def match_fx(node, ctx) -> Match | None:
-    label = f"{node.name} ({node.target if isinstance(node.target, str) else node.target.__name__})"
+    label = f"{node.name} ({_name(node.target)})"
+    x = node.args[0] if node.args else None
+    if node.op == "call_function" and node.target is torch.cat:
+        axis = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if isinstance(x, (list, tuple)) and all(ctx.is_tensor(p) for p in x) and isinstance(axis, int):
+            return Match(Concat(axis), tuple(x), label)
+        return None
     if node.op == "call_module":
         m = ctx.module(node)
         if isinstance(m, (nn.Dropout, nn.Identity)):
-            return Match(Same(), (node.args[0],), f"{node.target} ({type(m).__name__})")
+            return Match(Same(), (x,), f"{node.target} ({type(m).__name__})")
+        if isinstance(m, nn.Flatten) and ctx.shape(node) is not None:
+            return Match(Reshape(ctx.shape(node)), (x,), f"{node.target} (Flatten)")
         return None
-    if node.op == "call_method" and node.target in _FX_SAME_METHODS and len(node.args) == 1:
-        return Match(Same(), (node.args[0],), label)
-    if node.op == "call_function" and node.target is F.dropout:
-        if node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False:
-            return Match(Same(), (node.args[0],), label)
+    if node.op not in ("call_method", "call_function") or not ctx.is_tensor(x):
         return None
-    x = node.args[0] if node.args else None
-    rank = ctx.rank(x) if x is not None else None
-    if rank is None:
+    t = node.target
+    if t in _FX_SAME_METHODS and len(node.args) == 1:
+        return Match(Same(), (x,), label)
+    if t == "to" or t == "type":
+        if ctx.shape(node) is not None and ctx.dtype(node) == ctx.dtype(x):
+            return Match(Same(), (x,), label)
         return None
-    if node.target in ("transpose", torch.transpose) and len(node.args) == 3 and not node.kwargs:
-        return Match(Permute(swap(rank, node.args[1], node.args[2])), (x,), label)
-    if node.target in ("permute", torch.permute) and not node.kwargs:
+    if t is F.dropout:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return Match(Same(), (x,), label) if training is False else None
+    if t in _FX_RESHAPES and ctx.shape(node) is not None:
+        return Match(Reshape(ctx.shape(node)), (x,), label)
+    rank = ctx.rank(x)
+    if t in ("transpose", torch.transpose) and len(node.args) == 3 and not node.kwargs:
+        return Match(Permute(swap(rank, ctx.value(node.args[1]), ctx.value(node.args[2]))), (x,), label)
+    if t in ("permute", torch.permute) and not node.kwargs:
         dims = node.args[1:]
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
+        dims = [ctx.value(d) for d in dims]
         if all(isinstance(d, int) for d in dims):
             return Match(Permute(tuple(dims)), (x,), label)
+        return None
+    if t in ("roll", torch.roll):
+        shifts = node.kwargs.get("shifts", node.args[1] if len(node.args) > 1 else None)
+        dims = node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None)
+        shifts, dims = _ints(ctx, shifts), _ints(ctx, dims)
+        if shifts is None or dims is None or len(shifts) != len(dims):
+            return None
+        return Match(Roll(shifts, dims), (x,), label)
+    if t is F.pad:
+        pads = _ints(ctx, node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None))
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        if pads is not None and not any(pads) and isinstance(mode, str):
+            return Match(Same(), (x,), label)
+        return None
+    if t is operator.getitem:
+        index = _slices(ctx, node.args[1])
+        return None if index is None else Match(Slice(index), (x,), label)
     return None
+
+
+def _ints(ctx, arg) -> tuple[int, ...] | None:
+    """An int or a sequence of ints, literal or computed from shapes, as a tuple; else None."""
+    if isinstance(arg, (tuple, list)):
+        vals = [ctx.value(a) for a in arg]
+    else:
+        vals = [ctx.value(arg)]
+    return tuple(vals) if all(isinstance(v, int) and not isinstance(v, bool) for v in vals) else None
+
+
+def _slices(ctx, index) -> tuple[slice, ...] | None:
+    parts = index if isinstance(index, tuple) else (index,)
+    out = []
+    for p in parts:
+        if not isinstance(p, slice):
+            return None
+        bounds = [None if b is None else ctx.value(b) for b in (p.start, p.stop, p.step)]
+        if any(b is not None and not isinstance(b, int) for b in bounds):
+            return None
+        out.append(slice(*bounds))
+    return tuple(out)
+
+
+# --- ONNX ------------------------------------------------------------------------------
 
 
 def match_onnx(node, ctx) -> Match | None:
-    if node.op == "Transpose":
-        rank = ctx.rank(node.inputs[0])
+    op, x = node.op, (node.inputs[0] if node.inputs else None)
+    label = f"{node.name} ({op})"
+    if op == "Transpose":
+        rank = ctx.rank(x)
         perm = node.attrs.get("perm")
         if perm is None and rank is not None:
             perm = list(reversed(range(rank)))
-        if perm is None:
-            return None
-        return Match(Permute(tuple(perm)), (node.inputs[0],), f"{node.name} (Transpose)")
-    if node.op in ("Identity", "Dropout") and (len(node.outputs) == 1 or not ctx.used(node.outputs[1])):
-        return Match(Same(), (node.inputs[0],), f"{node.name} ({node.op})")
+        return None if perm is None else Match(Permute(tuple(perm)), (x,), label)
+    if op in ("Identity", "Dropout") and (len(node.outputs) == 1 or not ctx.used(node.outputs[1])):
+        return Match(Same(), (x,), label)
+    if op == "Cast" and ctx.dtype(x) is not None and ctx.dtype(x) == ctx.dtype(node.outputs[0]):
+        return Match(Same(), (x,), label)
+    if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and ctx.const(x) is None:
+        shape = ctx.shape(node.outputs[0])
+        return None if shape is None else Match(Reshape(shape), (x,), label)
+    if op == "Pad":
+        pads = ctx.raw_const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if pads is not None and not np.any(pads) and len(node.inputs) < 5:
+            return Match(Same(), (x,), label)
+        return None
+    if op == "Slice":
+        return _onnx_slice(node, ctx, label)
+    if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):
+        return Match(Concat(node.attrs.get("axis", 0)), tuple(node.inputs), label)
     return None
+
+
+def _onnx_slice(node, ctx, label) -> Match | None:
+    shape = ctx.shape(node.inputs[0])
+    vals = [ctx.raw_const(i) for i in node.inputs[1:]]
+    if shape is None or len(vals) < 2 or any(v is None for v in vals):
+        return None
+    starts, ends = vals[0], vals[1]
+    axes = vals[2] if len(vals) > 2 else np.arange(len(starts))
+    steps = vals[3] if len(vals) > 3 else np.ones(len(starts), dtype=np.int64)
+    index = [slice(None)] * len(shape)
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[int(a) % len(shape)] = slice(int(s), int(max(min(e, 2**62), -(2**62))), int(st))
+    return Match(Slice(tuple(index)), (node.inputs[0],), label)

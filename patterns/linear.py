@@ -16,7 +16,6 @@ operator in ONNX).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,7 @@ from torch.nn import functional as F
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups, matmul, matvec
 
-from ._base import Match
+from ._base import Match, fx_rebuild
 
 
 @dataclass
@@ -36,37 +35,40 @@ class Dense:
     W: np.ndarray
     b: np.ndarray | None
     axis: int
-    rank: int
     groups: int = 1
     kind: str = "Linear"
 
     heavy = True
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
-        (v,) = ins
-        ch.require(v, self.axis, self.kind)
+        v = ch.require(ins[0], self.axis, self.kind)
         c = matvec(self.W, v.c)
-        return v.with_map(matmul(self.W, v.M), c if self.b is None else c + self.b)
+        return v.with_map(matmul(self.W, v.M), c if self.b is None else c + self.b, self.W.shape[0])
 
-    def absorb(self, v: Affine, ch: Channels, source_rank: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
         """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't."""
-        if source_rank != self.rank or ch.axis.get(v.source) != self.axis:
-            raise NotAffine(f"the source's layout does not fit a {self.kind} on axis {self.axis}")
-        if v.dims != tuple(range(len(v.dims))):
-            raise NotAffine("the region permutes axes on its way to the layer")
+        ch.require(v, self.axis, self.kind)
         if isinstance(v.M, float) or v.M.shape != self.W.shape:
             got = "a scaled identity" if isinstance(v.M, float) else "x".join(map(str, v.M.shape))
             raise NotAffine(f"needs a {self.W.shape[0]}x{self.W.shape[1]} map, the region is {got}")
         if collapse_groups(v.M, self.groups) is None:
-            raise NotAffine(
-                f"would densify a conv with {self.groups} groups: cost x{self.groups}"
-            )
-        c = np.full(self.W.shape[0], v.c) if isinstance(v.c, float) else v.c
-        if self.b is None:
-            if np.any(c):
-                raise NotAffine(f"{self.kind} has no bias to take the region's constant")
-            return v.M, None
-        return v.M, c
+            raise NotAffine(densify_reason(self.groups, self.W.shape[1]))
+        return v.M, bias_for(v.c, self.b, self.W.shape[0], self.kind)
+
+
+def densify_reason(groups: int, channels: int) -> str:
+    kind = "depthwise conv" if groups == channels else f"conv with {groups} groups"
+    return f"would densify a {kind}: cost x{groups}"
+
+
+def bias_for(c: np.ndarray | float, b: np.ndarray | None, out: int, kind: str) -> np.ndarray | None:
+    """The absorbing layer's new bias ``c``, or None when it has none and ``c`` is zero."""
+    c = np.full(out, c) if isinstance(c, float) else c
+    if b is None:
+        if np.any(c):
+            raise NotAffine(f"{kind} has no bias to take the region's constant")
+        return None
+    return c
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -82,22 +84,9 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
     return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and unpadded
 
 
-def _fx_module_emit(node, ctx):
-    """Rebuild a call_module layer: a copy of the module with the new weights."""
-
-    def emit(new_input, W: np.ndarray, b: np.ndarray | None):
-        old = ctx.module(node)
-        new = copy.deepcopy(old)
-        w = W if not isinstance(old, nn.modules.conv._ConvNd) else collapse_groups(W, old.groups)
-        w = torch.from_numpy(np.ascontiguousarray(w)).reshape(old.weight.shape)
-        new.weight = nn.Parameter(w.to(old.weight), requires_grad=old.weight.requires_grad)
-        if b is not None:
-            new.bias = nn.Parameter(
-                torch.from_numpy(b).to(old.bias), requires_grad=old.bias.requires_grad
-            )
-        return ctx.graph.call_module(ctx.replace_module(node, new), (new_input,))
-
-    return emit
+def _fx_params(m: nn.Module, W: np.ndarray, b: np.ndarray | None) -> dict[str, np.ndarray]:
+    w = collapse_groups(W, m.groups) if isinstance(m, nn.modules.conv._ConvNd) else W
+    return {"weight": w} if b is None else {"weight": w, "bias": b}
 
 
 def match_fx(node, ctx) -> Match | None:
@@ -107,13 +96,13 @@ def match_fx(node, ctx) -> Match | None:
         if rank is None:
             return None
         if isinstance(m, nn.Linear):
-            op = Dense(_np(m.weight), _np(m.bias), rank - 1, rank)
+            op = Dense(_np(m.weight), _np(m.bias), rank - 1)
         elif _is_pointwise_conv(m):
             w = _np(m.weight).reshape(m.out_channels, -1)
-            op = Dense(expand_groups(w, m.groups), _np(m.bias), 1, rank, m.groups, "1x1 Conv")
+            op = Dense(expand_groups(w, m.groups), _np(m.bias), 1, m.groups, "1x1 Conv")
         else:
             return None
-        return Match(op, (node.args[0],), f"{node.target} ({type(m).__name__})", emit=_fx_module_emit(node, ctx))
+        return Match(op, (node.args[0],), f"{node.target} ({type(m).__name__})", emit=fx_rebuild(node, ctx, _fx_params))
     if node.op == "call_function" and node.target is F.linear:
         x, w = node.args[0], ctx.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -121,7 +110,7 @@ def match_fx(node, ctx) -> Match | None:
         rank = ctx.rank(x)
         if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
             return None
-        return Match(Dense(w, b, rank - 1, rank), (x,), f"{node.name} (F.linear)")
+        return Match(Dense(w, b, rank - 1), (x,), f"{node.name} (F.linear)")
     return None
 
 
@@ -131,8 +120,9 @@ def match_fx(node, ctx) -> Match | None:
 def _onnx_emit(nodes, ctx, kind: str):
     """Rebuild MatMul(+Add) / Gemm / Conv with new initializers; returns the new output."""
 
-    def emit(new_input, W: np.ndarray, b: np.ndarray | None):
+    def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
         first, weight = nodes[0], nodes[0].inputs[1]
+        new_input = swap.get(first.inputs[0], first.inputs[0])
         if kind == "MatMul":
             w = W.T
         elif kind == "Gemm":
@@ -165,7 +155,7 @@ def match_onnx(node, ctx) -> Match | None:
             bv = ctx.const(other)
             if bv is not None and bv.size == W.shape[1] and bv.shape[-1] == W.shape[1] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
-        return Match(Dense(W.T, b, rank - 1, rank), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
+        return Match(Dense(W.T, b, rank - 1), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
@@ -175,7 +165,7 @@ def match_onnx(node, ctx) -> Match | None:
         if B is None or (len(node.inputs) > 2 and (C is None or C.size != (B.shape[0] if a.get("transB", 0) else B.shape[1]))):
             return None
         W = B if a.get("transB", 0) else B.T
-        return Match(Dense(W, None if C is None else C.reshape(-1), 1, 2), (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
+        return Match(Dense(W, None if C is None else C.reshape(-1), 1), (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
     if op == "Conv":
         w = ctx.const(node.inputs[1])
         a = node.attrs
@@ -190,5 +180,5 @@ def match_onnx(node, ctx) -> Match | None:
             return None
         g = a.get("group", 1)
         W = expand_groups(w.reshape(w.shape[0], -1), g)
-        return Match(Dense(W, b, 1, w.ndim, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
+        return Match(Dense(W, b, 1, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
     return None

@@ -5,11 +5,23 @@ A value ``v`` inside an adapter region is tracked as an affine map of one
 
     v = M·x + c        M: (C_v × C_x),  c: (C_v,)
 
-Plus a layout: ``dims[i]`` is the axis of ``x`` that sits at axis ``i`` of
-``v`` (transposes and permutes move axes, never mix them).
+plus a *layout*: which position of ``x`` each position of ``v`` comes from.
+Layout ops (permute, reshape, roll, window partition, ...) only move
+positions, so they commute with the channel maps as long as the channel axis
+stays whole; a fold then replays them on the source.
 
-Everything here is NumPy in float64 and knows nothing of torch.fx or ONNX;
-the rules in ``repfold.patterns`` call it, the frontends never do arithmetic.
+The layout is kept as an integer array ``pos`` of source indices, computed by
+applying each layout op to it, so any composition of layout ops is followed
+exactly and recognised when it cancels out. Two forms:
+
+* before the region's channel axis is known, ``pos`` has ``v``'s shape and
+  holds flat indices into the whole source;
+* once it is known (``cax`` set), ``pos`` has size 1 along ``v``'s channel axis
+  ``cax`` and holds the flat source index of channel 0 at each position, so
+  layers that change the width leave it untouched.
+
+``pos is None`` means "laid out exactly like the source". Everything here is
+NumPy in float64 and knows nothing of torch.fx or ONNX.
 
 To stay free of the channel width until an op reveals it, ``M`` may be a
 Python float ``s`` standing for ``s·I`` and ``c`` a float standing for the same
@@ -18,7 +30,9 @@ constant on every channel. A fresh source is ``(1.0, 0.0)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,18 +41,24 @@ class NotAffine(Exception):
     """Raised by a transfer rule: the op's output is not affine in the region's source."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Affine:
-    """``v = M·x + c`` along the channel axis of ``source``, laid out as ``dims``."""
+    """``v = M·x + c`` along the channel axis of ``source``; ``v`` has ``shape`` and layout ``pos``."""
 
     source: str
-    dims: tuple[int, ...]
+    shape: tuple[int, ...]
     M: np.ndarray | float = 1.0
     c: np.ndarray | float = 0.0
+    pos: np.ndarray | None = None
+    cax: int | None = None
 
     @classmethod
-    def of_source(cls, name: str, rank: int) -> Affine:
-        return cls(name, tuple(range(rank)))
+    def of_source(cls, name: str, shape: tuple[int, ...]) -> Affine:
+        return cls(name, tuple(shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
 
     @property
     def is_identity(self) -> bool:
@@ -48,34 +68,136 @@ class Affine:
             and self.M == 1.0
             and isinstance(self.c, float)
             and self.c == 0.0
-            and self.dims == tuple(range(len(self.dims)))
+            and self.pos is None
         )
 
-    def with_map(self, M: np.ndarray | float, c: np.ndarray | float) -> Affine:
-        return Affine(self.source, self.dims, M, c)
+    def with_map(self, M: np.ndarray | float, c: np.ndarray | float, width: int | None = None) -> Affine:
+        """The same layout with a new map; ``width`` resizes the channel axis (a layer's output)."""
+        shape = self.shape
+        if width is not None:
+            shape = tuple(width if i == self.cax else n for i, n in enumerate(shape))
+        return replace(self, shape=shape, M=M, c=c)
 
 
 @dataclass
 class Channels:
-    """Which axis of each source is its channel axis; bound by the first op that acts on one."""
+    """Each source's shape, and its channel axis once the first op acting on channels binds it."""
 
     axis: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def require(self, v: Affine, at: int, what: str) -> None:
-        """Check that axis ``at`` of ``v`` is its source's channel axis, binding it if still free."""
-        if not 0 <= at < len(v.dims):
-            raise NotAffine(f"{what} acts on axis {at} of a rank-{len(v.dims)} value")
-        src_axis = v.dims[at]
-        bound = self.axis.setdefault(v.source, src_axis)
-        if bound != src_axis:
-            raise NotAffine(
-                f"{what} acts on axis {at}, which is not the region's channel axis"
-            )
+    def source(self, name: str, shape) -> Affine:
+        self.shapes[name] = tuple(shape)
+        return Affine.of_source(name, shape)
+
+    def require(self, v: Affine, at: int, what: str) -> Affine:
+        """``v`` in channel form, checking that its axis ``at`` is the channel axis (binding it if free)."""
+        if not -v.rank <= at < v.rank:
+            raise NotAffine(f"{what} acts on axis {at} of a rank-{v.rank} value")
+        at %= v.rank
+        if v.source not in self.axis:
+            self.axis[v.source] = at if v.pos is None else self._find_axis(v, at, what)
+        v = self.channel_form(v)
+        if v.cax != at:
+            raise NotAffine(f"{what} acts on axis {at}, which is not the region's channel axis")
+        return v
+
+    def _find_axis(self, v: Affine, at: int, what: str) -> int:
+        src = self.shapes[v.source]
+        for k, n in enumerate(src):
+            if n == v.shape[at] and _channel_fiber(v.pos, at, _stride(src, k), n) is not None:
+                return k
+        raise NotAffine(f"{what} acts on axis {at}, which is not a whole axis of the region's source")
+
+    def channel_form(self, v: Affine) -> Affine:
+        """``v`` with its layout in channel form (needs the source's channel axis bound)."""
+        k = self.axis[v.source]
+        if v.pos is None:
+            return v if v.cax == k else replace(v, cax=k)
+        if v.cax is not None:
+            return v
+        src = self.shapes[v.source]
+        for a, n in enumerate(v.shape):
+            if n == src[k]:
+                first = _channel_fiber(v.pos, a, _stride(src, k), n)
+                if first is not None:
+                    return self._canonical(replace(v, pos=first, cax=a))
+        raise NotAffine("the layout splits or reorders the region's channel axis")
 
     def channel_position(self, v: Affine) -> int | None:
         """The axis of ``v`` that carries the channels, or None while unbound."""
-        src_axis = self.axis.get(v.source)
-        return None if src_axis is None else v.dims.index(src_axis)
+        if v.source not in self.axis:
+            return None
+        return self.channel_form(v).cax
+
+    def relayout(
+        self,
+        v: Affine,
+        shape: tuple[int, ...],
+        full: Callable[[np.ndarray], np.ndarray],
+        reduced: Callable[[np.ndarray, int], tuple[np.ndarray, int]],
+    ) -> Affine:
+        """``v`` moved by a layout op: ``full(pos)`` before the channel axis is known, else ``reduced(pos, cax)``."""
+        shape = tuple(int(n) for n in shape)
+        if v.source not in self.axis:
+            pos = full(self._full(v))
+            if tuple(pos.shape) != shape:
+                raise NotAffine("the layout op does not give the shape the graph says")
+            return self._canonical(replace(v, shape=shape, pos=pos, cax=None))
+        v = self.channel_form(v)
+        pos = v.pos if v.pos is not None else self._identity_reduced(v.source)
+        pos, cax = reduced(pos, v.cax)
+        if pos.shape[cax] != 1 or tuple(n for i, n in enumerate(shape) if i != cax) != tuple(
+            n for i, n in enumerate(pos.shape) if i != cax
+        ):
+            raise NotAffine("the layout op does not give the shape the graph says")
+        return self._canonical(replace(v, shape=shape, pos=pos, cax=cax))
+
+    def same_layout(self, a: Affine, b: Affine) -> bool:
+        if a.source != b.source or a.shape != b.shape:
+            return False
+        if a.source in self.axis:
+            a, b = self.channel_form(a), self.channel_form(b)
+        if a.pos is None or b.pos is None:
+            return a.pos is None and b.pos is None
+        return a.cax == b.cax and np.array_equal(a.pos, b.pos)
+
+    def _full(self, v: Affine) -> np.ndarray:
+        if v.pos is not None:
+            return v.pos
+        src = self.shapes[v.source]
+        return np.arange(math.prod(src), dtype=np.int64).reshape(src)
+
+    def _identity_reduced(self, source: str) -> np.ndarray:
+        src, k = self.shapes[source], self.axis[source]
+        return np.arange(math.prod(src), dtype=np.int64).reshape(src).take([0], axis=k)
+
+    def _canonical(self, v: Affine) -> Affine:
+        """Write a layout that equals the source's as ``pos=None``."""
+        if v.pos is None:
+            return v
+        if v.cax is None:
+            src = self.shapes[v.source]
+            same = v.shape == src and np.array_equal(v.pos.reshape(-1), np.arange(v.pos.size))
+            return replace(v, pos=None) if same else v
+        k = self.axis[v.source]
+        ident = self._identity_reduced(v.source)
+        if v.cax == k and v.pos.shape == ident.shape and np.array_equal(v.pos, ident):
+            return replace(v, pos=None)
+        return v
+
+
+def _stride(shape: tuple[int, ...], k: int) -> int:
+    return math.prod(shape[k + 1 :])
+
+
+def _channel_fiber(pos: np.ndarray, a: int, stride: int, n: int) -> np.ndarray | None:
+    """``pos`` at index 0 of axis ``a`` if moving along ``a`` walks a whole source axis of stride ``stride``."""
+    first = pos.take([0], axis=a)
+    if np.any((first // stride) % n):
+        return None
+    steps = (np.arange(n, dtype=np.int64) * stride).reshape([-1 if i == a else 1 for i in range(pos.ndim)])
+    return first if np.array_equal(pos, first + steps) else None
 
 
 # --- arithmetic on (M, c) -------------------------------------------------------------

@@ -10,26 +10,30 @@ value is a *source*. The engine then
    leave it (read by an op outside it, or a graph output);
 3. calls a region an *adapter region* when it holds more heavy layers (with a
    weight matrix) than it has exits: collapsing it removes layers;
-4. gives every exit one heavy layer of the region that can absorb its map with
-   the same shape, groups and bias (nearest ancestor first); if one exit finds
-   none the whole region is kept, with the reason.
+4. gives every exit one absorber, in this order: a heavy layer of the region
+   with the same shape, groups and bias (nearest ancestor first; this is both
+   the forward fold into a Linear and the backward fold out of one); the ops
+   that read the exit, when every one of them can take the map at its input
+   (k×k and grouped convs, attention); the layer that produced the region's
+   source, when the region is all it feeds. If one exit finds none, the whole
+   region is kept, with the reason.
 
-The frontend then rebuilds each absorbing layer on the source with the new
+Layout ops between the source and an absorber are replayed on the source
+(see :func:`_replay`). The frontend then rebuilds each absorber with the new
 weights and deletes the region's other ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from ._affine import Affine, Channels, NotAffine
 from ._report import Region
 
 OUTPUT = "<output>"
+SOURCE = "<source>"
 
 
 @dataclass
@@ -45,41 +49,62 @@ class Step:
 
 @dataclass
 class Fold:
-    """Replace ``exit`` by ``absorber`` rebuilt on ``source`` with ``(W, b)``."""
+    """Rebuild ``absorber`` with ``(W, b)``; its output replaces ``target``.
 
+    ``kind`` is ``"into"`` (a heavy layer of the region, rebuilt on the
+    source), ``"sink"`` (an op reading the exit, rebuilt on the source) or
+    ``"producer"`` (the layer that made the source, rebuilt on its own input).
+    ``via`` lists layout steps to copy, in order, as ``(step, inputs)`` where
+    an input is :data:`SOURCE` (the value the layout ops start from: the
+    source, or the rebuilt producer's output) or an earlier copied step;
+    ``start`` names the value the absorber reads (or, for a producer, the
+    value that replaces ``target``).
+    """
+
+    kind: str
     exit: str
+    target: str
     source: str
     absorber: str
-    W: np.ndarray
-    b: np.ndarray | None
+    W: Any
+    b: Any
+    via: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    start: str = SOURCE
 
 
 @dataclass
 class Plan:
     folds: list[Fold]
     regions: list[Region]
+    members: dict[str, str]  # every op of a folded region -> its source
 
 
 def plan(
     steps: Sequence[Step],
     consumers: Callable[[str], list[str]],
-    rank: Callable[[str], int | None],
+    shape: Callable[[str], tuple[int, ...] | None],
     label: Callable[[str], str],
+    *,
+    scales: bool = False,
 ) -> Plan:
-    """Find the adapter regions among ``steps`` and decide how each folds."""
+    """Find the adapter regions among ``steps`` and decide how each folds.
+
+    With ``scales`` a region without heavy layers of its own (SSF, IA3,
+    LayerScale, BatchNorm) also folds when an absorber takes it.
+    """
     by_name = {s.name: s for s in steps}
     ch = Channels()
     state: dict[str, Affine | None] = {}
     ended: dict[str, str] = {}  # step -> why its output starts a new region
 
     def source(name: str) -> Affine | None:
-        r = rank(name)
-        return None if r is None else Affine.of_source(name, r)
+        sh = shape(name)
+        return None if sh is None else ch.source(name, sh)
 
     for s in steps:
         ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
         if any(v is None for v in ins):
-            state[s.name], ended[s.name] = source(s.name), "the rank of its input is unknown"
+            state[s.name], ended[s.name] = source(s.name), "the shape of its input is unknown"
             continue
         saved = dict(ch.axis)
         try:
@@ -94,26 +119,40 @@ def plan(
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
+    ctx = _Ctx(by_name, state, ch, consumers)
     folds: list[Fold] = []
     regions: list[Region] = []
+    members_of: dict[str, str] = {}
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
-        exits = _exits(members, consumers)
-        if len(heavy) <= sum(not state[e].is_identity for e in exits):
+        exits = [e for e in _exits(members, consumers) if not state[e].is_identity]
+        adapter = len(heavy) > len(exits)
+        if not adapter and not (scales and len(heavy) < len(members)):
             continue  # nothing to remove: a plain layer, not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False)
-        regions.append(region)
-        outcome = _settle(members, by_name, state, ch, rank(src), consumers)
+        outcome = _settle(src, members, ctx, adapter, scales)
         if isinstance(outcome, tuple):
-            e, why, outside = outcome
-            blockers = ", ".join(_blocker(c, label, ended) for c in outside)
-            region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
+            if adapter:
+                e, why, outside = outcome
+                blockers = ", ".join(_blocker(c, label, ended) for c in outside)
+                region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
+                regions.append(region)
             continue
         region.folded = True
-        for e, (h, (W, b)) in outcome.items():
-            folds.append(Fold(e, src, h, W, b))
-            region.into.append(by_name[h].label)
-    return Plan(folds, regions)
+        regions.append(region)
+        for f in outcome:
+            folds.append(f)
+            region.into.append(by_name[f.absorber].label)
+        members_of.update({m: src for m in members})
+    return Plan(folds, regions, members_of)
+
+
+@dataclass
+class _Ctx:
+    by_name: dict[str, Step]
+    state: dict[str, Affine | None]
+    ch: Channels
+    consumers: Callable[[str], list[str]]
 
 
 def _exits(members: list[str], consumers) -> list[str]:
@@ -121,28 +160,30 @@ def _exits(members: list[str], consumers) -> list[str]:
     return [m for m in members if any(c not in inside for c in consumers(m))]
 
 
-def _settle(members, by_name, state, ch, source_rank, consumers):
+def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     """Give every exit an absorber, pulling cheap ops that can't be absorbed out of the region.
 
     An exit that is an elementwise or layout op (GELU's ``x / sqrt(2)`` after
     the absorbing Linear, say) stays in the graph as it was: its inputs become
     the exits instead, and so does everything of the region downstream of it.
-    Returns ``{exit: (absorber, (W, b))}``, or the first failure as ``(exit,
-    reason, its consumers outside)`` when a heavy layer would have to be kept or
-    nothing would be removed.
+    Returns the folds, or the first failure as ``(exit, reason, its consumers
+    outside)`` when a heavy layer would have to be kept or nothing would be
+    removed.
     """
+    by_name, state = ctx.by_name, ctx.state
     folded, first = list(members), None
     while True:
-        exits = [e for e in _exits(folded, consumers) if not state[e].is_identity]
-        heavy = [m for m in folded if by_name[m].op.heavy]
-        chosen, why = _assign(exits, heavy, by_name, state, ch, source_rank)
-        if why is None and len(heavy) > len(exits):
-            return chosen
+        exits = [e for e in _exits(folded, ctx.consumers) if not state[e].is_identity]
+        chosen, why = _assign(src, exits, folded, ctx)
         if why is None:
-            why = exits[0], "folding it would remove no layer"
+            kept = sum(f.kind == "into" for f in chosen) + sum(len(f.via) for f in chosen)
+            heavy = sum(by_name[m].op.heavy for m in folded)
+            if heavy > sum(f.kind == "into" for f in chosen) or (scales and len(folded) > kept):
+                return chosen
+            why = (exits or folded)[0], "folding it would remove no layer"
         e = why[0]
-        first = first or (*why, [c for c in consumers(e) if c not in set(folded)])
-        if by_name[e].op.heavy:
+        first = first or (*why, [c for c in ctx.consumers(e) if c not in set(folded)])
+        if by_name[e].op.heavy or not adapter and not scales:
             return first
         doomed = {e}
         for m in folded:  # members are in topological order
@@ -160,41 +201,153 @@ def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) 
     return f"{label(consumer)} ({why})"
 
 
-def _assign(todo, heavy, by_name, state, ch, source_rank):
-    """Match every exit to a distinct heavy layer that absorbs it; else (exit, reason)."""
+def _assign(src, todo, folded, ctx: _Ctx):
+    """One absorber per exit (a region layer, the exit's readers, or the source's producer)."""
+    by_name, state, ch = ctx.by_name, ctx.state, ctx.ch
+    heavy = [m for m in folded if by_name[m].op.heavy]
     ancestors = _ancestors(by_name)
     used: set[str] = set()
-    chosen: dict[str, tuple[str, tuple]] = {}
+    chosen: list[Fold] = []
     for e in todo:
         up = ancestors(e) | {e}
         order = [h for h in reversed(heavy) if h in up] + [h for h in reversed(heavy) if h not in up]
-        reasons = []
+        reasons: list[tuple[str, str]] = []
+        fold = None
         for h in order:
             step = by_name[h]
             if h in used or step.emit is None:
                 continue
             try:
-                chosen[e] = (h, step.op.absorb(state[e], ch, source_rank))
+                fold = _into(src, e, h, ctx)
+                break
             except NotAffine as err:
                 reasons.append((h, f"{step.label}: {err}"))
-                continue
-            used.add(h)
-            break
-        else:
+        if fold is None:
+            fold = _sinks(src, e, folded, ctx, reasons)
+        if fold is None and len(todo) == 1:
+            fold = _producer(src, e, folded, ctx, reasons)
+        if fold is None:
             return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
+        if isinstance(fold, list):
+            chosen.extend(fold)
+            used.update(f.absorber for f in fold)
+        else:
+            chosen.append(fold)
+            used.add(fold.absorber)
     return chosen, None
+
+
+def _into(src, e, h, ctx: _Ctx) -> Fold:
+    """Exit ``e`` taken by heavy layer ``h`` of the region, rebuilt to read the source."""
+    step, state, ch = ctx.by_name[h], ctx.state, ctx.ch
+    u = step.inputs[0]
+    if not ch.same_layout(state[u], _as_input(state[e], state[u])):
+        raise NotAffine("the region moves positions after the layer")
+    W, b = step.op.absorb(state[e], ch)
+    via, start = _replay(src, u, ctx)
+    return Fold("into", e, e, src, h, W, b, via, start)
+
+
+def _as_input(exit_state: Affine, input_state: Affine) -> Affine:
+    """The exit's layout at the input's width, to compare positions only."""
+    return Affine(exit_state.source, input_state.shape, pos=exit_state.pos, cax=exit_state.cax)
+
+
+def _sinks(src, e, folded, ctx: _Ctx, reasons) -> list[Fold] | None:
+    """Exit ``e`` taken by every op that reads it, each rebuilt to read the source."""
+    outside = [c for c in ctx.consumers(e) if c not in set(folded)]
+    folds = []
+    for c in outside:
+        step = ctx.by_name.get(c)
+        absorb = getattr(step.op, "absorb_input", None) if step is not None else None
+        if absorb is None or step.emit is None:
+            return None
+        try:
+            W, b = absorb(ctx.state[e], ctx.ch, [k for k, i in enumerate(step.inputs) if i == e])
+            via, start = _replay(src, e, ctx)
+        except NotAffine as err:
+            reasons.append((c, f"{step.label}: {err}"))
+            return None
+        folds.append(Fold("sink", e, c, src, c, W, b, via, start))
+    return folds or None
+
+
+def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
+    """Exit ``e`` taken by the layer that produced the source, if the region is all the source feeds."""
+    step = ctx.by_name.get(src)
+    absorb = getattr(step.op, "absorb_output", None) if step is not None else None
+    if absorb is None or step.emit is None:
+        return None
+    if any(c not in set(folded) for c in ctx.consumers(src)):
+        reasons.append((src, f"{step.label} also feeds ops outside the region"))
+        return None
+    try:
+        W, b = absorb(ctx.state[e], ctx.ch)
+        via, start = _replay(src, e, ctx)
+    except NotAffine as err:
+        reasons.append((src, f"{step.label}: {err}"))
+        return None
+    return Fold("producer", e, e, src, src, W, b, via, start)
+
+
+def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str, ...]]], str]:
+    """The layout ops that lay the source out like ``target``, skipping detours that cancel out.
+
+    Walks back from ``target`` to the source along first inputs and picks the
+    earliest value on that path with the same layout; its producer is then a
+    layout op, copied with its own inputs laid out the same way (recursively).
+    So a Swin window partition before an adapter is kept, and the transposes
+    around a channels-first adapter, which cancel, are not.
+    """
+    by_name, state, ch = ctx.by_name, ctx.state, ctx.ch
+    width = _width(state, ch, src)
+    via: list[tuple[str, tuple[str, ...]]] = []
+    done: dict[str, str] = {}
+
+    def build(v: str) -> str:
+        if state[v].pos is None:
+            return SOURCE
+        path = [v]
+        while path[-1] != src and path[-1] in by_name:
+            path.append(by_name[path[-1]].inputs[0])
+        if path[-1] != src:
+            raise NotAffine("the region's layout does not come from its source")
+        w = next(p for p in reversed(path) if p != src and ch.same_layout(state[p], _as_input(state[v], state[p])))
+        if w in done:
+            return done[w]
+        step = by_name[w]
+        if not getattr(step.op, "layout", False):
+            raise NotAffine(f"{step.label} moves positions in a way a fold cannot replay")
+        for i in step.inputs:
+            if _width(state, ch, i) not in (None, width):
+                raise NotAffine(f"{step.label} moves a value of another width than the source")
+        ins = tuple(build(i) for i in step.inputs)
+        via.append((w, ins))
+        done[w] = w
+        return w
+
+    start = build(target)
+    return via, start
+
+
+def _width(state, ch: Channels, name: str) -> int | None:
+    v = state[name]
+    if v is None or v.source not in ch.axis:
+        return None
+    return v.shape[ch.channel_form(v).cax]
 
 
 def _why_none(v: Affine, order, by_name, reasons) -> str:
     """The most telling reason no layer absorbed ``v``: a missing shape beats the rest."""
     if not isinstance(v.M, float):
         shape = v.M.shape
-        if not any(getattr(by_name[h].op, "W", np.empty(0)).shape == shape for h in order):
-            return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
+        if not any(getattr(by_name[h].op, "W", None) is not None and by_name[h].op.W.shape == shape for h in order):
+            if not reasons:
+                return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
         for h, r in reasons:
-            if by_name[h].op.W.shape == shape:
+            if getattr(by_name[h].op, "W", None) is not None and by_name[h].op.W.shape == shape:
                 return r
-    return reasons[0][1] if reasons else "no layer of the region is left to absorb it"
+    return reasons[-1][1] if reasons else "no layer of the region is left to absorb it"
 
 
 def _ancestors(by_name):

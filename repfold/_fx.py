@@ -13,7 +13,7 @@ from repfold.patterns import RULES
 
 from . import _engine
 from ._report import FoldReport
-from ._trace import TraceError, example_inputs, shape, to_graph_module
+from ._trace import VALUE_KEY, example_inputs, shape, to_graph_module
 
 
 class FxContext:
@@ -27,8 +27,22 @@ class FxContext:
         return self.gm.get_submodule(node.target)
 
     def rank(self, arg) -> int | None:
+        sh = self.shape(arg)
+        return None if sh is None else len(sh)
+
+    def shape(self, arg) -> tuple[int, ...] | None:
         meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
-        return len(meta.shape) if isinstance(meta, TensorMetadata) else None
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    def dtype(self, arg):
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        return meta.dtype if isinstance(meta, TensorMetadata) else None
+
+    def value(self, arg):
+        """A literal, or the value shape propagation recorded for a node computing one (sizes)."""
+        if isinstance(arg, fx.Node):
+            return arg.meta.get(VALUE_KEY)
+        return arg
 
     def is_tensor(self, arg) -> bool:
         return self.rank(arg) is not None
@@ -91,8 +105,8 @@ def inline_submodules(gm: fx.GraphModule) -> None:
         sub = gm.get_submodule(node.target)
         try:
             sub_gm = fx.symbolic_trace(sub)
-        except Exception as e:
-            raise TraceError(f"torch.fx cannot trace {node.target} ({type(sub).__name__}): {e}") from e
+        except Exception:  # a leaf the user or timm named: it stays whole, and opaque to folds
+            continue
         result = _splice(graph, node, sub_gm.graph)
         if isinstance(result, fx.Node):
             node.replace_all_uses_with(result)
@@ -138,9 +152,19 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fold_fx(model: nn.Module, example=None) -> tuple[fx.GraphModule, FoldReport]:
+def is_shape_read(node: fx.Node) -> bool:
+    """Reads only the shape of its input (``x.shape``, ``x.size()``, ``x.dim()``)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def fold_fx(
+    model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
+) -> tuple[fx.GraphModule, FoldReport]:
     """Fold every adapter region of ``model``; returns a new GraphModule and the report."""
-    gm = to_graph_module(model)
+    gm = to_graph_module(model, leaf_modules, leaf_functions)
+    gm.eval()
     inline_submodules(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -159,7 +183,7 @@ def fold_fx(model: nn.Module, example=None) -> tuple[fx.GraphModule, FoldReport]
                 break
 
     def consumers(name: str) -> list[str]:
-        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users]
+        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users if not is_shape_read(u)]
 
     def label(name: str) -> str:
         n = nodes[name]
@@ -169,18 +193,55 @@ def fold_fx(model: nn.Module, example=None) -> tuple[fx.GraphModule, FoldReport]
         what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
         return f"{scope} ({what})" if scope else n.name
 
-    plan = _engine.plan(steps, consumers, lambda n: ctx.rank(nodes[n]), label)
+    plan = _engine.plan(steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales)
     report.regions = plan.regions
-    emitters = {s.name: s.emit for s in steps}
+    by_name = {s.name: s for s in steps}
+    copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
     for f in plan.folds:
-        exit_node = nodes[f.exit]
-        with gm.graph.inserting_before(exit_node):
-            new = emitters[f.absorber](nodes[f.source], f.W, f.b)
-        new.meta = dict(nodes[f.absorber].meta)
-        exit_node.replace_all_uses_with(new)
+        absorber = nodes[f.absorber]
+        if f.kind == "producer":
+            with gm.graph.inserting_after(absorber):
+                new = by_name[f.absorber].emit({}, f.W, f.b)
+            new.meta = dict(absorber.meta)
+            new = _replay(gm.graph, f, new, nodes, by_name, copies)
+        else:
+            x = _replay(gm.graph, f, nodes[f.source], nodes, by_name, copies)
+            swap = {nodes[f.exit if f.kind == "sink" else by_name[f.absorber].inputs[0]]: x}
+            with gm.graph.inserting_before(nodes[f.target]):
+                new = by_name[f.absorber].emit(swap, f.W, f.b)
+            new.meta = dict(absorber.meta)
+        nodes[f.target].replace_all_uses_with(new)
+    _redirect_shape_reads(gm.graph, plan.members, nodes, copies)
     gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     return gm, report
+
+
+def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, copies) -> fx.Node:
+    """Copy the fold's layout steps onto ``base`` (each right after its original); the last copy."""
+    env = {_engine.SOURCE: base}
+    for name, ins in f.via:
+        key = (base.name, name)
+        if key not in copies:
+            orig = nodes[name]
+            swap = {nodes[old]: env[new] for old, new in zip(by_name[name].inputs, ins)}
+            with graph.inserting_after(orig):
+                copies[key] = graph.node_copy(orig, lambda a: swap.get(a, a))
+        env[name] = copies[key]
+    return env[f.start]
+
+
+def _redirect_shape_reads(graph: fx.Graph, members: dict[str, str], nodes, copies) -> None:
+    """Point shape reads of folded ops at a value of the same shape that stays: a replay or the source."""
+    for name, src in members.items():
+        node = nodes[name]
+        for user in [u for u in node.users if is_shape_read(u)]:
+            target = next((c for (_, orig), c in copies.items() if orig == name), None)
+            if target is None and nodes[src].meta.get("tensor_meta") is not None:
+                same = nodes[src].meta["tensor_meta"].shape == node.meta["tensor_meta"].shape
+                target = nodes[src] if same else None
+            if target is not None:
+                user.replace_input_with(node, target)

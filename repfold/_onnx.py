@@ -17,8 +17,8 @@ from ._report import FoldReport
 class OnnxContext:
     """What the ONNX matchers in ``repfold.patterns`` may ask about a graph."""
 
-    def __init__(self, graph: gs.Graph, ranks: dict[str, int]) -> None:
-        self.graph, self.ranks = graph, ranks
+    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], dtypes: dict[str, int]) -> None:
+        self.graph, self.shapes, self.dtypes = graph, shapes, dtypes
         self.outputs = {id(v) for v in graph.outputs}
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
@@ -28,7 +28,30 @@ class OnnxContext:
             return len(var.shape)
         if var.shape is not None:
             return len(var.shape)
-        return self.ranks.get(var.name)
+        dims = self.shapes.get(var.name)
+        return None if dims is None else len(dims)
+
+    def shape(self, var) -> tuple[int, ...] | None:
+        """The static shape of ``var``, a named (dynamic) dim counted as 1; None if any dim is unknown."""
+        dims = var.shape if isinstance(var, gs.Constant) else (var.shape or self.shapes.get(var.name))
+        if dims is None:
+            return None
+        out = []
+        for d in dims:
+            if isinstance(d, (int, np.integer)) and d >= 0:
+                out.append(int(d))
+            elif isinstance(d, str):
+                out.append(1)
+            else:
+                return None
+        return tuple(out)
+
+    def dtype(self, var):
+        if isinstance(var, gs.Constant):
+            return np.asarray(var.values).dtype
+        if self.dtypes.get(var.name):
+            return onnx.helper.tensor_dtype_to_np_dtype(self.dtypes[var.name])
+        return var.dtype
 
     def const(self, var) -> np.ndarray | None:
         """The float64 value of a constant (initializer, Constant node, Identity of one), else None."""
@@ -77,8 +100,8 @@ class OnnxContext:
         return out
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every value shape inference can tell, without copying weight data.
+def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shape (ints, names of dynamic dims, None) and element type of every value inference can tell.
 
     Initializers are handed to the inferencer as typed inputs, so it sees
     their shapes but not their bytes (fast, and fine for models over 2 GB).
@@ -94,15 +117,19 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     probe = onnx.helper.make_model(light, opset_imports=list(model.opset_import))
     probe.ir_version = model.ir_version
     try:
-        inferred = onnx.shape_inference.infer_shapes(probe).graph
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
     except Exception:  # shape inference is a help, not a requirement
         inferred = light
-    out = {}
+    shapes, dtypes = {}, {}
     for vi in [*inferred.input, *inferred.output, *inferred.value_info]:
         t = vi.type.tensor_type
+        dtypes[vi.name] = t.elem_type
         if t.HasField("shape"):
-            out[vi.name] = len(t.shape.dim)
-    return out
+            shapes[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+                for d in t.shape.dim
+            )
+    return shapes, dtypes
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -122,14 +149,14 @@ def _keep_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     dst.metadata_props.extend(src.metadata_props)
 
 
-def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_onnx(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every adapter region of an ONNX model; the input proto is not modified."""
     report = FoldReport("onnx", ops_before=op_counts(model), params_before=n_params(model))
     private = onnx.ModelProto()
     private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
     graph = gs.import_onnx(private)
     graph.toposort()
-    ctx = OnnxContext(graph, _ranks(model))
+    ctx = OnnxContext(graph, *_infer(model))
     tensors = graph.tensors()
 
     steps, step_of = [], {}  # step_of: node id -> step name
@@ -147,7 +174,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
 
     def consumers(name: str) -> list[str]:
         var = tensors[name]
-        out = [step_of.get(id(c), f"node:{c.name}") for c in var.outputs]
+        out = [step_of.get(id(c), f"node:{c.name}") for c in var.outputs if c.op != "Shape"]
         return out + ([_engine.OUTPUT] if id(var) in ctx.outputs else [])
 
     def label(name: str) -> str:
@@ -158,18 +185,61 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
             return f"{var.inputs[0].name} ({var.inputs[0].op})"
         return name
 
-    plan = _engine.plan(steps, consumers, lambda n: ctx.rank(tensors[n]), label)
+    plan = _engine.plan(steps, consumers, lambda n: ctx.shape(tensors[n]), label, scales=scales)
     report.regions = plan.regions
-    emitters = {s.name: s.emit for s in steps}
+    by_name = {s.name: s for s in steps}
+    copies: dict[tuple[str, str], gs.Variable] = {}
     for f in plan.folds:
-        exit_var = tensors[f.exit]
-        new_out = emitters[f.absorber](tensors[f.source], f.W, f.b)
-        exit_var.inputs.clear()
+        step = by_name[f.absorber]
+        if f.kind == "producer":
+            new_out = _replay(ctx, f, step.emit(_ById([]), f.W, f.b), tensors, by_name, copies)
+        else:
+            x = _replay(ctx, f, tensors[f.source], tensors, by_name, copies)
+            swap = _ById([(tensors[f.exit if f.kind == "sink" else step.inputs[0]], x)])
+            new_out = step.emit(swap, f.W, f.b)
+        target = tensors[f.target]
+        target.inputs.clear()
         producer = new_out.inputs[0]
         producer.outputs.clear()
-        producer.outputs.append(exit_var)
+        producer.outputs.append(target)
+    _redirect_shape_reads(plan.members, tensors, copies, ctx)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     _keep_model_fields(model, out)
     report.ops_after, report.params_after = op_counts(out), n_params(out)
     return out, report
+
+
+class _ById:
+    """A mapping keyed by object identity (graph-surgeon values are not hashable)."""
+
+    def __init__(self, pairs) -> None:
+        self._m = {id(k): v for k, v in pairs}
+
+    def get(self, key, default=None):
+        return self._m.get(id(key), default)
+
+
+def _replay(ctx: OnnxContext, f: _engine.Fold, base, tensors, by_name, copies):
+    """Copy the fold's layout nodes onto ``base``; returns the value the absorber reads."""
+    env = {_engine.SOURCE: base}
+    for name, ins in f.via:
+        key = (base.name, name)
+        if key not in copies:
+            node = tensors[name].inputs[0]
+            swap = {id(tensors[old]): env[new] for old, new in zip(by_name[name].inputs, ins)}
+            copies[key] = ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
+        env[name] = copies[key]
+    return env[f.start]
+
+
+def _redirect_shape_reads(members: dict[str, str], tensors, copies, ctx: OnnxContext) -> None:
+    """Point ``Shape`` nodes that read folded values at a same-shaped value that stays."""
+    for name, src in members.items():
+        var = tensors[name]
+        for node in [n for n in var.outputs if n.op == "Shape"]:
+            target = next((c for (_, orig), c in copies.items() if orig == name), None)
+            if target is None and ctx.shapes.get(src) is not None and ctx.shapes.get(src) == ctx.shapes.get(name):
+                target = tensors[src]
+            if target is not None:
+                node.inputs[0] = target

@@ -10,14 +10,48 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 META_KEY = "repfold"
+VALUE_KEY = "repfold_value"  # node.meta key: the int / size a node computed during shape propagation
 
 
 class TraceError(RuntimeError):
     """The model could not be turned into a torch.fx graph."""
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace a copy-free view of ``model``; optional forward args keep their defaults."""
+class _Tracer(fx.Tracer):
+    """fx's tracer with extra leaf module types, that remembers which module it was in."""
+
+    def __init__(self, leaf_modules=(), functions=()) -> None:
+        super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
+        self.leaf_types = tuple(leaf_modules)
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def _timm_registry() -> tuple[tuple, tuple]:
+    """timm's own lists of modules and functions fx cannot trace, when timm is installed."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModule:
+    """Symbolically trace ``model``; optional forward args keep their defaults.
+
+    Tries a fine-grained trace first (so adapters can fold into every layer),
+    then again with timm's registry of untraceable modules and functions as
+    leaves. ``leaf_modules`` (classes) and ``leaf_functions`` are always leaves.
+    """
     try:
         params = list(inspect.signature(model.forward).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -27,13 +61,24 @@ def trace(model: nn.Module) -> fx.GraphModule:
         for p in params
         if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
     }
-    try:
-        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
-    except Exception as e:  # fx raises many types; all mean "not traceable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {first}") from e
-    _drop_specialised(gm, [p.name in concrete for p in params])
-    return gm
+    timm_modules, timm_functions = _timm_registry()
+    attempts = [(tuple(leaf_modules), tuple(leaf_functions))]
+    if timm_modules or timm_functions:
+        attempts.append((tuple(leaf_modules) + timm_modules, tuple(leaf_functions) + timm_functions))
+    first = None
+    for modules, functions in attempts:
+        tracer = _Tracer(modules, functions)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        except Exception as e:  # fx raises many types; all mean "not traceable"
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = f" in {tracer.stack[-1]} ({type(model.get_submodule(tracer.stack[-1])).__name__})" if tracer.stack else ""
+            first = first or f"torch.fx cannot trace {type(model).__name__}{where}: {msg}"
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        _drop_specialised(gm, [p.name in concrete for p in params])
+        return gm
+    raise TraceError(first + "; name it in leaf_modules= or leaf_functions= to keep it whole")
 
 
 def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
@@ -58,13 +103,13 @@ def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
     gm.recompile()
 
 
-def to_graph_module(model: nn.Module) -> fx.GraphModule:
+def to_graph_module(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModule:
     """A private copy of ``model`` as a GraphModule; the caller's model is never touched."""
     own = copy.deepcopy(model)
     if isinstance(own, fx.GraphModule):
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
         return own
-    gm = trace(own)
+    gm = trace(own, leaf_modules, leaf_functions)
     gm.meta[META_KEY] = {}
     return gm
 
@@ -100,7 +145,7 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _Shapes(gm).propagate(*inputs)
     except Exception as e:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -109,3 +154,15 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
         ) from e
     finally:
         gm.train(was_training)
+
+
+class _Shapes(ShapeProp):
+    """ShapeProp that also keeps the ints and sizes nodes compute (for reshapes, pads, slices)."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, (int, float)) or (
+            isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)
+        ):
+            n.meta[VALUE_KEY] = tuple(result) if isinstance(result, (tuple, list)) else result
+        return result

@@ -1,0 +1,174 @@
+"""Convolutions that are not a per-position linear map: k×k kernels, strides, padding.
+
+Such a conv does not carry a region on (it mixes neighbouring positions), but
+it absorbs a region on either side, for any kernel, stride and dilation.
+
+Forward fold (the region ``v = M·x + c`` is the conv's input)::
+
+    W'[o, i, …] = Σ_j W[o, j, …]·M[j, i]      b'[o] = b[o] + Σ_{j,…} W[o, j, …]·c[j]
+
+The bias part is exact only where every tap reads the input: with zero
+padding, border outputs see ``0`` instead of ``c`` in the taps outside the
+image. So a non-zero ``c`` before a zero-padded conv is refused; reflect,
+replicate and circular padding are exact.
+
+Backward fold (the region is the conv's output, and the conv feeds nothing
+else)::
+
+    W'[p, …] = Σ_o M[p, o]·W[o, …]            b' = M·b + c
+
+Grouped and depthwise convs absorb only maps that keep their group blocks (a
+per-channel scale always does); anything else would make the conv dense and
+raise its cost by the number of groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from repfold._affine import Affine, Channels, NotAffine
+
+from ._base import Match, fx_rebuild, onnx_rebuild
+from .linear import _np, _is_pointwise_conv, bias_for, densify_reason
+
+
+@dataclass
+class Conv:
+    """A conv with weight ``W`` (out, in/groups, *kernel), float64; channels on axis 1."""
+
+    W: np.ndarray
+    b: np.ndarray | None
+    groups: int
+    zero_padded: bool
+    desc: str
+
+    heavy = False
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        raise NotAffine(f"a {self.desc} conv does not act position by position")
+
+    @property
+    def dense(self) -> np.ndarray:
+        """The weight as (out, in, *kernel), zero outside the group blocks."""
+        return expand(self.W, self.groups)
+
+    def absorb_input(self, v: Affine, ch: Channels, slots=(0,)) -> tuple[np.ndarray, np.ndarray | None]:
+        v = ch.require(v, 1, f"a {self.desc} conv")
+        D = self.dense
+        cin = D.shape[1]
+        if isinstance(v.M, float):
+            Wn = D * v.M
+        elif v.M.shape != (cin, cin):
+            raise NotAffine(f"needs a {cin}x{cin} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
+        else:
+            Wn = np.einsum("oj...,ji->oi...", D, v.M)
+        grouped = collapse(Wn, self.groups)
+        if grouped is None:
+            raise NotAffine(densify_reason(self.groups, cin))
+        c = np.full(cin, v.c) if isinstance(v.c, float) else v.c
+        if not np.any(c):
+            return grouped, self.b
+        if self.zero_padded:
+            raise NotAffine(
+                "a constant before a zero-padded conv is not exact at the borders "
+                "(the padding reads 0, not the constant)"
+            )
+        bias = bias_for(np.einsum("oj...,j->o", D, c), self.b, D.shape[0], "the conv")
+        return grouped, bias if self.b is None else self.b + bias
+
+    def absorb_output(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
+        v = ch.require(v, 1, f"a {self.desc} conv")
+        D = self.dense
+        out = D.shape[0]
+        if isinstance(v.M, float):
+            Wn, Mb = D * v.M, None if self.b is None else self.b * v.M
+        elif v.M.shape != (out, out):
+            raise NotAffine(f"needs a {out}x{out} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
+        else:
+            Wn, Mb = np.einsum("po,o...->p...", v.M, D), None if self.b is None else v.M @ self.b
+        grouped = collapse(Wn, self.groups)
+        if grouped is None:
+            raise NotAffine(densify_reason(self.groups, D.shape[1]))
+        c = bias_for(v.c, self.b, out, "the conv")
+        return grouped, None if c is None else (c if Mb is None else Mb + c)
+
+
+def expand(w: np.ndarray, groups: int) -> np.ndarray:
+    out, per_in = w.shape[:2]
+    if groups == 1:
+        return w
+    per_out = out // groups
+    dense = np.zeros((out, per_in * groups, *w.shape[2:]), dtype=w.dtype)
+    for g in range(groups):
+        rows = slice(g * per_out, (g + 1) * per_out)
+        dense[rows, g * per_in : (g + 1) * per_in] = w[rows]
+    return dense
+
+
+def collapse(W: np.ndarray, groups: int) -> np.ndarray | None:
+    """The inverse of :func:`expand`, or None if ``W`` has weight outside the group blocks."""
+    if groups == 1:
+        return W
+    out, cin = W.shape[:2]
+    per_out, per_in = out // groups, cin // groups
+    blocks = np.empty((out, per_in, *W.shape[2:]), dtype=W.dtype)
+    mask = np.ones(W.shape, dtype=bool)
+    for g in range(groups):
+        rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
+        blocks[rows] = W[rows, cols]
+        mask[rows, cols] = False
+    return blocks if not np.any(W[mask]) else None
+
+
+def _desc(kernel, stride) -> str:
+    d = "x".join(map(str, kernel))
+    return d if all(s == 1 for s in stride) else f"{d} stride-{'x'.join(map(str, stride))}"
+
+
+# --- torch.fx --------------------------------------------------------------------------
+
+
+def _fx_params(m, W, b):
+    return {"weight": W} if b is None else {"weight": W, "bias": b}
+
+
+def match_fx(node, ctx) -> Match | None:
+    if node.op != "call_module" or not node.args:
+        return None
+    m = ctx.module(node)
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_pointwise_conv(m) or not ctx.is_tensor(node.args[0]):
+        return None
+    if m.padding == "same":
+        padded = any(k > 1 for k in m.kernel_size)
+    else:
+        padded = not isinstance(m.padding, str) and any(p > 0 for p in m.padding)
+    op = Conv(_np(m.weight), _np(m.bias), m.groups, padded and m.padding_mode == "zeros", _desc(m.kernel_size, m.stride))
+    return Match(op, (node.args[0],), f"{node.target} ({type(m).__name__} {op.desc})", emit=fx_rebuild(node, ctx, _fx_params))
+
+
+# --- ONNX ------------------------------------------------------------------------------
+
+
+def match_onnx(node, ctx) -> Match | None:
+    if node.op != "Conv":
+        return None
+    w = ctx.const(node.inputs[1])
+    b = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
+    if w is None or (len(node.inputs) > 2 and b is None):
+        return None
+    a = node.attrs
+    strides = a.get("strides", [1] * (w.ndim - 2))
+    auto = a.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    padded = any(p > 0 for p in a.get("pads", [0])) or (auto.startswith("SAME") and any(k > 1 for k in w.shape[2:]))
+    if all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides) and not padded:
+        return None  # a 1x1 conv: a Linear, in linear.py
+    op = Conv(w, b, a.get("group", 1), padded, _desc(w.shape[2:], strides))
+
+    def inits(W, bias):
+        return {1: W} if bias is None else {1: W, 2: bias}
+
+    return Match(op, (node.inputs[0],), f"{node.name} (Conv {op.desc})", (node,), onnx_rebuild(node, ctx, inits))
