@@ -32,7 +32,7 @@ from torch import nn
 from repfold._affine import Affine, Channels, NotAffine
 
 from ._base import Match, fx_rebuild, onnx_rebuild
-from .linear import _np, _is_pointwise_conv, bias_for, densify_reason
+from .linear import _is_pointwise_conv, _np, bias_for, densify_reason
 
 
 @dataclass

@@ -203,7 +203,7 @@ def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) 
 
 def _assign(src, todo, folded, ctx: _Ctx):
     """One absorber per exit (a region layer, the exit's readers, or the source's producer)."""
-    by_name, state, ch = ctx.by_name, ctx.state, ctx.ch
+    by_name, state = ctx.by_name, ctx.state
     heavy = [m for m in folded if by_name[m].op.heavy]
     ancestors = _ancestors(by_name)
     used: set[str] = set()
