@@ -155,6 +155,8 @@ def _same(a, b) -> bool:
 class Same(_Layout):
     """The identity."""
 
+    passes = True  # replayed along with the layout op before it (contiguous before a view)
+
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         return ins[0]
 

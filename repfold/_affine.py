@@ -154,13 +154,14 @@ class Channels:
         return self._canonical(replace(v, shape=shape, pos=pos, cax=cax))
 
     def same_layout(self, a: Affine, b: Affine) -> bool:
-        if a.source != b.source or a.shape != b.shape:
+        """Whether ``a`` and ``b`` hold the same source positions at every position (widths may differ)."""
+        if a.source != b.source:
             return False
         if a.source in self.axis:
             a, b = self.channel_form(a), self.channel_form(b)
         if a.pos is None or b.pos is None:
             return a.pos is None and b.pos is None
-        return a.cax == b.cax and np.array_equal(a.pos, b.pos)
+        return a.cax == b.cax and a.pos.shape == b.pos.shape and np.array_equal(a.pos, b.pos)
 
     def _full(self, v: Affine) -> np.ndarray:
         if v.pos is not None:

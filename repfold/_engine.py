@@ -241,16 +241,11 @@ def _into(src, e, h, ctx: _Ctx) -> Fold:
     """Exit ``e`` taken by heavy layer ``h`` of the region, rebuilt to read the source."""
     step, state, ch = ctx.by_name[h], ctx.state, ctx.ch
     u = step.inputs[0]
-    if not ch.same_layout(state[u], _as_input(state[e], state[u])):
+    if not ch.same_layout(state[u], state[e]):
         raise NotAffine("the region moves positions after the layer")
     W, b = step.op.absorb(state[e], ch)
     via, start = _replay(src, u, ctx)
     return Fold("into", e, e, src, h, W, b, via, start)
-
-
-def _as_input(exit_state: Affine, input_state: Affine) -> Affine:
-    """The exit's layout at the input's width, to compare positions only."""
-    return Affine(exit_state.source, input_state.shape, pos=exit_state.pos, cax=exit_state.cax)
 
 
 def _sinks(src, e, folded, ctx: _Ctx, reasons) -> list[Fold] | None:
@@ -278,7 +273,7 @@ def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
     absorb = getattr(step.op, "absorb_output", None) if step is not None else None
     if absorb is None or step.emit is None:
         return None
-    if any(c not in set(folded) for c in ctx.consumers(src)):
+    if any(c not in set(folded) for c in ctx.consumers(src)) or _exits(folded, ctx.consumers) != [e]:
         reasons.append((src, f"{step.label} also feeds ops outside the region"))
         return None
     try:
@@ -305,14 +300,22 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str
     done: dict[str, str] = {}
 
     def build(v: str) -> str:
-        if state[v].pos is None:
+        if v == src:
             return SOURCE
-        path = [v]
-        while path[-1] != src and path[-1] in by_name:
-            path.append(by_name[path[-1]].inputs[0])
-        if path[-1] != src:
-            raise NotAffine("the region's layout does not come from its source")
-        w = next(p for p in reversed(path) if p != src and ch.same_layout(state[p], _as_input(state[v], state[p])))
+        pure = _pure(state[v])
+        if not pure and state[v].pos is None:
+            return SOURCE
+        w = v
+        if not pure:  # after the adapter: the earliest value laid out the same way
+            path = [v]
+            while path[-1] != src and path[-1] in by_name:
+                path.append(by_name[path[-1]].inputs[0])
+            if path[-1] != src:
+                raise NotAffine("the region's layout does not come from its source")
+            k = next(i for i in range(len(path) - 1, -1, -1) if path[i] != src and ch.same_layout(state[path[i]], state[v]))
+            while k > 0 and getattr(by_name[path[k - 1]].op, "passes", False):
+                k -= 1  # keep a contiguous() right after it: the next view may need it
+            w = path[k]
         if w in done:
             return done[w]
         step = by_name[w]
@@ -328,6 +331,11 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str
 
     start = build(target)
     return via, start
+
+
+def _pure(v: Affine) -> bool:
+    """``v`` holds the source's own values, only moved: what the model's own layout ops make."""
+    return isinstance(v.M, float) and v.M == 1.0 and isinstance(v.c, float) and v.c == 0.0
 
 
 def _width(state, ch: Channels, name: str) -> int | None:

@@ -148,7 +148,10 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
             _Shapes(gm).propagate(*inputs)
     except Exception as e:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ValueError(
             f"the model does not run on example inputs of shape {shapes} ({msg}); pass example_inputs="
         ) from e
