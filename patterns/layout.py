@@ -153,8 +153,10 @@ def _same(a, b) -> bool:
 
 @dataclass
 class Same(_Layout):
-    """The identity."""
+    """The identity; ``sticky`` when it is one only for the shapes seen (a pad by computed amounts),
+    so a fold must replay it rather than drop it."""
 
+    sticky: bool = False
     passes = True  # replayed along with the layout op before it (contiguous before a view)
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
@@ -220,10 +222,12 @@ def match_fx(node, ctx) -> Match | None:
             return None
         return Match(Roll(shifts, dims), (x,), label)
     if t is F.pad:
-        pads = _ints(ctx, node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None))
+        arg = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+        pads = _ints(ctx, arg)
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
         if pads is not None and not any(pads) and isinstance(mode, str):
-            return Match(Same(), (x,), label)
+            literal = isinstance(arg, (tuple, list)) and all(isinstance(p, int) for p in arg)
+            return Match(Same(sticky=not literal), (x,), label)
         return None
     if t is operator.getitem:
         index = _slices(ctx, node.args[1])

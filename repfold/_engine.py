@@ -54,9 +54,11 @@ class Fold:
     ``kind`` is ``"into"`` (a heavy layer of the region, rebuilt on the
     source), ``"sink"`` (an op reading the exit, rebuilt on the source) or
     ``"producer"`` (the layer that made the source, rebuilt on its own input).
-    ``via`` lists layout steps to copy, in order, as ``(step, inputs)`` where
-    an input is :data:`SOURCE` (the value the layout ops start from: the
-    source, or the rebuilt producer's output) or an earlier copied step;
+    ``via`` lists layout steps to copy, in order, as ``(step, inputs, perm)``
+    where an input is :data:`SOURCE` (the value the layout ops start from: the
+    source, or the rebuilt producer's output) or an earlier copied step, and
+    ``perm``, when set, replaces the step by one transpose with that
+    permutation (transposes in a row merged);
     ``start`` names the value the absorber reads (or, for a producer, the
     value that replaces ``target``).
     """
@@ -68,7 +70,7 @@ class Fold:
     absorber: str
     W: Any
     b: Any
-    via: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    via: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = field(default_factory=list)
     start: str = SOURCE
 
 
@@ -285,7 +287,7 @@ def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
     return Fold("producer", e, e, src, src, W, b, via, start)
 
 
-def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str, ...]]], str]:
+def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
     """The layout ops that lay the source out like ``target``, skipping detours that cancel out.
 
     Walks back from ``target`` to the source along first inputs and picks the
@@ -296,17 +298,18 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str
     """
     by_name, state, ch = ctx.by_name, ctx.state, ctx.ch
     width = _width(state, ch, src)
-    via: list[tuple[str, tuple[str, ...]]] = []
+    via: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = []
     done: dict[str, str] = {}
 
     def build(v: str) -> str:
         if v == src:
             return SOURCE
         pure = _pure(state[v])
-        if not pure and state[v].pos is None:
+        sticky = v in by_name and getattr(by_name[v].op, "sticky", False)
+        if not pure and not sticky and state[v].pos is None:
             return SOURCE
         w = v
-        if not pure:  # after the adapter: the earliest value laid out the same way
+        if not pure and not sticky:  # after the adapter: the earliest value laid out the same way
             path = [v]
             while path[-1] != src and path[-1] in by_name:
                 path.append(by_name[path[-1]].inputs[0])
@@ -325,7 +328,21 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list[tuple[str, tuple[str
             if _width(state, ch, i) not in (None, width):
                 raise NotAffine(f"{step.label} moves a value of another width than the source")
         ins = tuple(build(i) for i in step.inputs)
-        via.append((w, ins))
+        perm = getattr(step.op, "perm", None)
+        entry = (w, ins, None)
+        if perm is not None:  # merge transposes in a row into one (or none)
+            r = len(state[w].shape)
+            perm = tuple(p % r for p in perm)
+            prev = next((x for x in via if x[0] == ins[0]), None)
+            if prev is not None and (prev[2] is not None or getattr(by_name[prev[0]].op, "perm", None) is not None):
+                inner = prev[2] or tuple(p % r for p in by_name[prev[0]].op.perm)
+                perm = tuple(inner[q] for q in perm)
+                ins = prev[1]
+            entry = (w, ins, perm)
+            if perm == tuple(range(r)):
+                done[w] = ins[0]
+                return ins[0]
+        via.append(entry)
         done[w] = w
         return w
 

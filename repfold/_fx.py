@@ -223,13 +223,16 @@ def fold_fx(
 def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, copies) -> fx.Node:
     """Copy the fold's layout steps onto ``base`` (each right after its original); the last copy."""
     env = {_engine.SOURCE: base}
-    for name, ins in f.via:
+    for name, ins, perm in f.via:
         key = (base.name, name)
         if key not in copies:
             orig = nodes[name]
-            swap = {nodes[old]: env[new] for old, new in zip(by_name[name].inputs, ins)}
             with graph.inserting_after(orig):
-                copies[key] = graph.node_copy(orig, lambda a: swap.get(a, a))
+                if perm is not None:
+                    copies[key] = graph.call_method("permute", (env[ins[0]], *perm))
+                else:
+                    swap = {nodes[old]: env[new] for old, new in zip(by_name[name].inputs, ins)}
+                    copies[key] = graph.node_copy(orig, lambda a: swap.get(a, a))
         env[name] = copies[key]
     return env[f.start]
 

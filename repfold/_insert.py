@@ -54,6 +54,18 @@ def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
     return next(iter(values)), inside
 
 
+def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
+    """The one floating tensor that ``scope`` hands to the rest of the graph, and its readers there."""
+    inside = {n for n in gm.graph.nodes if scope in n.meta.get("nn_module_stack", {})}
+    values = {n: None for n in gm.graph.nodes if n in inside and _float_tensor(n) is not None
+              and any(u not in inside and not _reads_shape_only(u) for u in n.users)}
+    if len(values) != 1:
+        names = ", ".join(v.name for v in values) or "none"
+        raise ValueError(f"module scope {scope!r} hands on {len(values)} tensors ({names}); an adapter needs exactly one")
+    value = next(iter(values))
+    return value, [u for u in value.users if u not in inside]
+
+
 def _reads_shape_only(n: fx.Node) -> bool:
     """``x.shape`` / ``x.size()`` / ``x.dim()``: the adapter keeps shapes, so these stay on ``x``."""
     if n.op == "call_function" and n.target is getattr:
@@ -72,47 +84,62 @@ def _reads_as_conv(gm: fx.GraphModule, value: fx.Node, inside: list[fx.Node]) ->
 
 def insert(
     model: nn.Module,
-    before: str | Sequence[str],
+    before: str | Sequence[str] = (),
     *,
+    after: str | Sequence[str] = (),
     hidden_dim: int = 8,
     groups: int = 2,
     scale: float = 1.0,
     dropout: float = 0.1,
     example_inputs: tuple | torch.Tensor | None = None,
 ) -> fx.GraphModule:
-    """Return a copy of ``model`` with an adapter on the value entering each selected scope."""
+    """Return a copy of ``model`` with an adapter on the value entering (``before``) or leaving
+    (``after``) each selected module scope.
+
+    A bare name matches the last part of a module path (``"attn"``), a dotted
+    one the whole path with ``*`` wildcards (``"blocks.*.norm1"``).
+    """
     names = [before] if isinstance(before, str) else list(before)
+    after_names = [after] if isinstance(after, str) else list(after)
+    if not names and not after_names:
+        raise ValueError("say where the adapters go: before= and/or after= module names")
     gm = to_graph_module(model)
     inputs = _trace.example_inputs(model, example_inputs)
     shape(gm, inputs)
     all_scopes = scopes(gm)
-    chosen: dict[str, None] = {}
-    for pattern in names:
-        hits = [s for s in all_scopes if _matches(pattern, s)]
-        if not hits:
-            leaves = sorted({s.rpartition(".")[2] for s in all_scopes if not s.isdigit()})
-            raise ValueError(
-                f"before={pattern!r} matches no module scope; scope names are: {', '.join(leaves)}"
-            )
-        chosen.update(dict.fromkeys(hits))
+    chosen: dict[tuple[str, str], None] = {}
+    for where, patterns in (("before", names), ("after", after_names)):
+        for pattern in patterns:
+            hits = [s for s in all_scopes if _matches(pattern, s)]
+            if not hits:
+                leaves = sorted({s.rpartition(".")[2] for s in all_scopes if not s.isdigit()})
+                raise ValueError(
+                    f"{where}={pattern!r} matches no module scope; scope names are: {', '.join(leaves)}"
+                )
+            chosen.update(dict.fromkeys((where, h) for h in hits))
 
     placed = {}
-    for scope in chosen:
-        value, inside = _entering(gm, scope)
+    for where, scope in chosen:
+        if where == "before":
+            value, readers = _entering(gm, scope)
+            conv_reads = _reads_as_conv(gm, value, readers)
+        else:
+            value, readers = _leaving(gm, scope)
+            conv_reads = value.op == "call_module" and isinstance(gm.get_submodule(value.target), nn.modules.conv._ConvNd)
         meta = _float_tensor(value)
-        channels_last = not _reads_as_conv(gm, value, inside)
+        channels_last = not conv_reads
         width = meta.shape[-1] if channels_last else meta.shape[1]
         adapter = RepAdapter(
             width, hidden_dim, groups, scale, dropout, rank=len(meta.shape), channels_last=channels_last
         ).to(dtype=meta.dtype, device=inputs[0].device)
-        target = f"{PREFIX}.{scope.replace('.', '_')}"
+        target = f"{PREFIX}.{scope.replace('.', '_')}" + ("_out" if where == "after" else "")
         gm.add_submodule(target, adapter)
         with gm.graph.inserting_after(value):
             node = gm.graph.call_module(target, (value,))
-        for n in inside:
+        for n in readers:
             if not _reads_shape_only(n):
                 n.replace_input_with(value, node)
-        placed[scope] = target
+        placed[scope if where == "before" else f"{scope}:after"] = target
 
     for name, p in gm.named_parameters():
         p.requires_grad_(name.startswith(PREFIX + "."))
@@ -122,6 +149,7 @@ def insert(
         "input_shapes": [list(t.shape) for t in inputs],
         "insert": {
             "before": names,
+            "after": after_names,
             "hidden_dim": hidden_dim,
             "groups": groups,
             "scale": scale,

@@ -93,6 +93,12 @@ class OnnxContext:
         dtype = self.raw_const(like).dtype
         return gs.Constant(self.unique(f"{like.name}_folded"), np.ascontiguousarray(np.asarray(values).astype(dtype)))
 
+    def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
+        """A new node whose output is named after (and typed like) ``like``."""
+        out = gs.Variable(self.unique(f"{like.name}_folded"), dtype=like.dtype)
+        self.graph.nodes.append(gs.Node(op, self.unique(f"{op}_folded"), attrs, list(inputs), [out]))
+        return out
+
     def copy_node(self, node: gs.Node, inputs: list) -> gs.Variable:
         out = gs.Variable(self.unique(f"{node.outputs[0].name}_folded"), dtype=node.outputs[0].dtype)
         new = gs.Node(node.op, self.unique(f"{node.name or node.op}_folded"), dict(node.attrs), list(inputs), [out], domain=node.domain)
@@ -223,12 +229,15 @@ class _ById:
 def _replay(ctx: OnnxContext, f: _engine.Fold, base, tensors, by_name, copies):
     """Copy the fold's layout nodes onto ``base``; returns the value the absorber reads."""
     env = {_engine.SOURCE: base}
-    for name, ins in f.via:
+    for name, ins, perm in f.via:
         key = (base.name, name)
         if key not in copies:
             node = tensors[name].inputs[0]
-            swap = {id(tensors[old]): env[new] for old, new in zip(by_name[name].inputs, ins)}
-            copies[key] = ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
+            if perm is not None:
+                copies[key] = ctx.new_node("Transpose", [env[ins[0]]], {"perm": list(perm)}, like=tensors[name])
+            else:
+                swap = {id(tensors[old]): env[new] for old, new in zip(by_name[name].inputs, ins)}
+                copies[key] = ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
         env[name] = copies[key]
     return env[f.start]
 
