@@ -76,7 +76,7 @@ class Conv:
                 "a constant before a zero-padded conv is not exact at the borders "
                 "(the padding reads 0, not the constant)"
             )
-        bias = bias_for(np.einsum("oj...,j->o", D, c), self.b, D.shape[0], "the conv")
+        bias = bias_for(D.sum(axis=tuple(range(2, D.ndim))) @ c, self.b, D.shape[0], "the conv")
         return grouped, bias if self.b is None else self.b + bias
 
     def absorb_output(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:

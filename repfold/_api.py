@@ -19,7 +19,15 @@ log = logging.getLogger("repfold")
 Model = TypeVar("Model")
 
 
-def fold(model: Model, *, example_inputs=None, return_report: bool = False):
+def fold(
+    model: Model,
+    *,
+    example_inputs=None,
+    scales: bool = False,
+    leaf_modules=(),
+    leaf_functions=(),
+    return_report: bool = False,
+):
     """Fold every adapter region into its neighbouring layer; returns a new model of the same kind.
 
     ``model`` may be an ``nn.Module`` (traced with torch.fx; the result is an
@@ -31,6 +39,11 @@ def fold(model: Model, *, example_inputs=None, return_report: bool = False):
 
     ``example_inputs`` shapes the fx graph; it defaults to the shapes
     ``insert`` recorded, then to timm's ``pretrained_cfg['input_size']``.
+    ``scales=True`` also folds regions made only of per-channel scales and
+    shifts (SSF, IA3, LayerScale, eval-mode BatchNorm) into a neighbouring
+    layer; by default those are taken as the model's own and left alone.
+    ``leaf_modules`` (classes) and ``leaf_functions`` are kept whole when
+    tracing a model torch.fx cannot trace through.
     """
     if isinstance(model, (str, os.PathLike)):
         import onnx
@@ -42,12 +55,14 @@ def fold(model: Model, *, example_inputs=None, return_report: bool = False):
         was_training = model.training
         if was_training:
             log.warning("folding a model in training mode as if in eval mode (dropout off)")
-        out, report = fold_fx(model, example_inputs)
+        out, report = fold_fx(
+            model, example_inputs, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions
+        )
         out.train(False)
     elif type(model).__name__ == "ModelProto":
         from ._onnx import fold_onnx
 
-        out, report = fold_onnx(model)
+        out, report = fold_onnx(model, scales=scales)
     else:
         raise TypeError(f"fold takes an nn.Module, an onnx.ModelProto or a path, not {type(model).__name__}")
     log.info("%s", report)

@@ -212,7 +212,7 @@ def _assign(src, todo, folded, ctx: _Ctx):
     chosen: list[Fold] = []
     for e in todo:
         up = ancestors(e) | {e}
-        order = [h for h in reversed(heavy) if h in up] + [h for h in reversed(heavy) if h not in up]
+        order = [h for h in reversed(heavy) if h in up]  # the exit's own layers, nearest first
         reasons: list[tuple[str, str]] = []
         fold = None
         for h in order:

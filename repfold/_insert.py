@@ -92,6 +92,8 @@ def insert(
     scale: float = 1.0,
     dropout: float = 0.1,
     example_inputs: tuple | torch.Tensor | None = None,
+    leaf_modules=(),
+    leaf_functions=(),
 ) -> fx.GraphModule:
     """Return a copy of ``model`` with an adapter on the value entering (``before``) or leaving
     (``after``) each selected module scope.
@@ -103,7 +105,7 @@ def insert(
     after_names = [after] if isinstance(after, str) else list(after)
     if not names and not after_names:
         raise ValueError("say where the adapters go: before= and/or after= module names")
-    gm = to_graph_module(model)
+    gm = to_graph_module(model, leaf_modules, leaf_functions)
     inputs = _trace.example_inputs(model, example_inputs)
     shape(gm, inputs)
     all_scopes = scopes(gm)

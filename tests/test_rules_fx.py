@@ -1,0 +1,300 @@
+"""Each fold rule end to end on a small hand-written model: folded (exact, base operators) or refused with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+from torch.nn import functional as F
+
+import repfold
+from repfold._fx import op_counts
+
+torch.manual_seed(0)
+
+
+def fold(model, x, **kw):
+    model = model.double().eval()
+    x = x.double()
+    out, report = repfold.fold(model, example_inputs=x, return_report=True, **kw)
+    out.graph.lint()
+    with torch.no_grad():
+        return out, report, rel_err(out(x), model(x))
+
+
+class Adapter(nn.Module):
+    """A channels-first RepAdapter written by hand, the way the paper's code writes it."""
+
+    def __init__(self, c: int, hidden: int = 3, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(c, hidden, 1, bias=bias)
+        self.up = nn.Conv2d(hidden, c, 1, groups=groups, bias=bias)
+        self.drop = nn.Dropout(0.1)
+        self.s = 0.7
+
+    def forward(self, x):
+        return self.up(self.drop(self.down(x))) * self.s + x
+
+
+class ConvNet(nn.Module):
+    def __init__(self, adapter: nn.Module | None, conv: nn.Conv2d, after: bool = False, fan_out: bool = False) -> None:
+        super().__init__()
+        self.adapter, self.conv, self.after, self.fan_out = adapter, conv, after, fan_out
+
+    def forward(self, x):
+        x = torch.tanh(x)
+        if self.after:
+            y = self.conv(x)
+            out = self.adapter(y)
+            return out + torch.sigmoid(y) if self.fan_out else out
+        return self.conv(self.adapter(x) if self.adapter is not None else x)
+
+
+def image(c: int = 4) -> torch.Tensor:
+    return torch.randn(2, c, 6, 6)
+
+
+def test_unpadded_3x3_conv_absorbs_a_biased_adapter():
+    model = ConvNet(Adapter(4), nn.Conv2d(4, 5, 3, stride=2, dilation=1))
+    out, report, err = fold(model, image())
+    assert err < 1e-12 and [r.folded for r in report.regions] == [True]
+    assert op_counts(out)["Conv2d"] == 1
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_non_zero_padding_modes_take_the_constant_exactly(mode):
+    model = ConvNet(Adapter(4), nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode))
+    _, report, err = fold(model, image())
+    assert err < 1e-12 and report.regions[0].folded
+
+
+def test_zero_padded_conv_refuses_a_constant():
+    model = ConvNet(Adapter(4), nn.Conv2d(4, 5, 3, padding=1))
+    _, report, err = fold(model, image())
+    assert err < 1e-12 and not report.regions[0].folded
+    assert "not exact at the borders" in report.regions[0].reason
+
+
+def test_zero_padded_conv_takes_an_unbiased_adapter():
+    model = ConvNet(Adapter(4, bias=False), nn.Conv2d(4, 5, 3, padding=1))
+    _, report, err = fold(model, image())
+    assert err < 1e-12 and report.regions[0].folded
+
+
+def test_dense_adapter_into_depthwise_conv_is_refused():
+    model = ConvNet(Adapter(4), nn.Conv2d(4, 4, 3, groups=4))
+    _, report, _ = fold(model, image())
+    assert "would densify a depthwise conv: cost x4" in report.regions[0].reason
+
+
+def test_grouped_adapter_fits_a_conv_with_the_same_groups():
+    class Blocky(nn.Module):  # a block-diagonal adapter: down and up grouped like the conv
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(4, 2, 1, groups=2)
+            self.up = nn.Conv2d(2, 4, 1, groups=2)
+
+        def forward(self, x):
+            return self.up(self.down(x)) + x
+
+    model = ConvNet(Blocky(), nn.Conv2d(4, 4, 3, groups=2))
+    out, report, err = fold(model, image())
+    assert err < 1e-12 and report.regions[0].folded
+    assert op_counts(out)["Conv2d"] == 1
+
+
+def test_adapter_after_a_conv_folds_backward():
+    model = ConvNet(Adapter(5), nn.Conv2d(4, 5, 3, padding=1), after=True)
+    out, report, err = fold(model, image())
+    assert err < 1e-12 and report.regions[0].folded
+    assert report.regions[0].into == ["conv (Conv2d 3x3)"]
+
+
+def test_backward_fold_refused_when_the_conv_output_feeds_more():
+    model = ConvNet(Adapter(5), nn.Conv2d(4, 5, 3, padding=1), after=True, fan_out=True)
+    _, report, err = fold(model, image())
+    assert err < 1e-12 and not report.regions[0].folded
+    assert "also feeds ops outside the region" in report.regions[0].reason
+
+
+class Tokens(nn.Module):
+    """LayerNorm, then a user-written linear piece, then separate q/k/v Linears or a fused one."""
+
+    def __init__(self, piece: nn.Module, separate: bool = False, c: int = 6) -> None:
+        super().__init__()
+        self.norm, self.piece, self.separate = nn.LayerNorm(c), piece, separate
+        self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        x = self.piece(self.norm(x))
+        if self.separate:
+            return torch.tanh(self.q(x)) * torch.tanh(self.k(x)) + torch.tanh(self.v(x))
+        return torch.tanh(self.qkv(x))
+
+
+class LinearAdapter(nn.Module):
+    def __init__(self, c: int = 6, r: int = 2) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(c, r), nn.Linear(r, c)
+
+    def forward(self, x):
+        return x + 0.5 * self.b(self.a(x))
+
+
+def tokens(c: int = 6) -> torch.Tensor:
+    return torch.randn(2, 5, c)
+
+
+def test_linear_form_adapter_folds_into_separate_q_k_v():
+    out, report, err = fold(Tokens(LinearAdapter(), separate=True), tokens())
+    assert err < 1e-12 and report.regions[0].folded and len(report.regions[0].into) == 3
+    assert op_counts(out)["Linear"] == 3  # q, k and v (the fused qkv is not called here)
+
+
+def test_chain_with_batchnorm_and_scale_shift():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ad = LinearAdapter()
+            self.bn = nn.BatchNorm1d(6)
+            self.gamma = nn.Parameter(torch.randn(6))
+            self.beta = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            x = self.ad(x) * self.gamma + self.beta
+            return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+    with torch.no_grad():
+        chain = Chain()
+        chain.bn.running_mean.normal_()
+        chain.bn.running_var.uniform_(0.5, 2)
+    out, report, err = fold(Tokens(chain), tokens())
+    assert err < 1e-12 and report.regions[0].folded
+    assert "BatchNorm1d" not in op_counts(out)
+
+
+class LoRA(nn.Module):
+    def __init__(self, c: int = 6, r: int = 2) -> None:
+        super().__init__()
+        self.norm, self.layer = nn.LayerNorm(c), nn.Linear(c, 2 * c)
+        self.A, self.B = nn.Linear(c, r, bias=False), nn.Linear(r, 2 * c, bias=False)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return torch.tanh(self.layer(x) + 0.3 * self.B(self.A(x)))
+
+
+def test_lora_branch_collapses_into_its_layer():
+    out, report, err = fold(LoRA(), tokens())
+    assert err < 1e-12 and report.regions[0].into == ["layer (Linear)"]
+    assert op_counts(out)["Linear"] == 1
+
+
+def test_scale_only_regions_fold_when_asked():
+    class IA3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(6), nn.Linear(6, 4)
+            self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(self.norm(x) * self.scale))
+
+    _, report, _ = fold(IA3(), tokens())
+    assert report.regions == []  # by default a lone scale is the model's own (LayerScale-like)
+    out, report, err = fold(IA3(), tokens(), scales=True)
+    assert err < 1e-12 and report.regions[0].folded and "mul" not in op_counts(out)
+
+
+@pytest.mark.parametrize("kdim", [None, 5])
+def test_multihead_attention_absorbs_per_slot(kdim):
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.ad = nn.LayerNorm(6), LinearAdapter()
+            self.mha = nn.MultiheadAttention(6, 2, batch_first=True, kdim=kdim, vdim=kdim)
+
+        def forward(self, x, ctx):
+            h = self.ad(self.norm(x))
+            kv = h if kdim is None else ctx
+            return self.mha(h, kv, kv, need_weights=False)[0]
+
+    model = Attn().double().eval()
+    x, c = tokens().double(), torch.randn(2, 3, kdim or 6).double()
+    out, report = repfold.fold(model, example_inputs=(x, c), return_report=True)
+    with torch.no_grad():
+        assert rel_err(out(x, c), model(x, c)) < 1e-12
+    assert report.regions[0].into == ["mha (MultiheadAttention)"]
+
+
+def test_fan_out_to_a_consumer_that_cannot_absorb_names_it():
+    class Fan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.ad(self.norm(x))
+            return self.fc(h) + torch.sigmoid(h)
+
+    _, report, err = fold(Fan(), tokens())
+    assert err < 1e-12 and not report.regions[0].folded
+    assert "sigmoid" in report.regions[0].reason
+
+
+def test_tied_weights_are_not_changed_for_the_other_user():
+    model = Tokens(LinearAdapter()).double().eval()
+    model.q.weight = model.qkv.weight.__class__(model.qkv.weight[:6].clone())
+    shared = nn.Linear(6, 18).double()
+    model.qkv, model.other = shared, shared  # one module, used once here and once below
+
+    class Twice(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).sum() + self.inner.other(torch.tanh(x)).sum()
+
+    twice = Twice(model).double().eval()
+    before = shared.weight.detach().clone()
+    out, report, err = fold(twice, tokens())
+    assert err < 1e-12 and report.regions[0].folded
+    assert torch.equal(shared.weight, before)
+
+
+def _upcast(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folds_in_float64_and_casts_once(dtype):
+    half = Tokens(LinearAdapter()).eval().to(dtype)
+    x = tokens()
+    ref = fold(_upcast(half), x)[0]  # the same fold, in float64 throughout
+    out, report = repfold.fold(half, example_inputs=x.to(dtype), return_report=True)
+    assert report.regions[0].folded
+    assert out.get_submodule("qkv").weight.dtype == dtype
+    got = out.get_submodule("qkv").weight.double()
+    want = ref.get_submodule("qkv").weight.to(dtype).double()
+    assert torch.equal(got, want)  # one rounding, of the float64 result
+
+
+def test_functional_pad_and_roll_pass_through():
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = torch.roll(self.ad(self.norm(x)), shifts=1, dims=1)
+            h = F.pad(h, (0, 0, 0, 0))
+            return torch.tanh(self.fc(h.reshape(10, 6).reshape(2, 5, 6)))
+
+    out, report, err = fold(Shift(), tokens())
+    assert err < 1e-12 and report.regions[0].folded
+    assert op_counts(out).get("roll") == 1
