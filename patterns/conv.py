@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from repfold._affine import Affine, Channels, NotAffine
+from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
 
 from ._base import Match, fx_rebuild, onnx_rebuild
 from .linear import _is_pointwise_conv, _np, bias_for, densify_reason
@@ -53,7 +53,7 @@ class Conv:
     @property
     def dense(self) -> np.ndarray:
         """The weight as (out, in, *kernel), zero outside the group blocks."""
-        return expand(self.W, self.groups)
+        return expand_groups(self.W, self.groups)
 
     def absorb_input(self, v: Affine, ch: Channels, slots=(0,)) -> tuple[np.ndarray, np.ndarray | None]:
         v = ch.require(v, 1, f"a {self.desc} conv")
@@ -65,7 +65,7 @@ class Conv:
             raise NotAffine(f"needs a {cin}x{cin} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
         else:
             Wn = np.einsum("oj...,ji->oi...", D, v.M)
-        grouped = collapse(Wn, self.groups)
+        grouped = collapse_groups(Wn, self.groups)
         if grouped is None:
             raise NotAffine(densify_reason(self.groups, cin))
         c = np.full(cin, v.c) if isinstance(v.c, float) else v.c
@@ -89,38 +89,11 @@ class Conv:
             raise NotAffine(f"needs a {out}x{out} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
         else:
             Wn, Mb = np.einsum("po,o...->p...", v.M, D), None if self.b is None else v.M @ self.b
-        grouped = collapse(Wn, self.groups)
+        grouped = collapse_groups(Wn, self.groups)
         if grouped is None:
             raise NotAffine(densify_reason(self.groups, D.shape[1]))
         c = bias_for(v.c, self.b, out, "the conv")
         return grouped, None if c is None else (c if Mb is None else Mb + c)
-
-
-def expand(w: np.ndarray, groups: int) -> np.ndarray:
-    out, per_in = w.shape[:2]
-    if groups == 1:
-        return w
-    per_out = out // groups
-    dense = np.zeros((out, per_in * groups, *w.shape[2:]), dtype=w.dtype)
-    for g in range(groups):
-        rows = slice(g * per_out, (g + 1) * per_out)
-        dense[rows, g * per_in : (g + 1) * per_in] = w[rows]
-    return dense
-
-
-def collapse(W: np.ndarray, groups: int) -> np.ndarray | None:
-    """The inverse of :func:`expand`, or None if ``W`` has weight outside the group blocks."""
-    if groups == 1:
-        return W
-    out, cin = W.shape[:2]
-    per_out, per_in = out // groups, cin // groups
-    blocks = np.empty((out, per_in, *W.shape[2:]), dtype=W.dtype)
-    mask = np.ones(W.shape, dtype=bool)
-    for g in range(groups):
-        rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
-        blocks[rows] = W[rows, cols]
-        mask[rows, cols] = False
-    return blocks if not np.any(W[mask]) else None
 
 
 def _desc(kernel, stride) -> str:

@@ -252,12 +252,12 @@ def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
 
 
 def expand_groups(w: np.ndarray, groups: int) -> np.ndarray:
-    """A grouped weight ``(out, in/g)`` as the dense block-diagonal ``(out, in)`` it means."""
-    out, per_in = w.shape
+    """A grouped weight ``(out, in/g, *kernel)`` as the dense block-diagonal ``(out, in, *kernel)`` it means."""
+    out, per_in = w.shape[:2]
     if groups == 1:
         return w
     per_out = out // groups
-    dense = np.zeros((out, per_in * groups), dtype=w.dtype)
+    dense = np.zeros((out, per_in * groups, *w.shape[2:]), dtype=w.dtype)
     for g in range(groups):
         rows = slice(g * per_out, (g + 1) * per_out)
         dense[rows, g * per_in : (g + 1) * per_in] = w[rows]
@@ -268,10 +268,10 @@ def collapse_groups(W: np.ndarray, groups: int) -> np.ndarray | None:
     """The inverse of :func:`expand_groups`, or None if ``W`` has weight outside the blocks."""
     if groups == 1:
         return W
-    out, cin = W.shape
+    out, cin = W.shape[:2]
     per_out, per_in = out // groups, cin // groups
-    blocks = np.empty((out, per_in), dtype=W.dtype)
-    mask = np.ones_like(W, dtype=bool)
+    blocks = np.empty((out, per_in, *W.shape[2:]), dtype=W.dtype)
+    mask = np.ones(W.shape, dtype=bool)
     for g in range(groups):
         rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
         blocks[rows] = W[rows, cols]
