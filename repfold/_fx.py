@@ -13,7 +13,7 @@ from repfold.patterns import RULES
 
 from . import _engine
 from ._report import FoldReport
-from ._trace import VALUE_KEY, example_inputs, shape, to_graph_module
+from ._trace import VALUE_KEY, example_inputs, is_shape_read, shape, to_graph_module
 
 
 class FxContext:
@@ -150,13 +150,6 @@ def op_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def is_shape_read(node: fx.Node) -> bool:
-    """Reads only the shape of its input (``x.shape``, ``x.size()``, ``x.dim()``)."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("shape", "ndim", "dtype", "device")
-    return node.op == "call_method" and node.target in ("size", "dim")
 
 
 def fold_fx(

@@ -11,7 +11,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import _trace
 from ._adapters import RepAdapter
-from ._trace import META_KEY, shape, to_graph_module
+from ._trace import META_KEY, is_shape_read, shape, to_graph_module
 
 PREFIX = "repfold_adapters"
 
@@ -58,19 +58,12 @@ def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
     """The one floating tensor that ``scope`` hands to the rest of the graph, and its readers there."""
     inside = {n for n in gm.graph.nodes if scope in n.meta.get("nn_module_stack", {})}
     values = {n: None for n in gm.graph.nodes if n in inside and _float_tensor(n) is not None
-              and any(u not in inside and not _reads_shape_only(u) for u in n.users)}
+              and any(u not in inside and not is_shape_read(u) for u in n.users)}
     if len(values) != 1:
         names = ", ".join(v.name for v in values) or "none"
         raise ValueError(f"module scope {scope!r} hands on {len(values)} tensors ({names}); an adapter needs exactly one")
     value = next(iter(values))
     return value, [u for u in value.users if u not in inside]
-
-
-def _reads_shape_only(n: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()`` / ``x.dim()``: the adapter keeps shapes, so these stay on ``x``."""
-    if n.op == "call_function" and n.target is getattr:
-        return n.args[1] in ("shape", "ndim", "dtype", "device")
-    return n.op == "call_method" and n.target in ("size", "dim")
 
 
 def _reads_as_conv(gm: fx.GraphModule, value: fx.Node, inside: list[fx.Node]) -> bool:
@@ -139,7 +132,7 @@ def insert(
         with gm.graph.inserting_after(value):
             node = gm.graph.call_module(target, (value,))
         for n in readers:
-            if not _reads_shape_only(n):
+            if not is_shape_read(n):
                 n.replace_input_with(value, node)
         placed[scope if where == "before" else f"{scope}:after"] = target
 

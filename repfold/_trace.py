@@ -169,3 +169,10 @@ class _Shapes(ShapeProp):
         ):
             n.meta[VALUE_KEY] = tuple(result) if isinstance(result, (tuple, list)) else result
         return result
+
+
+def is_shape_read(node: fx.Node) -> bool:
+    """Reads only the shape of its input (``x.shape``, ``x.size()``, ``x.dim()``): adapters keep shapes."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim", "dtype", "device")
+    return node.op == "call_method" and node.target in ("size", "dim")
