@@ -6,7 +6,8 @@ Each op keeps the map and moves the layout (see ``repfold._affine``)::
 
 as long as the channel axis stays whole: permute / transpose, reshape / view /
 flatten / squeeze / unsqueeze, roll, slicing and concatenation along other
-axes, pads by zero amounts (window partitions are made of these). ``Same``
+axes, pads by zero amounts (window partitions are made of these), and pads
+that copy positions (reflect, replicate/edge, circular/wrap). ``Same``
 passes a value through unchanged: eval-mode dropout, identity, contiguous,
 clone, a cast to the same dtype.
 
@@ -97,6 +98,35 @@ class Roll(_Layout):
             return np.roll(pos, self.shifts, self.dims), cax
 
         return ch.relayout(v, v.shape, lambda p: np.roll(p, self.shifts, self.dims), reduced)
+
+
+@dataclass
+class CopyPad(_Layout):
+    """A pad whose new positions copy existing ones (``numpy.pad`` modes reflect, edge, wrap).
+
+    ``widths`` holds one ``(before, after)`` pair per axis. A per-channel
+    affine commutes with it exactly, constant included; a zero pad does not.
+    """
+
+    widths: tuple[tuple[int, int], ...]
+    mode: str
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        if len(self.widths) != v.rank or any(a < 0 or b < 0 for a, b in self.widths):
+            raise NotAffine(f"pads {self.widths} do not fit a rank-{v.rank} value")
+        shape = tuple(n + a + b for n, (a, b) in zip(v.shape, self.widths))
+
+        def reduced(pos, cax):
+            if any(self.widths[cax]):
+                raise NotAffine("pads the channel axis")
+            return np.pad(pos, self.widths, mode=self.mode), cax
+
+        return ch.relayout(v, shape, lambda p: np.pad(p, self.widths, mode=self.mode), reduced)
+
+
+_FX_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_ONNX_PAD_MODES = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}
 
 
 @dataclass
@@ -228,6 +258,11 @@ def match_fx(node, ctx) -> Match | None:
         if pads is not None and not any(pads) and isinstance(mode, str):
             literal = isinstance(arg, (tuple, list)) and all(isinstance(p, int) for p in arg)
             return Match(Same(sticky=not literal), (x,), label)
+        rank = ctx.rank(x)
+        if pads is not None and mode in _FX_PAD_MODES and len(pads) % 2 == 0 and len(pads) // 2 <= rank:
+            pairs = [(pads[i], pads[i + 1]) for i in range(0, len(pads), 2)]  # last axis first
+            widths = [(0, 0)] * (rank - len(pairs)) + pairs[::-1]
+            return Match(CopyPad(tuple(widths), _FX_PAD_MODES[mode]), (x,), label)
         return None
     if t is operator.getitem:
         index = _slices(ctx, node.args[1])
@@ -280,7 +315,16 @@ def match_onnx(node, ctx) -> Match | None:
         pads = ctx.raw_const(node.inputs[1]) if len(node.inputs) > 1 else None
         if pads is not None and not np.any(pads) and len(node.inputs) < 5:
             return Match(Same(), (x,), label)
-        return None
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        rank = ctx.rank(x)
+        if pads is None or mode not in _ONNX_PAD_MODES or rank is None or len(node.inputs) > 3:
+            return None
+        pads = [int(p) for p in pads]
+        if len(pads) != 2 * rank:
+            return None
+        widths = tuple(zip(pads[:rank], pads[rank:]))
+        return Match(CopyPad(widths, _ONNX_PAD_MODES[mode]), (x,), label)
     if op == "Slice":
         return _onnx_slice(node, ctx, label)
     if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):

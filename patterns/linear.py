@@ -110,8 +110,22 @@ def match_fx(node, ctx) -> Match | None:
         rank = ctx.rank(x)
         if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
             return None
-        return Match(Dense(w, b, rank - 1), (x,), f"{node.name} (F.linear)")
+        return Match(Dense(w, b, rank - 1), (x,), f"{node.name} (F.linear)", emit=_fx_linear_emit(node, ctx))
     return None
+
+
+def _fx_linear_emit(node, ctx):
+    """``emit`` for ``F.linear(x, weight, bias)`` whose weights are get_attr tensors: new ones, same call."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+    def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
+        x = swap.get(node.args[0], node.args[0])
+        w = ctx.new_param(weight.target, W, weight)
+        bn = None if b is None else ctx.new_param(bias.target, b, bias)
+        return ctx.graph.call_function(F.linear, (x, w, bn))
+
+    return emit
 
 
 # --- ONNX ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,9 +53,11 @@ def fold(
     if isinstance(model, nn.Module):
         from ._fx import fold_fx
 
-        was_training = model.training
-        if was_training:
-            log.warning("folding a model in training mode as if in eval mode (dropout off)")
+        if model.training:
+            warnings.warn(
+                "repfold.fold: the model is in training mode; it is folded as if in eval mode (dropout off, "
+                "BatchNorm running statistics)", UserWarning, stacklevel=2,
+            )
         out, report = fold_fx(
             model, example_inputs, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions
         )

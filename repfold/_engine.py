@@ -72,6 +72,7 @@ class Fold:
     b: Any
     via: list[tuple[str, tuple[str, ...], tuple[int, ...] | None]] = field(default_factory=list)
     start: str = SOURCE
+    region: Region | None = None
 
 
 @dataclass
@@ -143,6 +144,7 @@ def plan(
         region.folded = True
         regions.append(region)
         for f in outcome:
+            f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
         members_of.update({m: src for m in members})

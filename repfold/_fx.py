@@ -57,6 +57,21 @@ class FxContext:
                 return value.detach().to(torch.float64).cpu().numpy()
         return None
 
+    def new_param(self, hint: str, value: np.ndarray, like: fx.Node) -> fx.Node:
+        """Register ``value`` as a new parameter (dtype and device of ``like``'s tensor); its get_attr node.
+
+        The name is ``hint`` made unique, so a tensor others still read is never replaced.
+        """
+        ref = _get_attr(self.gm, like.target)
+        t = torch.from_numpy(np.ascontiguousarray(value)).reshape(ref.shape).to(ref)
+        base, name, i = hint.replace(".", "_") + "_folded", "", 0
+        name = base
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.gm.register_parameter(name, nn.Parameter(t, requires_grad=ref.requires_grad))
+        return self.graph.get_attr(name)
+
     def replace_module(self, node: fx.Node, new: nn.Module) -> str:
         """Install ``new`` in place of ``node``'s module; a new name if others call the old one."""
         target = node.target
@@ -165,6 +180,7 @@ def fold_fx(
     report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
 
     ctx = FxContext(gm)
+    read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     steps = []
     for node in gm.graph.nodes:
@@ -204,13 +220,32 @@ def fold_fx(
                 new = by_name[f.absorber].emit(swap, f.W, f.b)
             new.meta = dict(absorber.meta)
         nodes[f.target].replace_all_uses_with(new)
+        f.region.note_cast(ctx.dtype(nodes[f.target]), f.W, f.b)
     _redirect_shape_reads(gm.graph, plan.members, nodes, copies)
     gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()
+    _drop_unread_tensors(gm, read_before)
     gm.graph.lint()
     gm.recompile()
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     return gm, report
+
+
+def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
+    """Delete parameters and buffers the graph read through get_attr before the fold and no longer does.
+
+    Those are the old weights of ``F.linear``-style layers that now read new
+    ones; a tensor that a called module reads in its own forward is kept.
+    """
+    now = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for target in read_before - now:
+        owner, _, name = target.rpartition(".")
+        if any(owner == c or owner.startswith(c + ".") for c in called) or not _has_submodule(gm, owner):
+            continue  # read by a module's own forward, or already gone with its unused module
+        mod = gm.get_submodule(owner)
+        mod._parameters.pop(name, None)
+        mod._buffers.pop(name, None)
 
 
 def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, copies) -> fx.Node:

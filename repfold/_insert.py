@@ -138,6 +138,8 @@ def insert(
 
     for name, p in gm.named_parameters():
         p.requires_grad_(name.startswith(PREFIX + "."))
+    if placed:  # adapters (and their container) join in the model's mode; the model's own modules keep theirs
+        gm.get_submodule(PREFIX).train(model.training)
     gm.graph.lint()
     gm.recompile()
     gm.meta[META_KEY] = {

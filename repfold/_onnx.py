@@ -13,6 +13,15 @@ from repfold.patterns import RULES
 from . import _engine
 from ._report import FoldReport
 
+# Ops whose value ``raw_const`` computes when all their inputs are constants and
+# the result is integer: the shape and index arithmetic exporters emit (pad
+# amounts built by Concat / ConstantOfShape / Transpose / Cast, and the like).
+_INDEX_ARITHMETIC = {
+    "Cast", "Concat", "ConstantOfShape", "Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather",
+    "Add", "Sub", "Mul", "Div", "Neg", "Range", "Expand", "Flatten",
+}
+_EVALUATE_LIMIT = 4096  # elements in all inputs: never weights
+
 
 class OnnxContext:
     """What the ONNX matchers in ``repfold.patterns`` may ask about a graph."""
@@ -22,6 +31,7 @@ class OnnxContext:
         self.outputs = {id(v) for v in graph.outputs}
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
+        self._computed: dict[int, np.ndarray | None] = {}
 
     def rank(self, var) -> int | None:
         if isinstance(var, gs.Constant):
@@ -70,7 +80,30 @@ class OnnxContext:
                 return np.asarray(value.values) if isinstance(value, gs.Constant) else None
             if producer.op == "Identity":
                 return self.raw_const(producer.inputs[0])
+            if producer.op in _INDEX_ARITHMETIC and len(producer.outputs) == 1:
+                if id(producer) not in self._computed:
+                    self._computed[id(producer)] = self._evaluate(producer)
+                return self._computed[id(producer)]
         return None
+
+    def _evaluate(self, node) -> np.ndarray | None:
+        """The value of a small integer node whose inputs are all constants (pad amounts, sizes)."""
+        values = [self.raw_const(i) if i.name else None for i in node.inputs]
+        if any(v is None for v, i in zip(values, node.inputs) if i.name):
+            return None
+        if sum(v.size for v in values if v is not None) > _EVALUATE_LIMIT:
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        ins = [gs.Constant(f"in{k}", v) if v is not None else gs.Variable.empty() for k, v in enumerate(values)]
+        out = gs.Variable("out")
+        one = gs.Graph([gs.Node(node.op, "node", dict(node.attrs), ins, [out])], [], [out], opset=self.graph.opset)
+        try:
+            (result,) = ReferenceEvaluator(gs.export_onnx(one, do_type_check=False)).run(None, {})
+        except Exception:  # an op or attribute the reference runtime does not know: not a constant to us
+            return None
+        result = np.asarray(result)
+        return result if np.issubdtype(result.dtype, np.integer) else None
 
     def used(self, var) -> bool:
         return bool(var.outputs) or id(var) in self.outputs
@@ -204,6 +237,7 @@ def fold_onnx(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.Mod
             swap = _ById([(tensors[f.exit if f.kind == "sink" else step.inputs[0]], x)])
             new_out = step.emit(swap, f.W, f.b)
         target = tensors[f.target]
+        f.region.note_cast(ctx.dtype(target), f.W, f.b)
         target.inputs.clear()
         producer = new_out.inputs[0]
         producer.outputs.clear()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class Region:
@@ -14,10 +16,36 @@ class Region:
     folded: bool
     into: list[str] = field(default_factory=list)
     reason: str | None = None
+    dtype: str | None = None
+    rounding: float | None = None
 
     def line(self) -> str:
         what = f"folded into {', '.join(self.into)}" if self.folded else f"kept: {self.reason}"
+        if self.rounding and self.dtype in HALF:
+            what += f" (cast to {self.dtype}: weights moved by up to {self.rounding:.1e})"
         return f"{self.source} -> [{len(self.ops)} ops] {what}"
+
+    def note_cast(self, dtype, *arrays) -> None:
+        """Record the rounding of casting the float64 fold result ``arrays`` to the model's ``dtype``.
+
+        ``rounding`` is the largest absolute change any new weight takes from
+        that single cast, over every layer the region folds into.
+        """
+        import torch
+
+        if dtype is None:
+            return
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+        worst = self.rounding or 0.0
+        for a in arrays:
+            t = torch.as_tensor(np.asarray(a, dtype=np.float64)) if a is not None else None
+            if t is not None and t.numel():
+                worst = max(worst, float((t.to(dtype).double() - t).abs().max()))
+        self.dtype, self.rounding = str(dtype).removeprefix("torch."), worst
+
+
+HALF = ("float16", "bfloat16")
 
 
 @dataclass

@@ -24,6 +24,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
         self.leaf_types = tuple(leaf_modules)
         self.stack: list[str] = []
+        self.failed_in: str | None = None  # the innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -32,6 +33,9 @@ class _Tracer(fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -72,7 +76,8 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
             graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as e:  # fx raises many types; all mean "not traceable"
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            where = f" in {tracer.stack[-1]} ({type(model.get_submodule(tracer.stack[-1])).__name__})" if tracer.stack else ""
+            at = tracer.failed_in
+            where = f" in {at} ({type(model.get_submodule(at)).__name__})" if at else ""
             first = first or f"torch.fx cannot trace {type(model).__name__}{where}: {msg}"
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)

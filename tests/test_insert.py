@@ -16,6 +16,13 @@ def test_identity_at_insertion_and_only_adapters_train():
     assert all(m.channels == 192 for m in gm.modules() if isinstance(m, repfold.RepAdapter))
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_adapters_join_in_the_models_mode(training):
+    """An eval model gets eval adapters: no dropout leaking into outputs (a bug found by test_trace)."""
+    gm = repfold.insert(make_vit().train(training), before="attn", example_inputs=image())
+    assert {m.training for m in gm.modules()} == {training}
+
+
 def test_insert_leaves_the_callers_model_alone():
     model = make_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import rel_err
@@ -14,22 +16,46 @@ from repfold._fx import op_counts
 torch.manual_seed(0)
 
 
-def fold(model, x, **kw):
+ADAPTER_TENSORS = ("A", "B", "scale", "gamma", "beta")  # adapter parameters outside adapter modules
+
+
+def without_adapters(model: nn.Module) -> nn.Module:
+    """A copy with every adapter weight zeroed: what the model computes without its adapters."""
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if isinstance(m, ADAPTERS) or name.rpartition(".")[2] in ADAPTER_TENSORS:
+                for p in m.parameters():
+                    p.zero_()
+        for name, p in base.named_parameters():
+            if name.rpartition(".")[2] in ADAPTER_TENSORS:
+                p.zero_()
+    return base
+
+
+def fold(model, *xs, **kw):
+    """Fold ``model`` in float64 after checking its adapters change the output; (folded, report, error)."""
     model = model.double().eval()
-    x = x.double()
-    out, report = repfold.fold(model, example_inputs=x, return_report=True, **kw)
+    xs = tuple(x.double() for x in xs)
+    with torch.no_grad():
+        want = model(*xs)
+        assert rel_err(without_adapters(model)(*xs), want) > 1e-3, "the adapters do not change the output"
+    out, report = repfold.fold(model, example_inputs=xs if len(xs) > 1 else xs[0], return_report=True, **kw)
     out.graph.lint()
     with torch.no_grad():
-        return out, report, rel_err(out(x), model(x))
+        return out, report, rel_err(out(*xs), want)
+
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class Adapter(nn.Module):
-    """A channels-first RepAdapter written by hand, the way the paper's code writes it."""
+    """A channels-first RepAdapter written by hand with convs of ``dim`` spatial dimensions."""
 
-    def __init__(self, c: int, hidden: int = 3, groups: int = 1, bias: bool = True) -> None:
+    def __init__(self, c: int, hidden: int = 3, groups: int = 1, bias: bool = True, dim: int = 2) -> None:
         super().__init__()
-        self.down = nn.Conv2d(c, hidden, 1, bias=bias)
-        self.up = nn.Conv2d(hidden, c, 1, groups=groups, bias=bias)
+        self.down = CONV[dim](c, hidden, 1, bias=bias)
+        self.up = CONV[dim](hidden, c, 1, groups=groups, bias=bias)
         self.drop = nn.Dropout(0.1)
         self.s = 0.7
 
@@ -51,8 +77,8 @@ class ConvNet(nn.Module):
         return self.conv(self.adapter(x) if self.adapter is not None else x)
 
 
-def image(c: int = 4) -> torch.Tensor:
-    return torch.randn(2, c, 6, 6)
+def image(c: int = 4, dim: int = 2) -> torch.Tensor:
+    return torch.randn(2, c, *[6] * dim)
 
 
 def test_unpadded_3x3_conv_absorbs_a_biased_adapter():
@@ -67,6 +93,21 @@ def test_non_zero_padding_modes_take_the_constant_exactly(mode):
     model = ConvNet(Adapter(4), nn.Conv2d(4, 5, 3, padding=1, padding_mode=mode))
     _, report, err = fold(model, image())
     assert err < 1e-12 and report.regions[0].folded
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_position_copying_pads_pass_through(mode):
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapter, self.conv = Adapter(4), nn.Conv2d(4, 5, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(self.adapter(torch.tanh(x)), (1, 2, 0, 1), mode=mode))
+
+    out, report, err = fold(Padded(), image())
+    assert err < 1e-12 and report.regions[0].folded
+    assert op_counts(out) == {"tanh": 1, "pad": 1, "Conv2d": 1}
 
 
 def test_zero_padded_conv_refuses_a_constant():
@@ -88,16 +129,27 @@ def test_dense_adapter_into_depthwise_conv_is_refused():
     assert "would densify a depthwise conv: cost x4" in report.regions[0].reason
 
 
+@pytest.mark.parametrize("dim", [1, 3])
+def test_conv1d_and_conv3d_absorb_like_conv2d(dim):
+    conv = CONV[dim](4, 5, 3, stride=2, dilation=2 if dim == 1 else 1)
+    out, report, err = fold(ConvNet(Adapter(4, dim=dim), conv), image(dim=dim))
+    assert err < 1e-12 and report.regions[0].folded
+    assert op_counts(out)[f"Conv{dim}d"] == 1
+
+
+class Blocky(nn.Module):
+    """A block-diagonal adapter: down and up grouped like the conv it feeds."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(4, 2, 1, groups=2)
+        self.up = nn.Conv2d(2, 4, 1, groups=2)
+
+    def forward(self, x):
+        return self.up(self.down(x)) + x
+
+
 def test_grouped_adapter_fits_a_conv_with_the_same_groups():
-    class Blocky(nn.Module):  # a block-diagonal adapter: down and up grouped like the conv
-        def __init__(self):
-            super().__init__()
-            self.down = nn.Conv2d(4, 2, 1, groups=2)
-            self.up = nn.Conv2d(2, 4, 1, groups=2)
-
-        def forward(self, x):
-            return self.up(self.down(x)) + x
-
     model = ConvNet(Blocky(), nn.Conv2d(4, 4, 3, groups=2))
     out, report, err = fold(model, image())
     assert err < 1e-12 and report.regions[0].folded
@@ -135,16 +187,74 @@ class Tokens(nn.Module):
 
 
 class LinearAdapter(nn.Module):
-    def __init__(self, c: int = 6, r: int = 2) -> None:
+    def __init__(self, c: int = 6, r: int = 2, bias: bool = True) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(c, r), nn.Linear(r, c)
+        self.a, self.b = nn.Linear(c, r, bias=bias), nn.Linear(r, c, bias=bias)
 
     def forward(self, x):
         return x + 0.5 * self.b(self.a(x))
 
 
+class PaperAdapter(nn.Module):
+    """The token-form RepAdapter as the paper's public code writes it, with Conv1d on (B, C, N)."""
+
+    def __init__(self, c: int = 6, hidden: int = 4, groups: int = 2) -> None:
+        super().__init__()
+        self.conv_A = nn.Conv1d(c, hidden, 1)
+        self.conv_B = nn.Conv1d(hidden, c, 1, groups=groups)
+        self.dropout = nn.Dropout(0.1)
+        self.s = 0.6
+
+    def forward(self, x):
+        h = x.transpose(1, 2)
+        h = self.conv_B(self.dropout(self.conv_A(h))) * self.s + h
+        return h.transpose(1, 2).contiguous()
+
+
+ADAPTERS = (Adapter, Blocky, LinearAdapter, PaperAdapter)
+
+
 def tokens(c: int = 6) -> torch.Tensor:
     return torch.randn(2, 5, c)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_paper_form_with_conv1d_on_tokens_folds_into_qkv(separate):
+    out, report, err = fold(Tokens(PaperAdapter(), separate=separate), tokens())
+    assert err < 1e-12 and report.regions[0].folded
+    counts = op_counts(out)
+    assert "Conv1d" not in counts and "transpose" not in counts and "contiguous" not in counts
+    assert counts["Linear"] == (3 if separate else 1)
+
+
+class Functional(nn.Module):
+    """A layer written with ``F.linear`` on the module's own tensors."""
+
+    def __init__(self, piece: nn.Module, bias: bool = True) -> None:
+        super().__init__()
+        self.norm, self.piece = nn.LayerNorm(6), piece
+        self.weight = nn.Parameter(torch.randn(4, 6))
+        self.bias = nn.Parameter(torch.randn(4)) if bias else None
+
+    def forward(self, x):
+        return torch.tanh(F.linear(self.piece(self.norm(x)), self.weight, self.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_f_linear_absorbs_with_new_weights(bias):
+    model = Functional(LinearAdapter(bias=bias), bias=bias).double()
+    before = model.weight.detach().clone()
+    out, report, err = fold(model, tokens())
+    assert err < 1e-12 and report.regions[0].into == ["linear (F.linear)"]
+    assert op_counts(out) == {"LayerNorm": 1, "linear": 1, "tanh": 1}
+    assert sum(p.numel() for p in out.parameters()) == 12 + 24 + (4 if bias else 0)  # the base model's
+    assert torch.equal(model.weight, before)  # the user's tensors are untouched
+
+
+def test_f_linear_without_bias_refuses_a_constant():
+    _, report, err = fold(Functional(LinearAdapter(), bias=False), tokens())
+    assert err < 1e-12 and not report.regions[0].folded
+    assert "has no bias to take the region's constant" in report.regions[0].reason
 
 
 def test_linear_form_adapter_folds_into_separate_q_k_v():
@@ -221,12 +331,8 @@ def test_multihead_attention_absorbs_per_slot(kdim):
             kv = h if kdim is None else ctx
             return self.mha(h, kv, kv, need_weights=False)[0]
 
-    model = Attn().double().eval()
-    x, c = tokens().double(), torch.randn(2, 3, kdim or 6).double()
-    out, report = repfold.fold(model, example_inputs=(x, c), return_report=True)
-    with torch.no_grad():
-        assert rel_err(out(x, c), model(x, c)) < 1e-12
-    assert report.regions[0].into == ["mha (MultiheadAttention)"]
+    _, report, err = fold(Attn(), tokens(), torch.randn(2, 3, kdim or 6))
+    assert err < 1e-12 and report.regions[0].into == ["mha (MultiheadAttention)"]
 
 
 def test_fan_out_to_a_consumer_that_cannot_absorb_names_it():
@@ -277,11 +383,17 @@ def test_half_precision_folds_in_float64_and_casts_once(dtype):
     x = tokens()
     ref = fold(_upcast(half), x)[0]  # the same fold, in float64 throughout
     out, report = repfold.fold(half, example_inputs=x.to(dtype), return_report=True)
-    assert report.regions[0].folded
+    (region,) = report.regions
+    assert region.folded
     assert out.get_submodule("qkv").weight.dtype == dtype
     got = out.get_submodule("qkv").weight.double()
-    want = ref.get_submodule("qkv").weight.to(dtype).double()
-    assert torch.equal(got, want)  # one rounding, of the float64 result
+    exact = ref.get_submodule("qkv").weight
+    assert torch.equal(got, exact.to(dtype).double())  # one rounding, of the float64 result
+    with torch.no_grad():
+        moved = [(new.double() - old).abs().max() for new, old in zip(out.qkv.parameters(), ref.qkv.parameters())]
+    rounding = float(max(moved))
+    assert region.dtype == str(dtype).removeprefix("torch.") and region.rounding == pytest.approx(rounding)
+    assert f"cast to {region.dtype}" in region.line()
 
 
 def test_functional_pad_and_roll_pass_through():
