@@ -1,17 +1,35 @@
-"""``python -m repfold IN.onnx -o OUT.onnx``: fold the adapters of an exported model."""
+"""``python -m repfold IN.onnx -o OUT.onnx``: fold the adapters of an exported model.
+
+Exit codes: 0 done (also when there was nothing to fold), 1 ``--check`` found
+the folded model different (nothing written), 2 bad input or usage (a
+one-line message on stderr, nothing written).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+MIN_OPSET = 13
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model must keep its weights in external data
+
+# Default ``--check`` tolerances by output dtype: |folded - original| <= atol + rtol * max|original|.
+TOLERANCES = {
+    "float64": (1e-9, 1e-12),
+    "float32": (1e-4, 1e-6),
+    "float16": (1e-2, 1e-3),
+    "bfloat16": (5e-2, 1e-2),
+}
 
 
 class UsageError(Exception):
@@ -21,114 +39,305 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="repfold",
-        description="Fold linear adapters of an ONNX model into the neighbouring layers.",
+        description="Fold the linear adapters of an ONNX model into the neighbouring layers.",
+        epilog="exit codes: 0 done, 1 --check failed (nothing written), 2 bad input or usage",
     )
-    p.add_argument("input", help="the ONNX model with adapters")
-    p.add_argument("-o", "--output", required=True, help="where to write the folded model")
-    p.add_argument("--check", action="store_true", help="compare both models in onnxruntime; write nothing if they differ")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance of --check (default 1e-4 for float32)")
-    p.add_argument("--report", metavar="FILE.json", help="write the fold report as JSON")
+    p.add_argument("input", help="the ONNX model with adapters (external data is read from its folder)")
+    p.add_argument("-o", "--output", help="where to write the folded model (required unless --dry-run)")
+    p.add_argument("--check", action="store_true",
+                   help="run both models in onnxruntime on random inputs; write nothing if they differ")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="shape of a graph input for --check (needed for dynamic dims other than batch)")
+    p.add_argument("--rtol", type=float, help="relative tolerance of --check (default by dtype: 1e-4 for float32)")
+    p.add_argument("--atol", type=float, help="absolute tolerance of --check (default by dtype: 1e-6 for float32)")
+    p.add_argument("--report", metavar="FILE.json", help="write every region, folded or kept with its reason, as JSON")
+    p.add_argument("--dry-run", action="store_true", help="show what would fold; write no model")
+    p.add_argument("--scales", action="store_true", help="also fold lone per-channel scales and shifts (SSF, IA3)")
+    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="store weights next to the output (auto: when the input did or the model is over 2 GB)")
     p.add_argument("--overwrite", action="store_true", help="allow -o to be the input file")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
 
 
+class _Progress:
+    """Stage lines with elapsed time on stderr, on a terminal only (pipelines get clean logs)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.on = not quiet and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\033[Krepfold [{time.perf_counter() - self.start:6.1f}s] {stage}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+# --- input ---------------------------------------------------------------------------
+
+
 def _load(path: str):
+    """(model with its weights, the files its external data came from); UsageError for anything else."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{path}: no such file")
     if p.is_dir():
         raise UsageError(f"{path}: is a directory, not an ONNX file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{path}: cannot be read (permission denied)")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
+        external = _external_files(model, p.resolve().parent)
+        missing = sorted(str(f) for f in external if not f.is_file())
+        if missing:
+            raise UsageError(f"{path}: its external data file {missing[0]} is missing")
+        load_external_data_for_model(model, str(p.resolve().parent))
+    except UsageError:
+        raise
     except Exception as e:
-        raise UsageError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        raise UsageError(f"{path}: not a readable ONNX model ({_short(e)})") from None
     if not model.graph.node:
         raise UsageError(f"{path}: not an ONNX model (no graph nodes)")
-    return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise UsageError(f"{path}: opset {opset} is not supported (repfold needs opset {MIN_OPSET} or newer)")
+    try:  # structure only: dangling inputs, unsorted nodes, bad attributes (a truncated file shows here)
+        onnx.checker.check_model(str(p) if _weight_bytes(model) > PROTOBUF_LIMIT // 2 else model)
+    except Exception as e:
+        raise UsageError(f"{path}: not a valid ONNX model ({_short(e)})") from None
+    return model, external
 
 
-def _random_feed(model, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _short(e: BaseException) -> str:
+    text = str(e).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "") or type(e).__name__
+    return line[:200]
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the weights, wherever they are stored (inline or external)."""
     import onnx
 
-    feed = {}
+    total = 0
+    for t in model.graph.initializer:
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += math.prod(t.dims) * size
+    return total
+
+
+def _external_files(model, folder: Path) -> set[Path]:
+    files = set()
+    for t in model.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                files.add((folder / kv.value).resolve())
+    return files
+
+
+def _shapes(specs: list[str]) -> dict[str, list[int]]:
+    out = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            raise UsageError(f"--input-shape {spec!r}: expected NAME=1x3x224x224")
+        out[name] = shape
+    return out
+
+
+# --- check ---------------------------------------------------------------------------
+
+
+def _feeds(model, given: dict[str, list[int]]) -> list[dict[str, np.ndarray]]:
+    """Signed random inputs; two batch sizes (1 and 2) when the batch dim is dynamic."""
+    import onnx
+
     inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    unknown = set(given) - {vi.name for vi in inputs}
+    if unknown:
+        raise UsageError(f"--input-shape names no graph input: {', '.join(sorted(unknown))}")
+    specs, dynamic_batch = {}, False
+    for vi in inputs:
         t = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feed[vi.name] = rng.standard_normal(shape).astype(dtype)
-    return feed
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+        if vi.name in given:
+            if len(given[vi.name]) != len(dims) or any(d is not None and d != g for d, g in zip(dims, given[vi.name])):
+                raise UsageError(f"--input-shape {vi.name}: {given[vi.name]} does not fit the input's shape")
+            dims = list(given[vi.name])
+        elif any(d is None for d in dims[1:]):
+            free = [i for i, d in enumerate(dims) if d is None and i > 0]
+            raise UsageError(
+                f"input {vi.name!r} has dynamic dims {free}: give --input-shape {vi.name}=" + "x".join(
+                    str(d or 1) if i == 0 else str(d or "N") for i, d in enumerate(dims))
+            )
+        elif dims and dims[0] is None:
+            dynamic_batch = True
+        specs[vi.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    rng = np.random.default_rng(0)
+    feeds = []
+    for batch in ((1, 2) if dynamic_batch else (None,)):
+        feed = {}
+        for name, (dims, dtype) in specs.items():
+            shape = [batch if d is None else d for d in dims]
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[name] = rng.integers(0, 2, shape).astype(dtype)
+            else:
+                feed[name] = rng.integers(0, 4, shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
 
 
-def check(original, folded, rtol: float | None = None) -> tuple[bool, float]:
-    """Run both models in onnxruntime on the same signed random inputs.
-
-    Returns (ok, largest difference relative to the output's largest magnitude).
-    """
+def check(original, folded, feeds, rtol: float | None = None, atol: float | None = None) -> tuple[bool, str]:
+    """Run both models in onnxruntime on each feed; (every output within tolerance, a summary line)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise UsageError("--check needs onnxruntime (or onnxruntime-gpu) installed") from None
-    feed = _random_feed(original, np.random.default_rng(0))
 
-    def run(model):
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return sess.run(None, feed)
+    def session(model):
+        try:
+            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UsageError(f"onnxruntime cannot load the model: {_short(e)}") from None
 
-    worst = 0.0
-    for a, b in zip(run(original), run(folded)):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        scale = max(np.abs(a).max(initial=0.0), 1e-30)
-        worst = max(worst, float(np.abs(a - b).max(initial=0.0) / scale))
-    limit = rtol if rtol is not None else 1e-4
-    return worst <= limit, worst
+    a_sess, b_sess = session(original), session(folded)
+    ok, worst, parts = True, 0.0, []
+    for feed in feeds:
+        for meta, a, b in zip(a_sess.get_outputs(), a_sess.run(None, feed), b_sess.run(None, feed)):
+            dtype = meta.type.removeprefix("tensor(").removesuffix(")")  # onnxruntime's spelling
+            dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
+            r, t = TOLERANCES.get(dtype, TOLERANCES["float32"])
+            r, t = rtol if rtol is not None else r, atol if atol is not None else t
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            scale = float(np.abs(a).max(initial=0.0))
+            diff = float(np.abs(a - b).max(initial=0.0))
+            if not np.isfinite(diff) or diff > t + r * scale:
+                ok = False
+            worst = max(worst, diff / max(scale, 1e-30))
+        parts.append("x".join(map(str, next(iter(feed.values())).shape)) if feed else "no inputs")
+    return ok, f"check on {', '.join(parts)}: largest difference {worst:.3g} of the output scale"
 
 
-def _write_atomic(model, path: Path) -> None:
+# --- output --------------------------------------------------------------------------
+
+
+def _target(args) -> Path | None:
+    if args.output is None:
+        if args.dry_run:
+            return None
+        raise UsageError("-o/--output is required (or --dry-run)")
+    out = Path(args.output)
+    if out.resolve() == Path(args.input).resolve() and not args.overwrite:
+        raise UsageError(f"{args.output}: is the input file; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError(f"{args.output}: is a directory")
+    folder = out.parent.resolve()
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"{args.output}: cannot write in {folder}")
+    return out
+
+
+def write(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> Path | None:
+    """Write ``model`` atomically; with ``external`` its weights go to ``<name>.data`` beside it.
+
+    Both files are written under temporary names in the target folder and
+    renamed into place, data first: after any failure there is the complete
+    new model or none. ``keep`` names files that must not be replaced (the
+    input's own external data); the data file is renamed around them.
+    Returns the data file's path, or None.
+    """
     import onnx
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    path = Path(path)
+    data = None
+    if external:
+        data, i = path.with_name(path.name + ".data"), 0
+        while data.resolve() in keep:
+            i += 1
+            data = path.with_name(f"{path.name}.{i}.data")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if data is None:
+            onnx.save(model, str(tmp / path.name))
+        else:
+            onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data.name, size_threshold=1024)
+            os.replace(tmp / data.name, data)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data
+
+
+# --- main ----------------------------------------------------------------------------
 
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from ._onnx import fold_onnx
 
-    out = Path(args.output)
-    if out.resolve() == Path(args.input).resolve() and not args.overwrite:
-        raise UsageError(f"{args.output}: is the input file; pass --overwrite to replace it")
-    if out.is_dir():
-        raise UsageError(f"{args.output}: is a directory")
-    if not out.parent.resolve().is_dir() or not os.access(out.parent.resolve(), os.W_OK):
-        raise UsageError(f"{args.output}: cannot write there")
-    model = _load(args.input)
-    folded, report = fold_onnx(model)
     say = (lambda *a: None) if args.quiet else print
+    progress = _Progress(args.quiet)
+    out = _target(args)
+    given = _shapes(args.input_shape)
+    size = Path(args.input).stat().st_size if Path(args.input).is_file() else 0
+    progress(f"loading {args.input} ({size / 1e6:.0f} MB)")
+    model, keep = _load(args.input)
+    was_external = bool(keep)
+    feeds = _feeds(model, given) if args.check else None
+    progress("folding")
+    original = model if args.check else None
+    folded, report = fold_onnx(model, scales=args.scales, own=not args.check)
+    model = None  # the fold's own copy is all that is needed from here
+    progress.done()
     say(report)
-    status = EXIT_OK
-    if args.check:
-        ok, worst = check(model, folded, args.rtol)
-        say(f"check: largest difference {worst:.3g} of the output scale ({'ok' if ok else 'FAILED'})")
-        if not ok:
-            status = EXIT_CHECK_FAILED
+    if not report.regions:
+        say("no adapter regions found: nothing to fold")
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
-    if status == EXIT_OK:
-        _write_atomic(folded, out)
-        say(f"wrote {out}")
-    return status
+        _write_report(report, Path(args.report))
+    if args.dry_run:
+        say("dry run: no model written")
+        return EXIT_OK
+    if args.check:
+        progress("checking in onnxruntime")
+        ok, line = check(original, folded, feeds, args.rtol, args.atol)
+        progress.done()
+        say(f"{line} ({'ok' if ok else 'FAILED: nothing written'})")
+        if not ok:
+            return EXIT_CHECK_FAILED
+    external = args.external_data == "always" or (
+        args.external_data == "auto" and (was_external or _weight_bytes(folded) > PROTOBUF_LIMIT // 2)
+    )
+    if args.external_data == "never" and _weight_bytes(folded) > PROTOBUF_LIMIT // 2:
+        raise UsageError("the folded model is over 2 GB: it needs --external-data auto or always")
+    progress(f"writing {out}")
+    data = write(folded, out, external, keep)
+    progress.done()
+    say(f"wrote {out}" + (f" (weights in {data.name})" if data else ""))
+    return EXIT_OK
+
+
+def _write_report(report, path: Path) -> None:
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the report ({e.strerror})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repfold: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        print("repfold: interrupted; nothing written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("repfold: error: out of memory; nothing written", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as e:  # a bug of ours must still not leave a traceback or a file
-        print(f"repfold: error: could not fold: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        print(f"repfold: error: could not fold: {type(e).__name__}: {_short(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -188,11 +188,20 @@ def _keep_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     dst.metadata_props.extend(src.metadata_props)
 
 
-def fold_onnx(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
-    """Fold every adapter region of an ONNX model; the input proto is not modified."""
+def fold_onnx(
+    model: onnx.ModelProto, *, scales: bool = False, own: bool = False
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every adapter region of an ONNX model.
+
+    The input proto is not modified, unless ``own`` says the caller hands it
+    over (the command line does, to hold one copy of the weights, not two).
+    """
     report = FoldReport("onnx", ops_before=op_counts(model), params_before=n_params(model))
-    private = onnx.ModelProto()
-    private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
+    if own:
+        private = model
+    else:
+        private = onnx.ModelProto()
+        private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
     graph = gs.import_onnx(private)
     graph.toposort()
     ctx = OnnxContext(graph, *_infer(model))
@@ -211,14 +220,23 @@ def fold_onnx(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.Mod
                 step_of.update({id(c): name for c in covers})
                 break
 
+    others: dict[str, gs.Node] = {}  # consumers no rule matched, by id
+
     def consumers(name: str) -> list[str]:
         var = tensors[name]
-        out = [step_of.get(id(c), f"node:{c.name}") for c in var.outputs if c.op != "Shape"]
+        out = []
+        for c in var.outputs:
+            if c.op != "Shape" and id(c) not in step_of:
+                others[f"node:{id(c)}"] = c
+            if c.op != "Shape":
+                out.append(step_of.get(id(c), f"node:{id(c)}"))
         return out + ([_engine.OUTPUT] if id(var) in ctx.outputs else [])
 
     def label(name: str) -> str:
-        if name.startswith("node:"):
-            return name[5:]
+        if name.startswith("node:"):  # an op no rule knows: named with its type (and domain)
+            c = others[name]
+            what = f"{c.op}, {c.domain}" if c.domain not in ("", "ai.onnx") else c.op
+            return f"{c.name} ({what})" if c.name else what
         var = tensors.get(name)
         if var is not None and var.inputs:
             return f"{var.inputs[0].name} ({var.inputs[0].op})"

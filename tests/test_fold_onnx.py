@@ -114,6 +114,6 @@ def test_cli_refuses_to_overwrite_its_input(exported, tmp_path):
 def test_cli_failed_check_writes_nothing(exported, tmp_path):
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(exported[0], str(src))
-    r = cli(src, "-o", out, "--check", "--rtol", "0")
+    r = cli(src, "-o", out, "--check", "--rtol", "0", "--atol", "0")
     assert r.returncode == 1 and "FAILED" in r.stdout
     assert not out.exists()
