@@ -207,7 +207,7 @@ def _channel_fiber(pos: np.ndarray, a: int, stride: int, n: int) -> np.ndarray |
 def matmul(W: np.ndarray, M: np.ndarray | float) -> np.ndarray:
     """``W·M`` where ``M`` may be a scalar multiple of the identity."""
     if isinstance(M, float):
-        return W * M
+        return W if M == 1.0 else W * M  # arrays here are never written to: sharing W is safe
     if W.shape[1] != M.shape[0]:
         raise NotAffine(f"a {W.shape[1]}-channel layer reads a {M.shape[0]}-channel value")
     return W @ M
@@ -223,7 +223,7 @@ def matvec(W: np.ndarray, c: np.ndarray | float) -> np.ndarray:
 def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | float:
     """``diag(γ)·M`` for a per-channel or scalar γ."""
     if isinstance(gamma, float):
-        return gamma * M
+        return M if gamma == 1.0 else gamma * M
     if isinstance(M, float):
         return np.diag(gamma * M)
     if gamma.shape[0] != M.shape[0]:

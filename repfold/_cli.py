@@ -109,11 +109,32 @@ def _load(path: str):
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise UsageError(f"{path}: opset {opset} is not supported (repfold needs opset {MIN_OPSET} or newer)")
-    try:  # structure only: dangling inputs, unsorted nodes, bad attributes (a truncated file shows here)
-        onnx.checker.check_model(str(p) if _weight_bytes(model) > PROTOBUF_LIMIT // 2 else model)
-    except Exception as e:
-        raise UsageError(f"{path}: not a valid ONNX model ({_short(e)})") from None
+    problem = _structure_problem(model.graph)
+    if problem:
+        raise UsageError(f"{path}: not a valid ONNX model ({problem})")
     return model, external
+
+
+def _structure_problem(graph) -> str | None:
+    """What makes ``graph`` unusable (a truncated or edited file), or None.
+
+    The checks the fold relies on, in one pass over the nodes, without
+    serialising the model as ``onnx.checker`` does: every value read is
+    defined earlier, every graph output is defined, names are defined once.
+    """
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                return f"node {node.name or node.op_type!r} reads {name!r}, which nothing defines before it"
+        for name in node.output:
+            if name in defined and name:
+                return f"{name!r} is defined twice"
+            defined.add(name)
+    for out in graph.output:
+        if out.name not in defined:
+            return f"graph output {out.name!r} is not computed"
+    return None
 
 
 def _short(e: BaseException) -> str:

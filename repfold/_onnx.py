@@ -32,6 +32,7 @@ class OnnxContext:
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
         self._computed: dict[int, np.ndarray | None] = {}
+        self._float64: dict[int, np.ndarray | None] = {}
 
     def rank(self, var) -> int | None:
         if isinstance(var, gs.Constant):
@@ -64,11 +65,16 @@ class OnnxContext:
         return var.dtype
 
     def const(self, var) -> np.ndarray | None:
-        """The float64 value of a constant (initializer, Constant node, Identity of one), else None."""
-        raw = self.raw_const(var)
-        if raw is None or not np.issubdtype(raw.dtype, np.floating):
-            return None
-        return raw.astype(np.float64)
+        """The float64 value of a constant (initializer, Constant node, Identity of one), else None.
+
+        Converted once per tensor and shared: callers must not write to it.
+        """
+        key = id(var)
+        if key not in self._float64:
+            raw = self.raw_const(var)
+            ok = raw is not None and np.issubdtype(raw.dtype, np.floating)
+            self._float64[key] = raw.astype(np.float64) if ok else None
+        return self._float64[key]
 
     def raw_const(self, var) -> np.ndarray | None:
         if isinstance(var, gs.Constant):

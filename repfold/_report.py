@@ -26,7 +26,7 @@ class Region:
         return f"{self.source} -> [{len(self.ops)} ops] {what}"
 
     def note_cast(self, dtype, *arrays) -> None:
-        """Record the rounding of casting the float64 fold result ``arrays`` to the model's ``dtype``.
+        """Record the model's ``dtype`` and, for half types, the rounding of casting the float64 fold result.
 
         ``rounding`` is the largest absolute change any new weight takes from
         that single cast, over every layer the region folds into.
@@ -37,12 +37,15 @@ class Region:
             return
         if not isinstance(dtype, torch.dtype):
             dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+        self.dtype = str(dtype).removeprefix("torch.")
+        if self.dtype not in HALF:
+            return  # float32 moves weights by ~1e-8 relative: not worth a pass over every weight
         worst = self.rounding or 0.0
         for a in arrays:
             t = torch.as_tensor(np.asarray(a, dtype=np.float64)) if a is not None else None
             if t is not None and t.numel():
                 worst = max(worst, float((t.to(dtype).double() - t).abs().max()))
-        self.dtype, self.rounding = str(dtype).removeprefix("torch."), worst
+        self.rounding = worst
 
 
 HALF = ("float16", "bfloat16")
