@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import fx, nn
+from ._torch import fx, nn, torch
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from torch import nn
+from ._torch import nn
 
 from repfold._affine import Affine, Channels, NotAffine
 

@@ -16,11 +16,12 @@ values from two different sources, ends the region.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from ._torch import torch
 
 from repfold._affine import Affine, Channels, NotAffine, add, scale
 
@@ -70,13 +71,15 @@ class Sum:
 
 # --- torch.fx --------------------------------------------------------------------------
 
-_FX = {
-    operator.add: "add", torch.add: "add", "add": "add",
-    operator.sub: "sub", torch.sub: "sub", "sub": "sub",
-    operator.mul: "mul", torch.mul: "mul", "mul": "mul",
-    operator.truediv: "div", torch.div: "div", "div": "div",
-    operator.neg: "neg", torch.neg: "neg", "neg": "neg",
-}
+@functools.cache
+def _fx_kinds() -> dict:
+    return {
+        operator.add: "add", torch.add: "add", "add": "add",
+        operator.sub: "sub", torch.sub: "sub", "sub": "sub",
+        operator.mul: "mul", torch.mul: "mul", "mul": "mul",
+        operator.truediv: "div", torch.div: "div", "div": "div",
+        operator.neg: "neg", torch.neg: "neg", "neg": "neg",
+    }
 
 
 def _combine(kind: str, args: list, consts: list, label: str) -> Match | None:
@@ -105,7 +108,7 @@ def _combine(kind: str, args: list, consts: list, label: str) -> Match | None:
 def match_fx(node, ctx) -> Match | None:
     if node.op not in ("call_function", "call_method"):
         return None
-    kind = _FX.get(node.target)
+    kind = _fx_kinds().get(node.target)
     if kind is None or node.kwargs:
         return None
     args = list(node.args)

@@ -19,14 +19,13 @@ around a channels-first adapter).
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+from ._torch import F, nn, torch
 
 from repfold._affine import Affine, Channels, NotAffine
 
@@ -196,8 +195,12 @@ class Same(_Layout):
 # --- torch.fx --------------------------------------------------------------------------
 
 _FX_SAME_METHODS = {"contiguous", "clone"}
-_FX_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.reshape,
-                torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten}
+
+
+@functools.cache
+def _fx_reshapes() -> set:
+    return {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.reshape,
+            torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten}
 
 
 def _name(target) -> str:
@@ -231,7 +234,7 @@ def match_fx(node, ctx) -> Match | None:
     if t is F.dropout:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return Match(Same(), (x,), label) if training is False else None
-    if t in _FX_RESHAPES and ctx.shape(node) is not None:
+    if t in _fx_reshapes() and ctx.shape(node) is not None:
         return Match(Reshape(ctx.shape(node)), (x,), label)
     rank = ctx.rank(x)
     if t in ("transpose", torch.transpose) and len(node.args) == 3 and not node.kwargs:

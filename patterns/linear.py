@@ -19,9 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+from ._torch import F, nn, torch
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups, matmul, matvec
 

@@ -12,7 +12,7 @@ end a region.
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
+from ._torch import nn
 
 from ._base import Match
 from .elementwise import ChannelAffine

@@ -31,15 +31,16 @@ class Region:
         ``rounding`` is the largest absolute change any new weight takes from
         that single cast, over every layer the region folds into.
         """
-        import torch
-
         if dtype is None:
             return
-        if not isinstance(dtype, torch.dtype):
-            dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-        self.dtype = str(dtype).removeprefix("torch.")
+        torch_dtype = type(dtype).__module__ == "torch"
+        self.dtype = str(dtype).removeprefix("torch.") if torch_dtype else np.dtype(dtype).name
         if self.dtype not in HALF:
             return  # float32 moves weights by ~1e-8 relative: not worth a pass over every weight
+        import torch  # casts to bfloat16 as the model's runtime does
+
+        if not torch_dtype:
+            dtype = getattr(torch, self.dtype)
         worst = self.rounding or 0.0
         for a in arrays:
             t = torch.as_tensor(np.asarray(a, dtype=np.float64)) if a is not None else None
