@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from ._torch import fx, nn, torch
 
 
@@ -40,6 +41,23 @@ class Match:
     label: str
     covers: tuple = ()
     emit: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A float64 weight of known ``shape`` made by ``make()`` on first use.
+
+    Matching a graph sees every layer; only the layers near an adapter ever
+    need their weights in float64, so the others are never converted.
+    """
+
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+
+
+def resolve(w):
+    """The array behind a weight that may be :class:`Deferred`."""
+    return w.make() if isinstance(w, Deferred) else w
 
 
 def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarray | float]:

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from ._torch import nn
 
 from repfold._affine import Affine, Channels, NotAffine
 
 from ._base import Match, fx_rebuild
+from ._torch import nn
 from .linear import _np
 
 

@@ -24,28 +24,36 @@ raise its cost by the number of groups.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
-from ._torch import nn
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
 
-from ._base import Match, fx_rebuild, onnx_rebuild
+from ._base import Deferred, Match, fx_rebuild, onnx_rebuild, resolve
+from ._torch import nn
 from .linear import _is_pointwise_conv, _np, bias_for, densify_reason
 
 
 @dataclass
 class Conv:
-    """A conv with weight ``W`` (out, in/groups, *kernel), float64; channels on axis 1."""
+    """A conv with weight ``W`` (out, in/groups, *kernel), float64; channels on axis 1.
 
-    W: np.ndarray
+    ``weight`` is ``W`` or a :class:`~._base.Deferred` that makes it when first needed.
+    """
+
+    weight: np.ndarray | Deferred
     b: np.ndarray | None
     groups: int
     zero_padded: bool
     desc: str
 
     heavy = False
+
+    @functools.cached_property
+    def W(self) -> np.ndarray:
+        return resolve(self.weight)
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         raise NotAffine(f"a {self.desc} conv does not act position by position")
@@ -128,12 +136,12 @@ def match_fx(node, ctx) -> Match | None:
 def match_onnx(node, ctx) -> Match | None:
     if node.op != "Conv":
         return None
-    w = ctx.const(node.inputs[1])
+    w = ctx.weight(node.inputs[1])
     b = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
-    if w is None or (len(node.inputs) > 2 and b is None):
+    if w is None or len(w.shape) < 3 or (len(node.inputs) > 2 and b is None):
         return None
     a = node.attrs
-    strides = a.get("strides", [1] * (w.ndim - 2))
+    strides = a.get("strides", [1] * (len(w.shape) - 2))
     auto = a.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     padded = any(p > 0 for p in a.get("pads", [0])) or (auto.startswith("SAME") and any(k > 1 for k in w.shape[2:]))

@@ -21,11 +21,11 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
-from ._torch import torch
 
 from repfold._affine import Affine, Channels, NotAffine, add, scale
 
 from ._base import Match, const_vector
+from ._torch import torch
 
 
 @dataclass

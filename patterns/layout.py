@@ -25,11 +25,11 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
-from ._torch import F, nn, torch
 
 from repfold._affine import Affine, Channels, NotAffine
 
 from ._base import Match
+from ._torch import F, nn, torch
 
 
 class _Layout:

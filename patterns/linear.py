@@ -16,27 +16,35 @@ operator in ONNX).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
-from ._torch import F, nn, torch
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups, matmul, matvec
 
-from ._base import Match, fx_rebuild
+from ._base import Deferred, Match, fx_rebuild, resolve
+from ._torch import F, nn, torch
 
 
 @dataclass
 class Dense:
-    """``y = W·v + b`` along ``axis`` of a rank-``rank`` input; ``W`` is (out, in), float64."""
+    """``y = W·v + b`` along ``axis`` of a rank-``rank`` input; ``W`` is (out, in), float64.
 
-    W: np.ndarray
+    ``weight`` is ``W`` or a :class:`~._base.Deferred` that makes it when first needed.
+    """
+
+    weight: np.ndarray | Deferred
     b: np.ndarray | None
     axis: int
     groups: int = 1
     kind: str = "Linear"
 
     heavy = True
+
+    @functools.cached_property
+    def W(self) -> np.ndarray:
+        return resolve(self.weight)
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         v = ch.require(ins[0], self.axis, self.kind)
@@ -157,31 +165,30 @@ def match_onnx(node, ctx) -> Match | None:
     op = node.op
     if op == "MatMul":
         x, w = node.inputs
-        W, rank = ctx.const(w), ctx.rank(x)
-        if W is None or W.ndim != 2 or rank is None or rank < 2 or ctx.const(x) is not None:
+        W, rank = ctx.weight(w, lambda a: a.T), ctx.rank(x)
+        if W is None or len(W.shape) != 2 or rank is None or rank < 2 or ctx.weight(x) is not None:
             return None
         covers, b = (node,), None
         nxt = ctx.only_consumer(node.outputs[0])
         if nxt is not None and nxt.op == "Add":
             other = next(i for i in nxt.inputs if i is not node.outputs[0])
             bv = ctx.const(other)
-            if bv is not None and bv.size == W.shape[1] and bv.shape[-1] == W.shape[1] and bv.ndim <= rank:
+            if bv is not None and bv.size == W.shape[0] and bv.shape[-1] == W.shape[0] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
-        return Match(Dense(W.T, b, rank - 1), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
+        return Match(Dense(W, b, rank - 1), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
             return None
-        B = ctx.const(node.inputs[1])
+        W = ctx.weight(node.inputs[1], None if a.get("transB", 0) else (lambda B: B.T))
         C = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
-        if B is None or (len(node.inputs) > 2 and (C is None or C.size != (B.shape[0] if a.get("transB", 0) else B.shape[1]))):
+        if W is None or len(W.shape) != 2 or (len(node.inputs) > 2 and (C is None or C.size != W.shape[0])):
             return None
-        W = B if a.get("transB", 0) else B.T
         return Match(Dense(W, None if C is None else C.reshape(-1), 1), (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
     if op == "Conv":
-        w = ctx.const(node.inputs[1])
+        w = ctx.weight(node.inputs[1])
         a = node.attrs
-        if w is None or any(k != 1 for k in w.shape[2:]):
+        if w is None or len(w.shape) < 3 or any(k != 1 for k in w.shape[2:]):
             return None
         if any(s != 1 for s in a.get("strides", [1])) or any(p != 0 for p in a.get("pads", [0])):
             return None
@@ -191,6 +198,6 @@ def match_onnx(node, ctx) -> Match | None:
         if len(node.inputs) > 2 and b is None:
             return None
         g = a.get("group", 1)
-        W = expand_groups(w.reshape(w.shape[0], -1), g)
+        W = Deferred((w.shape[0], w.shape[1] * g), lambda: expand_groups(resolve(w).reshape(w.shape[0], -1), g))
         return Match(Dense(W, b, 1, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
     return None

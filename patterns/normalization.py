@@ -12,9 +12,9 @@ end a region.
 from __future__ import annotations
 
 import numpy as np
-from ._torch import nn
 
 from ._base import Match
+from ._torch import nn
 from .elementwise import ChannelAffine
 from .linear import _np
 

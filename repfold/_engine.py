@@ -104,7 +104,11 @@ def plan(
         sh = shape(name)
         return None if sh is None else ch.source(name, sh)
 
+    lone = set() if scales else _lone_layers(steps)
     for s in steps:
+        if s.name in lone:  # no adapter region can reach it: a value of its own, no arithmetic
+            state[s.name] = source(s.name)
+            continue
         ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
         if any(v is None for v in ins):
             state[s.name], ended[s.name] = source(s.name), "the shape of its input is unknown"
@@ -368,13 +372,50 @@ def _why_none(v: Affine, order, by_name, reasons) -> str:
     """The most telling reason no layer absorbed ``v``: a missing shape beats the rest."""
     if not isinstance(v.M, float):
         shape = v.M.shape
-        if not any(getattr(by_name[h].op, "W", None) is not None and by_name[h].op.W.shape == shape for h in order):
+        if not any(_weight_shape(by_name[h].op) == shape for h in order):
             if not reasons:
                 return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
         for h, r in reasons:
-            if getattr(by_name[h].op, "W", None) is not None and by_name[h].op.W.shape == shape:
+            if _weight_shape(by_name[h].op) == shape:
                 return r
     return reasons[-1][1] if reasons else "no layer of the region is left to absorb it"
+
+
+def _lone_layers(steps: Sequence[Step]) -> set[str]:
+    """Single-input steps whose group of connected steps holds at most one heavy layer.
+
+    A region is connected through its steps' inputs (the first input of a
+    many-input step suffices: every input of a region step comes from the
+    region's source), so it lies inside one such group; and an adapter
+    region needs more heavy layers than exits, so at least two. Skipping the
+    arithmetic of the other groups (most of a backbone's own layers) keeps
+    their weights unconverted and their maps uncomputed. Many-input steps
+    are always evaluated: they fail at once on values from different groups,
+    which names the right reason when they block a region.
+    """
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for st in steps:
+        if st.inputs:
+            parent[find(st.name)] = find(st.inputs[0])
+    heavy: dict[str, int] = {}
+    for st in steps:
+        if st.op.heavy:
+            root = find(st.name)
+            heavy[root] = heavy.get(root, 0) + 1
+    return {st.name for st in steps if len(st.inputs) == 1 and heavy.get(find(st.name), 0) <= 1}
+
+
+def _weight_shape(op) -> tuple[int, ...] | None:
+    w = getattr(op, "weight", None)
+    return None if w is None else tuple(w.shape)
 
 
 def _ancestors(by_name):

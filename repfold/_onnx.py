@@ -76,6 +76,20 @@ class OnnxContext:
             self._float64[key] = raw.astype(np.float64) if ok else None
         return self._float64[key]
 
+    def weight(self, var, transform=None):
+        """A float constant as a :class:`~repfold.patterns._base.Deferred` float64 array, else None.
+
+        ``transform`` (a transpose, say) is applied when the array is made;
+        the shape it will have is worked out now without converting anything.
+        """
+        from repfold.patterns._base import Deferred
+
+        raw = self.raw_const(var)
+        if raw is None or not np.issubdtype(raw.dtype, np.floating):
+            return None
+        shape = raw.shape if transform is None else transform(np.empty(raw.shape, dtype=np.bool_)).shape
+        return Deferred(tuple(shape), lambda: self.const(var) if transform is None else transform(self.const(var)))
+
     def raw_const(self, var) -> np.ndarray | None:
         if isinstance(var, gs.Constant):
             return np.asarray(var.values)
