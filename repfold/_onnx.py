@@ -76,6 +76,11 @@ class OnnxContext:
             self._float64[key] = raw.astype(np.float64) if ok else None
         return self._float64[key]
 
+    def release(self) -> None:
+        """Drop the float64 weights and computed values kept for matching."""
+        self._float64.clear()
+        self._computed.clear()
+
     def weight(self, var, transform=None):
         """A float constant as a :class:`~repfold.patterns._base.Deferred` float64 array, else None.
 
@@ -84,10 +89,16 @@ class OnnxContext:
         """
         from repfold.patterns._base import Deferred
 
-        raw = self.raw_const(var)
-        if raw is None or not np.issubdtype(raw.dtype, np.floating):
+        if isinstance(var, gs.Constant):  # an initializer: shape and dtype without loading its values
+            dims, dtype = tuple(var.shape), np.dtype(var.dtype)
+        else:
+            raw = self.raw_const(var)
+            if raw is None:
+                return None
+            dims, dtype = raw.shape, raw.dtype
+        if not np.issubdtype(dtype, np.floating):
             return None
-        shape = raw.shape if transform is None else transform(np.empty(raw.shape, dtype=np.bool_)).shape
+        shape = dims if transform is None else transform(np.empty(dims, dtype=np.bool_)).shape
         return Deferred(tuple(shape), lambda: self.const(var) if transform is None else transform(self.const(var)))
 
     def raw_const(self, var) -> np.ndarray | None:
@@ -263,6 +274,9 @@ def fold_onnx(
         return name
 
     plan = _engine.plan(steps, consumers, lambda n: ctx.shape(tensors[n]), label, scales=scales)
+    ctx.release()  # the plan holds the new weights; the float64 copies of the old ones can go
+    for s in steps:
+        vars(s.op).pop("W", None)
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], gs.Variable] = {}
@@ -280,6 +294,7 @@ def fold_onnx(
         producer = new_out.inputs[0]
         producer.outputs.clear()
         producer.outputs.append(target)
+        f.W = f.b = None  # written out as initializers: the float64 copy can go
     _redirect_shape_reads(plan.members, tensors, copies, ctx)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
