@@ -233,8 +233,11 @@ def fold_onnx(
     else:
         private = onnx.ModelProto()
         private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
+    unused_before = _unused_initializers(private)
     graph = gs.import_onnx(private)
     graph.toposort()
+    live = _live(graph)
+    dead_before = {id(n) for n in graph.nodes if id(n) not in live}
     ctx = OnnxContext(graph, *_infer(model))
     tensors = graph.tensors()
 
@@ -296,11 +299,50 @@ def fold_onnx(
         producer.outputs.append(target)
         f.W = f.b = None  # written out as initializers: the float64 copy can go
     _redirect_shape_reads(plan.members, tensors, copies, ctx)
-    graph.cleanup().toposort()
+    _drop_unread(graph, dead_before)
+    graph.toposort()
     out = gs.export_onnx(graph)
     _keep_model_fields(model, out)
+    _keep_unused_initializers(unused_before, out)
     report.ops_after, report.params_after = op_counts(out), n_params(out)
     return out, report
+
+
+def _live(graph: gs.Graph) -> set[int]:
+    """Ids of the nodes that graph outputs (or subgraphs, by outer names) read, directly or not."""
+    roots = list(graph.outputs)
+    tensors = graph.tensors()
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):  # If / Loop / Scan bodies read outer values by name
+                inner = {t.name for n in attr.nodes for t in n.outputs} | {t.name for t in attr.inputs}
+                roots += [tensors[t.name] for n in attr.nodes for t in n.inputs
+                          if t.name not in inner and t.name in tensors]
+    live: set[int] = set()
+    while roots:
+        t = roots.pop()
+        for node in t.inputs:
+            if id(node) not in live:
+                live.add(id(node))
+                roots.extend(node.inputs)
+    return live
+
+
+def _drop_unread(graph: gs.Graph, dead_before: set[int]) -> None:
+    """Remove the nodes the fold left unread; nodes that were already unread in the input stay."""
+    live = _live(graph)
+    graph.nodes = [n for n in graph.nodes if id(n) in live or id(n) in dead_before]
+
+
+def _unused_initializers(model: onnx.ModelProto) -> list:
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return [t for t in model.graph.initializer if t.name not in read]
+
+
+def _keep_unused_initializers(unused: list, out: onnx.ModelProto) -> None:
+    """Initializers no node read in the input: graph-surgeon drops them, the user's file had them."""
+    have = {t.name for t in out.graph.initializer}
+    out.graph.initializer.extend(t for t in unused if t.name not in have)
 
 
 class _ById:

@@ -117,3 +117,16 @@ def test_cli_failed_check_writes_nothing(exported, tmp_path):
     r = cli(src, "-o", out, "--check", "--rtol", "0", "--atol", "0")
     assert r.returncode == 1 and "FAILED" in r.stdout
     assert not out.exists()
+
+
+def test_nodes_and_initializers_unused_in_the_input_are_kept(exported):
+    """The fold removes what it made unread, nothing the user's file already had."""
+    model = onnx.ModelProto()
+    model.CopyFrom(exported[0])
+    first = model.graph.input[0].name
+    model.graph.node.append(onnx.helper.make_node("Relu", [first], ["kept_but_unread"], name="spare_relu"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(3, np.float32), "spare_weights"))
+    folded, report = repfold.fold(model, return_report=True)
+    assert len(report.folded) == 4 and ops(folded) == ops(exported[1]) + Counter({"Relu": 1})
+    assert any(n.name == "spare_relu" for n in folded.graph.node)
+    assert any(t.name == "spare_weights" for t in folded.graph.initializer)
