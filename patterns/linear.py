@@ -57,9 +57,10 @@ class Dense:
         if isinstance(v.M, float) or v.M.shape != self.W.shape:
             got = "a scaled identity" if isinstance(v.M, float) else "x".join(map(str, v.M.shape))
             raise NotAffine(f"needs a {self.W.shape[0]}x{self.W.shape[1]} map, the region is {got}")
-        if collapse_groups(v.M, self.groups) is None:
+        M = np.asarray(v.M)
+        if collapse_groups(M, self.groups) is None:
             raise NotAffine(densify_reason(self.groups, self.W.shape[1]))
-        return v.M, bias_for(v.c, self.b, self.W.shape[0], self.kind)
+        return M, bias_for(v.c, self.b, self.W.shape[0], self.kind)
 
 
 def densify_reason(groups: int, channels: int) -> str:

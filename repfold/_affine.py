@@ -25,7 +25,9 @@ NumPy in float64 and knows nothing of torch.fx or ONNX.
 
 To stay free of the channel width until an op reveals it, ``M`` may be a
 Python float ``s`` standing for ``s·I`` and ``c`` a float standing for the same
-constant on every channel. A fresh source is ``(1.0, 0.0)``.
+constant on every channel. A fresh source is ``(1.0, 0.0)``. An adapter's map
+stays factored as :class:`LowRank` (``diag(d) + U·V`` through its bottleneck),
+so the layer that absorbs it costs ``out·in·r`` flops rather than ``out·in·C``.
 """
 
 from __future__ import annotations
@@ -204,13 +206,69 @@ def _channel_fiber(pos: np.ndarray, a: int, stride: int, n: int) -> np.ndarray |
 # --- arithmetic on (M, c) -------------------------------------------------------------
 
 
-def matmul(W: np.ndarray, M: np.ndarray | float) -> np.ndarray:
-    """``W·M`` where ``M`` may be a scalar multiple of the identity."""
+class LowRank:
+    """The map ``diag(d) + U·V`` kept factored; ``d`` is a float (times I) or a vector.
+
+    Arrays here are shared, never written to. NumPy sees it as a dense array
+    (``np.asarray``) where a rule needs one; ``W @ M`` and ``M @ x`` use the
+    factors.
+    """
+
+    __array_ufunc__ = None  # ndarray @ / * LowRank: NumPy defers to the methods below
+
+    def __init__(self, d: np.ndarray | float, U: np.ndarray, V: np.ndarray) -> None:
+        self.d, self.U, self.V = d, U, V
+        self.shape = (U.shape[0], V.shape[1])
+        self.ndim = 2
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.U @ self.V
+        if not (isinstance(self.d, float) and self.d == 0.0):
+            out[np.diag_indices(out.shape[0])] += self.d
+        return out if dtype is None else out.astype(dtype)
+
+    def __rmatmul__(self, W: np.ndarray) -> np.ndarray:
+        """``W·M`` in ``out·n·r + out·r·m`` flops."""
+        out = (W @ self.U) @ self.V  # a fresh array: the diagonal part is added in place
+        if isinstance(self.d, float):
+            if self.d == 1.0:
+                out += W
+            elif self.d != 0.0:
+                out += W * self.d
+            return out
+        out += W * self.d[None, :]
+        return out
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        d = self.d if isinstance(self.d, float) or x.ndim == 1 else self.d[:, None]
+        return d * x + self.U @ (self.V @ x)
+
+    def __mul__(self, s: float) -> LowRank:
+        if not isinstance(s, float):
+            return NotImplemented
+        return LowRank(s * self.d, s * self.U, self.V)
+
+    __rmul__ = __mul__
+
+
+def _factored(W: np.ndarray, M: np.ndarray) -> bool:
+    """Whether ``W·M`` is worth keeping as ``U·V``: it passes through a bottleneck."""
+    return 4 * W.shape[1] <= min(W.shape[0], M.shape[1])
+
+
+def matmul(W: np.ndarray, M: np.ndarray | float | LowRank) -> np.ndarray | LowRank:
+    """``W·M`` where ``M`` may be a scalar multiple of the identity or factored."""
     if isinstance(M, float):
         return W if M == 1.0 else W * M  # arrays here are never written to: sharing W is safe
     if W.shape[1] != M.shape[0]:
         raise NotAffine(f"a {W.shape[1]}-channel layer reads a {M.shape[0]}-channel value")
-    return W @ M
+    if isinstance(M, LowRank):
+        return W @ M
+    return LowRank(0.0, W, M) if _factored(W, M) else W @ M
 
 
 def matvec(W: np.ndarray, c: np.ndarray | float) -> np.ndarray:
@@ -226,6 +284,10 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
         return M if gamma == 1.0 else gamma * M
     if isinstance(M, float):
         return np.diag(gamma * M)
+    if isinstance(M, LowRank):
+        if gamma.shape[0] != M.shape[0]:
+            raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
+        return LowRank(gamma * M.d, gamma[:, None] * M.U, M.V)
     if gamma.shape[0] != M.shape[0]:
         raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
     return gamma[:, None] * M
@@ -237,6 +299,8 @@ def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
         return A + B
     if isinstance(A, float):
         A, B = B, A
+    if isinstance(A, LowRank) or isinstance(B, LowRank):
+        return _add_factored(A, B)
     if isinstance(B, float):
         if A.ndim == 2:
             if A.shape[0] != A.shape[1]:
@@ -246,6 +310,19 @@ def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
     if A.shape != B.shape:
         raise NotAffine(f"adds values of shapes {A.shape} and {B.shape} in channel space")
     return A + B
+
+
+def _add_factored(A, B):
+    if isinstance(B, float) or isinstance(A, float):
+        F, s = (A, B) if isinstance(B, float) else (B, A)
+        if F.shape[0] != F.shape[1]:
+            raise NotAffine("adds a value of another width to the source itself")
+        return LowRank(F.d + s, F.U, F.V)
+    if A.shape != B.shape:
+        raise NotAffine(f"adds values of shapes {A.shape} and {B.shape} in channel space")
+    if isinstance(A, LowRank) and isinstance(B, LowRank) and 4 * (A.rank + B.rank) <= min(A.shape):
+        return LowRank(A.d + B.d, np.hstack([A.U, B.U]), np.vstack([A.V, B.V]))
+    return np.asarray(A) + np.asarray(B)
 
 
 # --- grouped weights ------------------------------------------------------------------

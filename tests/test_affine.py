@@ -1,0 +1,53 @@
+"""The factored map arithmetic against dense NumPy: every operation a rule may apply to a LowRank map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from repfold._affine import LowRank, NotAffine, add, matmul, scale
+
+rng = np.random.default_rng(0)
+
+
+def factored(n: int = 40, r: int = 3, d=1.0) -> LowRank:
+    return LowRank(d, rng.standard_normal((n, r)), rng.standard_normal((r, n)))
+
+
+def dense(M) -> np.ndarray:
+    return np.asarray(M, dtype=np.float64)
+
+
+@pytest.mark.parametrize("d", [0.0, 1.0, -0.5, "vector"])
+def test_factored_map_equals_its_dense_form_under_every_operation(d):
+    M = factored(d=rng.standard_normal(40) if d == "vector" else d)
+    D = dense(M)
+    W = rng.standard_normal((7, 40))
+    np.testing.assert_allclose(matmul(W, M), W @ D, rtol=1e-12, atol=1e-12)
+    x = rng.standard_normal(40)
+    np.testing.assert_allclose(M @ x, D @ x, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(40)
+    np.testing.assert_allclose(dense(scale(g, M)), g[:, None] * D, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense(scale(0.3, M)), 0.3 * D, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense(add(M, 2.0)), D + 2.0 * np.eye(40), rtol=1e-12, atol=1e-12)
+    other = factored()
+    both = add(M, -1.0 * other)
+    assert isinstance(both, LowRank) and both.rank == 6
+    np.testing.assert_allclose(dense(both), D - dense(other), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense(add(M, D)), 2 * D, rtol=1e-12, atol=1e-12)
+
+
+def test_a_bottleneck_product_stays_factored_and_a_wide_one_does_not():
+    down, up = rng.standard_normal((4, 64)), rng.standard_normal((64, 4))
+    M = matmul(up, down)
+    assert isinstance(M, LowRank) and M.shape == (64, 64)
+    np.testing.assert_allclose(dense(M), up @ down, rtol=1e-12)
+    wide = matmul(rng.standard_normal((64, 32)), rng.standard_normal((32, 64)))
+    assert isinstance(wide, np.ndarray)
+
+
+def test_shape_mismatches_are_refused():
+    with pytest.raises(NotAffine):
+        matmul(rng.standard_normal((5, 39)), factored())
+    with pytest.raises(NotAffine):
+        add(LowRank(0.0, rng.standard_normal((8, 2)), rng.standard_normal((2, 5))), 1.0)
