@@ -155,7 +155,7 @@ class OnnxContext:
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
         """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64)."""
         dtype = self.raw_const(like).dtype
-        return gs.Constant(self.unique(f"{like.name}_folded"), np.ascontiguousarray(np.asarray(values).astype(dtype)))
+        return gs.Constant(self.unique(f"{like.name}_folded"), np.asarray(values).astype(dtype, order="C"))
 
     def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
         """A new node whose output is named after (and typed like) ``like``."""
