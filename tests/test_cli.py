@@ -51,6 +51,8 @@ def vit():
     model, x = make_vit(), image()
     gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
     randomize_adapters(gm)
+    with torch.no_grad():
+        assert rel_err(gm.eval()(x), model(x)) > 1e-2  # the adapters matter: the folds below are tested
     return gm.eval(), model, x
 
 
