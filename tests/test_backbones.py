@@ -112,3 +112,18 @@ def n_weights(proto) -> int:
         if node.op_type == "Constant":
             n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
     return n
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_dynamic_batch_export_folds_and_stays_dynamic(name):
+    """Shape arithmetic on a dynamic batch (Swin's window partition) keeps the channel axis whole."""
+    from test_cli import export
+
+    model, gm, x = build(name, torch.float32)
+    adapted = export(gm, x, {"image": {0: "batch"}})
+    folded, report = repfold.fold(adapted, return_report=True)
+    assert report.regions and all(r.folded for r in report.regions), str(report)
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    for batch in (1, 3):
+        xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+        assert rel_err(_run(folded, xb), _run(adapted, xb)) < 1e-5
