@@ -222,18 +222,21 @@ def _feeds(model, given: dict[str, list[int]]) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def check(original, folded, feeds, rtol: float | None = None, atol: float | None = None) -> tuple[bool, str]:
-    """Run both models in onnxruntime on each feed; (every output within tolerance, a summary line)."""
+def check(original: Path, folded: Path, feeds, rtol: float | None = None, atol: float | None = None) -> tuple[bool, str]:
+    """Run both model files in onnxruntime on each feed; (every output within tolerance, a summary line).
+
+    Sessions open the files (external data and all), so models over 2 GB check too.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
         raise UsageError("--check needs onnxruntime (or onnxruntime-gpu) installed") from None
 
-    def session(model):
+    def session(path: Path):
         try:
-            return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise UsageError(f"onnxruntime cannot load the model: {_short(e)}") from None
+            raise UsageError(f"onnxruntime cannot load {path.name}: {_short(e)}") from None
 
     a_sess, b_sess = session(original), session(folded)
     ok, worst, parts = True, 0.0, []
@@ -272,18 +275,15 @@ def _target(args) -> Path | None:
     return out
 
 
-def write(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> Path | None:
-    """Write ``model`` atomically; with ``external`` its weights go to ``<name>.data`` beside it.
+def stage(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> tuple[Path, Path | None]:
+    """Write ``model`` into a new temporary folder beside ``path``; (that folder, final data path or None).
 
-    Both files are written under temporary names in the target folder and
-    renamed into place, data first: after any failure there is the complete
-    new model or none. ``keep`` names files that must not be replaced (the
-    input's own external data); the data file is renamed around them.
-    Returns the data file's path, or None.
+    With ``external`` the weights go to ``<name>.data`` (renamed around
+    ``keep``, the input's own data files). :func:`commit` moves the files
+    into place; removing the folder instead leaves nothing behind.
     """
     import onnx
 
-    path = Path(path)
     data = None
     if external:
         data, i = path.with_name(path.name + ".data"), 0
@@ -297,11 +297,17 @@ def write(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> P
         else:
             onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data.name, size_threshold=1024)
-            os.replace(tmp / data.name, data)
-        os.replace(tmp / path.name, path)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    return data
+        raise
+    return tmp, data
+
+
+def commit(tmp: Path, path: Path, data: Path | None) -> None:
+    """Rename the staged files into place, data first: a model file never points at missing data."""
+    if data is not None:
+        os.replace(tmp / data.name, data)
+    os.replace(tmp / path.name, path)
 
 
 # --- main ----------------------------------------------------------------------------
@@ -321,9 +327,8 @@ def run(argv: list[str] | None = None) -> int:
     was_external = bool(keep)
     feeds = _feeds(model, given) if args.check else None
     progress("folding")
-    original = model if args.check else None
-    folded, report = fold_onnx(model, scales=args.scales, own=not args.check)
-    model = None  # the fold's own copy is all that is needed from here
+    folded, report = fold_onnx(model, scales=args.scales, own=True)  # --check reads the input file again
+    model = None
     progress.done()
     say(report)
     if not report.regions:
@@ -333,20 +338,24 @@ def run(argv: list[str] | None = None) -> int:
     if args.dry_run:
         say("dry run: no model written")
         return EXIT_OK
-    if args.check:
-        progress("checking in onnxruntime")
-        ok, line = check(original, folded, feeds, args.rtol, args.atol)
-        progress.done()
-        say(f"{line} ({'ok' if ok else 'FAILED: nothing written'})")
-        if not ok:
-            return EXIT_CHECK_FAILED
-    external = args.external_data == "always" or (
-        args.external_data == "auto" and (was_external or _weight_bytes(folded) > PROTOBUF_LIMIT // 2)
-    )
-    if args.external_data == "never" and _weight_bytes(folded) > PROTOBUF_LIMIT // 2:
+    big = _weight_bytes(folded) > PROTOBUF_LIMIT // 2
+    if args.external_data == "never" and big:
         raise UsageError("the folded model is over 2 GB: it needs --external-data auto or always")
+    external = args.external_data == "always" or (args.external_data == "auto" and (was_external or big))
     progress(f"writing {out}")
-    data = write(folded, out, external, keep)
+    tmp, data = stage(folded, out, external, keep)
+    folded = None
+    try:
+        if args.check:
+            progress("checking in onnxruntime")
+            ok, line = check(Path(args.input), tmp / out.name, feeds, args.rtol, args.atol)
+            progress.done()
+            say(f"{line} ({'ok' if ok else 'FAILED: nothing written'})")
+            if not ok:
+                return EXIT_CHECK_FAILED
+        commit(tmp, out, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     progress.done()
     say(f"wrote {out}" + (f" (weights in {data.name})" if data else ""))
     return EXIT_OK

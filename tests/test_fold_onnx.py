@@ -116,7 +116,7 @@ def test_cli_failed_check_writes_nothing(exported, tmp_path):
     onnx.save(exported[0], str(src))
     r = cli(src, "-o", out, "--check", "--rtol", "0", "--atol", "0")
     assert r.returncode == 1 and "FAILED" in r.stdout
-    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["in.onnx"]  # no output, no temporary left behind
 
 
 def test_nodes_and_initializers_unused_in_the_input_are_kept(exported):
