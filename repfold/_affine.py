@@ -255,6 +255,51 @@ class LowRank:
     __rmul__ = __mul__
 
 
+class Product:
+    """``diag(g)·W·F`` for a factored ``F``, left unevaluated.
+
+    A layer reading an adapter's map makes one of these; it is evaluated (once)
+    only when the fold takes it as new weights, so the elementwise ops after
+    the layer (GELU's ``x / sqrt(2)``) cost nothing. Never written to.
+    """
+
+    __array_ufunc__ = None
+
+    def __init__(self, W: np.ndarray, F: LowRank, g: np.ndarray | float = 1.0) -> None:
+        self.W, self.F, self.g = W, F, g
+        self.shape = (W.shape[0], F.shape[1])
+        self.ndim = 2
+        self._dense: np.ndarray | None = None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._dense is None:
+            out = self.W @ self.F
+            if isinstance(self.g, float):
+                if self.g != 1.0:
+                    out *= self.g
+            else:
+                out *= self.g[:, None]
+            self._dense = out
+        return self._dense if dtype is None else self._dense.astype(dtype)
+
+    def _scaled_rows(self) -> np.ndarray:
+        return self.W * (self.g if isinstance(self.g, float) else self.g[:, None])
+
+    def __rmatmul__(self, V: np.ndarray) -> np.ndarray:
+        return (V @ self._scaled_rows()) @ self.F
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        y = self.W @ (self.F @ x)
+        return y * (self.g if isinstance(self.g, float) or y.ndim == 1 else self.g[:, None])
+
+    def __mul__(self, s: float) -> Product:
+        if not isinstance(s, float):
+            return NotImplemented
+        return Product(self.W, self.F, self.g * s)
+
+    __rmul__ = __mul__
+
+
 def _factored(W: np.ndarray, M: np.ndarray) -> bool:
     """Whether ``W·M`` is worth keeping as ``U·V``: it passes through a bottleneck."""
     return 4 * W.shape[1] <= min(W.shape[0], M.shape[1])
@@ -267,6 +312,8 @@ def matmul(W: np.ndarray, M: np.ndarray | float | LowRank) -> np.ndarray | LowRa
     if W.shape[1] != M.shape[0]:
         raise NotAffine(f"a {W.shape[1]}-channel layer reads a {M.shape[0]}-channel value")
     if isinstance(M, LowRank):
+        return Product(W, M)
+    if isinstance(M, Product):
         return W @ M
     return LowRank(0.0, W, M) if _factored(W, M) else W @ M
 
@@ -284,10 +331,12 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
         return M if gamma == 1.0 else gamma * M
     if isinstance(M, float):
         return np.diag(gamma * M)
+    if isinstance(M, (LowRank, Product)) and gamma.shape[0] != M.shape[0]:
+        raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
     if isinstance(M, LowRank):
-        if gamma.shape[0] != M.shape[0]:
-            raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
         return LowRank(gamma * M.d, gamma[:, None] * M.U, M.V)
+    if isinstance(M, Product):
+        return Product(M.W, M.F, gamma * M.g)
     if gamma.shape[0] != M.shape[0]:
         raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
     return gamma[:, None] * M
@@ -299,6 +348,7 @@ def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
         return A + B
     if isinstance(A, float):
         A, B = B, A
+    A, B = (np.asarray(X) if isinstance(X, Product) else X for X in (A, B))
     if isinstance(A, LowRank) or isinstance(B, LowRank):
         return _add_factored(A, B)
     if isinstance(B, float):

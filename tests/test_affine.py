@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repfold._affine import LowRank, NotAffine, add, matmul, scale
+from repfold._affine import LowRank, NotAffine, Product, add, matmul, scale
 
 rng = np.random.default_rng(0)
 
@@ -51,3 +51,22 @@ def test_shape_mismatches_are_refused():
         matmul(rng.standard_normal((5, 39)), factored())
     with pytest.raises(NotAffine):
         add(LowRank(0.0, rng.standard_normal((8, 2)), rng.standard_normal((2, 5))), 1.0)
+
+
+def test_a_layer_reading_a_factored_map_stays_unevaluated_until_asked():
+    F = factored(d=rng.standard_normal(40))
+    W = rng.standard_normal((50, 40))
+    P = matmul(W, F)
+    assert isinstance(P, Product) and P.shape == (50, 40)
+    g = rng.standard_normal(50)
+    Q = scale(0.5, scale(g, P))  # GELU's division and friends: still lazy
+    assert isinstance(Q, Product)
+    want = 0.5 * g[:, None] * (W @ dense(F))
+    np.testing.assert_allclose(dense(Q), want, rtol=1e-12, atol=1e-12)
+    V, x = rng.standard_normal((6, 50)), rng.standard_normal(40)
+    np.testing.assert_allclose(matmul(V, Q), V @ want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(Q @ x, want @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(Q @ np.eye(40), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.einsum("oj,ji->oi", V, Q), V @ want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense(add(Q, want)), 2 * want, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(Q, dense(Q))
