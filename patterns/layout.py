@@ -125,7 +125,7 @@ class CopyPad(_Layout):
 
 
 _FX_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
-_ONNX_PAD_MODES = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+_ONNX_PAD_MODES = ("reflect", "edge", "wrap")  # the same names as numpy.pad's
 
 
 @dataclass
@@ -327,7 +327,7 @@ def match_onnx(node, ctx) -> Match | None:
         if len(pads) != 2 * rank:
             return None
         widths = tuple(zip(pads[:rank], pads[rank:]))
-        return Match(CopyPad(widths, _ONNX_PAD_MODES[mode]), (x,), label)
+        return Match(CopyPad(widths, mode), (x,), label)
     if op == "Slice":
         return _onnx_slice(node, ctx, label)
     if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):

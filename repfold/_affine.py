@@ -244,8 +244,7 @@ class LowRank:
         return out
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        d = self.d if isinstance(self.d, float) or x.ndim == 1 else self.d[:, None]
-        return d * x + self.U @ (self.V @ x)
+        return _rows(self.d, x) + self.U @ (self.V @ x)
 
     def __mul__(self, s: float) -> LowRank:
         if not isinstance(s, float):
@@ -273,24 +272,14 @@ class Product:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if self._dense is None:
-            out = self.W @ self.F
-            if isinstance(self.g, float):
-                if self.g != 1.0:
-                    out *= self.g
-            else:
-                out *= self.g[:, None]
-            self._dense = out
+            self._dense = _rows(self.g, self.W @ self.F)
         return self._dense if dtype is None else self._dense.astype(dtype)
 
-    def _scaled_rows(self) -> np.ndarray:
-        return self.W * (self.g if isinstance(self.g, float) else self.g[:, None])
-
     def __rmatmul__(self, V: np.ndarray) -> np.ndarray:
-        return (V @ self._scaled_rows()) @ self.F
+        return (V @ _rows(self.g, self.W)) @ self.F
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        y = self.W @ (self.F @ x)
-        return y * (self.g if isinstance(self.g, float) or y.ndim == 1 else self.g[:, None])
+        return _rows(self.g, self.W @ (self.F @ x))
 
     def __mul__(self, s: float) -> Product:
         if not isinstance(s, float):
@@ -298,6 +287,13 @@ class Product:
         return Product(self.W, self.F, self.g * s)
 
     __rmul__ = __mul__
+
+
+def _rows(g: np.ndarray | float, a: np.ndarray) -> np.ndarray:
+    """``diag(g)·a``: row ``i`` of ``a`` (or entry ``i`` of a vector) times ``g[i]``; ``a`` itself when ``g`` is 1."""
+    if isinstance(g, float):
+        return a if g == 1.0 else a * g
+    return a * (g if a.ndim == 1 else g[:, None])
 
 
 def _factored(W: np.ndarray, M: np.ndarray) -> bool:
@@ -331,14 +327,12 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
         return M if gamma == 1.0 else gamma * M
     if isinstance(M, float):
         return np.diag(gamma * M)
-    if isinstance(M, (LowRank, Product)) and gamma.shape[0] != M.shape[0]:
+    if gamma.shape[0] != M.shape[0]:
         raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
     if isinstance(M, LowRank):
         return LowRank(gamma * M.d, gamma[:, None] * M.U, M.V)
     if isinstance(M, Product):
         return Product(M.W, M.F, gamma * M.g)
-    if gamma.shape[0] != M.shape[0]:
-        raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
     return gamma[:, None] * M
 
 

@@ -64,7 +64,7 @@ class FxContext:
         """
         ref = _get_attr(self.gm, like.target)
         t = torch.from_numpy(np.ascontiguousarray(value)).reshape(ref.shape).to(ref)
-        base, name, i = hint.replace(".", "_") + "_folded", "", 0
+        base, i = hint.replace(".", "_") + "_folded", 0
         name = base
         while hasattr(self.gm, name):
             i += 1

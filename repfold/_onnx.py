@@ -98,7 +98,7 @@ class OnnxContext:
             dims, dtype = raw.shape, raw.dtype
         if not np.issubdtype(dtype, np.floating):
             return None
-        shape = dims if transform is None else transform(np.empty(dims, dtype=np.bool_)).shape
+        shape = dims if transform is None else transform(np.broadcast_to(np.empty((), dtype=np.bool_), dims)).shape  # a view: no memory
         return Deferred(tuple(shape), lambda: self.const(var) if transform is None else transform(self.const(var)))
 
     def raw_const(self, var) -> np.ndarray | None:

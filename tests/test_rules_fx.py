@@ -214,6 +214,20 @@ class PaperAdapter(nn.Module):
 ADAPTERS = (Adapter, Blocky, LinearAdapter, PaperAdapter)
 
 
+class AdapterThen(nn.Module):
+    """LayerNorm, a LinearAdapter, then ``after(h)``: the op under test, with a Linear ``fc`` to end in."""
+
+    def __init__(self, out: int = 6) -> None:
+        super().__init__()
+        self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, out)
+
+    def forward(self, x):
+        return self.after(self.ad(self.norm(x)))
+
+    def after(self, h):
+        raise NotImplementedError
+
+
 def tokens(c: int = 6) -> torch.Tensor:
     return torch.randn(2, 5, c)
 
@@ -336,13 +350,8 @@ def test_multihead_attention_absorbs_per_slot(kdim):
 
 
 def test_fan_out_to_a_consumer_that_cannot_absorb_names_it():
-    class Fan(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, 6)
-
-        def forward(self, x):
-            h = self.ad(self.norm(x))
+    class Fan(AdapterThen):
+        def after(self, h):
             return self.fc(h) + torch.sigmoid(h)
 
     _, report, err = fold(Fan(), tokens())
@@ -397,14 +406,9 @@ def test_half_precision_folds_in_float64_and_casts_once(dtype):
 
 
 def test_functional_pad_and_roll_pass_through():
-    class Shift(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, 6)
-
-        def forward(self, x):
-            h = torch.roll(self.ad(self.norm(x)), shifts=1, dims=1)
-            h = F.pad(h, (0, 0, 0, 0))
+    class Shift(AdapterThen):
+        def after(self, h):
+            h = F.pad(torch.roll(h, shifts=1, dims=1), (0, 0, 0, 0))
             return torch.tanh(self.fc(h.reshape(10, 6).reshape(2, 5, 6)))
 
     out, report, err = fold(Shift(), tokens())

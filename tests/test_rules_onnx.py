@@ -16,6 +16,7 @@ import torch
 from conftest import export, rel_err
 from test_rules_fx import (
     Adapter,
+    AdapterThen,
     ConvNet,
     Functional,
     LinearAdapter,
@@ -32,17 +33,14 @@ import repfold
 ort = pytest.importorskip("onnxruntime")
 
 
-class SliceConcat(nn.Module):
+class SliceConcat(AdapterThen):
     """Tokens cut along the sequence axis and joined again in another order: the channel axis stays whole."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.norm, self.ad, self.fc = nn.LayerNorm(6), LinearAdapter(), nn.Linear(6, 4)
+        super().__init__(out=4)
 
-    def forward(self, x):
-        h = self.ad(self.norm(x))
-        h = torch.cat([h[:, 1:], h[:, :1]], dim=1)
-        return torch.tanh(self.fc(h))
+    def after(self, h):
+        return torch.tanh(self.fc(torch.cat([h[:, 1:], h[:, :1]], dim=1)))
 
 
 CASES = {
