@@ -53,11 +53,19 @@ class Deferred:
 
     shape: tuple[int, ...]
     make: Callable[[], np.ndarray]
+    stored: Callable[[], np.ndarray] | None = None  # the same values in the file's dtype (often a view)
 
 
 def resolve(w):
     """The array behind a weight that may be :class:`Deferred`."""
     return w.make() if isinstance(w, Deferred) else w
+
+
+def stored(w):
+    """The weight in its stored dtype, unconverted, where the frontend can give it; else float64."""
+    if isinstance(w, Deferred):
+        return w.stored() if w.stored is not None else w.make()
+    return w
 
 
 def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarray | float]:

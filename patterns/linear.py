@@ -21,9 +21,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups, matmul, matvec
+from repfold._affine import (
+    Affine,
+    Channels,
+    LowRank,
+    NotAffine,
+    Product,
+    cast,
+    collapse_groups,
+    expand_groups,
+    matmul,
+    matvec,
+)
 
-from ._base import Deferred, Match, fx_rebuild, resolve
+from ._base import Deferred, Match, fx_rebuild, resolve, stored
 from ._torch import F, nn, torch
 
 
@@ -46,21 +57,32 @@ class Dense:
     def W(self) -> np.ndarray:
         return resolve(self.weight)
 
+    @functools.cached_property
+    def stored(self) -> np.ndarray:
+        """``W`` in the file's dtype: what a factored map multiplies, a block at a time, in float64."""
+        return self.W if "W" in vars(self) else stored(self.weight)
+
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         v = ch.require(ins[0], self.axis, self.kind)
-        c = matvec(self.W, v.c)
-        return v.with_map(matmul(self.W, v.M), c if self.b is None else c + self.b, self.W.shape[0])
+        W = self.stored if isinstance(v.M, LowRank) and self.groups == 1 else self.W
+        c = matvec(W, v.c)
+        return v.with_map(matmul(W, v.M), c if self.b is None else c + self.b, W.shape[0])
 
-    def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
-        """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't."""
+    def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray | Product, np.ndarray | None]:
+        """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't.
+
+        ``W`` may be an unevaluated :class:`~repfold._affine.Product`: the
+        frontend evaluates it straight into the model's dtype.
+        """
         ch.require(v, self.axis, self.kind)
-        if isinstance(v.M, float) or v.M.shape != self.W.shape:
+        shape = self.weight.shape
+        if isinstance(v.M, float) or v.M.shape != shape:
             got = "a scaled identity" if isinstance(v.M, float) else "x".join(map(str, v.M.shape))
-            raise NotAffine(f"needs a {self.W.shape[0]}x{self.W.shape[1]} map, the region is {got}")
-        M = np.asarray(v.M)
+            raise NotAffine(f"needs a {shape[0]}x{shape[1]} map, the region is {got}")
+        M = v.M if isinstance(v.M, Product) and self.groups == 1 else np.asarray(v.M)
         if collapse_groups(M, self.groups) is None:
-            raise NotAffine(densify_reason(self.groups, self.W.shape[1]))
-        return M, bias_for(v.c, self.b, self.W.shape[0], self.kind)
+            raise NotAffine(densify_reason(self.groups, shape[1]))
+        return M, bias_for(v.c, self.b, shape[0], self.kind)
 
 
 def densify_reason(groups: int, channels: int) -> str:
@@ -141,15 +163,16 @@ def _fx_linear_emit(node, ctx):
 def _onnx_emit(nodes, ctx, kind: str):
     """Rebuild MatMul(+Add) / Gemm / Conv with new initializers; returns the new output."""
 
-    def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
+    def emit(swap: dict, W: np.ndarray | Product, b: np.ndarray | None):
         first, weight = nodes[0], nodes[0].inputs[1]
         new_input = swap.get(first.inputs[0], first.inputs[0])
+        dtype = ctx.dtype(weight)
         if kind == "MatMul":
-            w = W.T
+            w = cast(W, dtype, transpose=True)
         elif kind == "Gemm":
-            w = W if first.attrs.get("transB", 0) else W.T
+            w = cast(W, dtype, transpose=not first.attrs.get("transB", 0))
         else:  # Conv: back to (out, in/groups, 1, ...)
-            w = collapse_groups(W, first.attrs.get("group", 1)).reshape(weight.shape)
+            w = cast(collapse_groups(W, first.attrs.get("group", 1)), dtype).reshape(weight.shape)
         ins = [new_input, ctx.new_const(weight, w)]
         if kind != "MatMul" and b is not None:
             ins.append(ctx.new_const(first.inputs[2], b))
@@ -199,6 +222,10 @@ def match_onnx(node, ctx) -> Match | None:
         if len(node.inputs) > 2 and b is None:
             return None
         g = a.get("group", 1)
-        W = Deferred((w.shape[0], w.shape[1] * g), lambda: expand_groups(resolve(w).reshape(w.shape[0], -1), g))
+        flat = (w.shape[0], w.shape[1] * g)
+        if g == 1:
+            W = Deferred(flat, lambda: resolve(w).reshape(flat), lambda: stored(w).reshape(flat))
+        else:
+            W = Deferred(flat, lambda: expand_groups(resolve(w).reshape(w.shape[0], -1), g))
         return Match(Dense(W, b, 1, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
     return None

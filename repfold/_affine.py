@@ -232,7 +232,8 @@ class LowRank:
         return out if dtype is None else out.astype(dtype)
 
     def __rmatmul__(self, W: np.ndarray) -> np.ndarray:
-        """``W·M`` in ``out·n·r + out·r·m`` flops."""
+        """``W·M`` in ``out·n·r + out·r·m`` flops (float64, whatever ``W``'s dtype)."""
+        W = np.asarray(W, dtype=np.float64)
         out = (W @ self.U) @ self.V  # a fresh array: the diagonal part is added in place
         if isinstance(self.d, float):
             if self.d == 1.0:
@@ -259,7 +260,11 @@ class Product:
 
     A layer reading an adapter's map makes one of these; it is evaluated (once)
     only when the fold takes it as new weights, so the elementwise ops after
-    the layer (GELU's ``x / sqrt(2)``) cost nothing. Never written to.
+    the layer (GELU's ``x / sqrt(2)``) cost nothing. ``W`` may be in the
+    model's own dtype (float32, say): it is converted to float64 a block of
+    rows at a time, so the whole layer is never held in float64, and
+    :meth:`evaluate` writes the result straight into the dtype the model
+    stores. Never written to.
     """
 
     __array_ufunc__ = None
@@ -270,13 +275,53 @@ class Product:
         self.ndim = 2
         self._dense: np.ndarray | None = None
 
+    def evaluate(self, dtype=np.float64, transpose: bool = False) -> np.ndarray:
+        """The dense product (or its transpose) in ``dtype``: float64 arithmetic, one rounding at the end."""
+        if transpose and self.W.flags.f_contiguous and not self.W.flags.c_contiguous:
+            return self._evaluate_transposed(dtype)
+        n, m = self.shape
+        out = np.empty((m, n) if transpose else (n, m), dtype=dtype)
+        step = max(1, _BLOCK // max(1, self.W.shape[1]))
+        for r in range(0, n, step):
+            rows = slice(r, min(n, r + step))
+            g = self.g if isinstance(self.g, float) else self.g[rows]
+            block = _rows(g, np.asarray(self.W[rows], dtype=np.float64) @ self.F)
+            if transpose:
+                out[:, rows] = block.T
+            else:
+                out[rows] = block
+        return out
+
+    def _evaluate_transposed(self, dtype) -> np.ndarray:
+        """``(diag(g)·W·F)ᵀ = Fᵀ·S·diag(g)`` for ``W = Sᵀ`` stored row-major (a MatMul weight, ``S`` is (in, out)).
+
+        With ``F = diag(d) + U·V``: row ``p`` of the result is
+        ``(d[p]·S[p] + (Vᵀ·(Uᵀ·S))[p])·g``; both passes walk ``S`` in memory order.
+        """
+        S, F = self.W.T, self.F
+        k, n = S.shape
+        step = max(1, _BLOCK // max(1, n))
+        blocks = [slice(r, min(k, r + step)) for r in range(0, k, step)]
+        UtS = sum(F.U[rows].T @ S[rows].astype(np.float64) for rows in blocks)  # (r, n)
+        out = np.empty((F.shape[1], n), dtype=dtype)
+        g = self.g if isinstance(self.g, float) else self.g[None, :]
+        Vt = F.V.T
+        diagonal = not (isinstance(F.d, float) and F.d == 0.0)
+        for rows in (blocks if diagonal else [slice(r, min(F.shape[1], r + step)) for r in range(0, F.shape[1], step)]):
+            block = Vt[rows] @ UtS
+            if diagonal:
+                d = F.d if isinstance(F.d, float) else F.d[rows, None]
+                block += d * S[rows].astype(np.float64)
+            out[rows] = block if isinstance(g, float) and g == 1.0 else block * g
+        return out
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if self._dense is None:
-            self._dense = _rows(self.g, self.W @ self.F)
+            self._dense = self.evaluate()
         return self._dense if dtype is None else self._dense.astype(dtype)
 
     def __rmatmul__(self, V: np.ndarray) -> np.ndarray:
-        return (V @ _rows(self.g, self.W)) @ self.F
+        return (V @ _rows(self.g, np.asarray(self.W, dtype=np.float64))) @ self.F
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         return _rows(self.g, self.W @ (self.F @ x))
@@ -287,6 +332,17 @@ class Product:
         return Product(self.W, self.F, self.g * s)
 
     __rmul__ = __mul__
+
+
+_BLOCK = 1 << 18  # elements of a float64 block of rows in Product.evaluate (2 MB: stays in cache)
+
+
+def cast(M: np.ndarray | Product, dtype, transpose: bool = False) -> np.ndarray:
+    """``M`` (or its transpose) as a C-ordered array of ``dtype``, cast once; a Product is evaluated into it."""
+    if isinstance(M, Product):
+        return M.evaluate(dtype, transpose)
+    a = np.asarray(M)
+    return (a.T if transpose else a).astype(dtype, order="C", copy=False)
 
 
 def _rows(g: np.ndarray | float, a: np.ndarray) -> np.ndarray:
@@ -316,9 +372,18 @@ def matmul(W: np.ndarray, M: np.ndarray | float | LowRank) -> np.ndarray | LowRa
 
 def matvec(W: np.ndarray, c: np.ndarray | float) -> np.ndarray:
     """``W·c`` where ``c`` may be a constant broadcast over all channels."""
-    if isinstance(c, float):
-        return W.sum(axis=1) * c
-    return W @ c
+    if W.dtype == np.float64:
+        return W.sum(axis=1) * c if isinstance(c, float) else W @ c
+    # A weight in the file's dtype, often a transposed view: converted a block at a time, in memory order.
+    c = np.full(W.shape[1], c) if isinstance(c, float) else np.asarray(c, dtype=np.float64)
+    if W.flags.f_contiguous and not W.flags.c_contiguous:
+        T, out = W.T, np.zeros(W.shape[0])
+        step = max(1, _BLOCK // T.shape[1])
+        for r in range(0, T.shape[0], step):
+            out += c[r : r + step] @ T[r : r + step].astype(np.float64)
+        return out
+    step = max(1, _BLOCK // W.shape[1])
+    return np.concatenate([W[r : r + step].astype(np.float64) @ c for r in range(0, W.shape[0], step)])
 
 
 def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | float:

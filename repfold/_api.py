@@ -46,10 +46,15 @@ def fold(
     ``leaf_modules`` (classes) and ``leaf_functions`` are kept whole when
     tracing a model torch.fx cannot trace through.
     """
-    if isinstance(model, (str, os.PathLike)):
-        import onnx
+    own = isinstance(model, (str, os.PathLike))
+    if own:  # read a field at a time (the file is never held twice), then its external data
+        from onnx.external_data_helper import load_external_data_for_model
 
-        model = onnx.load(os.fspath(model))
+        from ._io import read_model
+
+        path = os.fspath(model)
+        model = read_model(path)
+        load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     if isinstance(model, nn.Module):
         from ._fx import fold_fx
 
@@ -65,7 +70,7 @@ def fold(
     elif type(model).__name__ == "ModelProto":
         from ._onnx import fold_onnx
 
-        out, report = fold_onnx(model, scales=scales)
+        out, report = fold_onnx(model, scales=scales, own=own)
     else:
         raise TypeError(f"fold takes an nn.Module, an onnx.ModelProto or a path, not {type(model).__name__}")
     log.info("%s", report)

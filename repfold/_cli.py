@@ -66,11 +66,25 @@ class _Progress:
     def __init__(self, quiet: bool) -> None:
         self.on = not quiet and sys.stderr.isatty()
         self.start = time.perf_counter()
+        self.stage = ""
 
     def __call__(self, stage: str) -> None:
+        self.stage = stage
         if self.on:
             sys.stderr.write(f"\r\033[Krepfold [{time.perf_counter() - self.start:6.1f}s] {stage}")
             sys.stderr.flush()
+
+    def bar(self, done: int, total: int) -> None:
+        """A bar after the stage line for the file being read or written (``total`` 0: bytes only)."""
+        if not self.on:
+            return
+        if total:
+            filled = int(20 * min(done, total) / total)
+            tail = f"[{'#' * filled}{'.' * (20 - filled)}] {done / 1e6:.0f}/{total / 1e6:.0f} MB"
+        else:
+            tail = f"{done / 1e6:.0f} MB"
+        sys.stderr.write(f"\r\033[Krepfold [{time.perf_counter() - self.start:6.1f}s] {self.stage} {tail}")
+        sys.stderr.flush()
 
     def done(self) -> None:
         if self.on:
@@ -81,10 +95,11 @@ class _Progress:
 # --- input ---------------------------------------------------------------------------
 
 
-def _load(path: str):
+def _load(path: str, progress=None):
     """(model with its weights, the files its external data came from); UsageError for anything else."""
-    import onnx
     from onnx.external_data_helper import load_external_data_for_model
+
+    from ._io import read_model
 
     p = Path(path)
     if not p.exists():
@@ -94,7 +109,7 @@ def _load(path: str):
     if not os.access(p, os.R_OK):
         raise UsageError(f"{path}: cannot be read (permission denied)")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = read_model(p, progress)
         external = _external_files(model, p.resolve().parent)
         missing = sorted(str(f) for f in external if not f.is_file())
         if missing:
@@ -275,7 +290,7 @@ def _target(args) -> Path | None:
     return out
 
 
-def stage(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> tuple[Path, Path | None]:
+def stage(model, path: Path, external: bool, keep: set[Path] = frozenset(), progress=None) -> tuple[Path, Path | None]:
     """Write ``model`` into a new temporary folder beside ``path``; (that folder, final data path or None).
 
     With ``external`` the weights go to ``<name>.data`` (renamed around
@@ -283,6 +298,8 @@ def stage(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> t
     into place; removing the folder instead leaves nothing behind.
     """
     import onnx
+
+    from ._io import write_model
 
     data = None
     if external:
@@ -293,7 +310,7 @@ def stage(model, path: Path, external: bool, keep: set[Path] = frozenset()) -> t
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if data is None:
-            onnx.save(model, str(tmp / path.name))
+            write_model(model, tmp / path.name, progress)
         else:
             onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=data.name, size_threshold=1024)
@@ -323,7 +340,7 @@ def run(argv: list[str] | None = None) -> int:
     given = _shapes(args.input_shape)
     size = Path(args.input).stat().st_size if Path(args.input).is_file() else 0
     progress(f"loading {args.input} ({size / 1e6:.0f} MB)")
-    model, keep = _load(args.input)
+    model, keep = _load(args.input, progress.bar)
     was_external = bool(keep)
     feeds = _feeds(model, given) if args.check else None
     progress("folding")
@@ -343,7 +360,7 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("the folded model is over 2 GB: it needs --external-data auto or always")
     external = args.external_data == "always" or (args.external_data == "auto" and (was_external or big))
     progress(f"writing {out}")
-    tmp, data = stage(folded, out, external, keep)
+    tmp, data = stage(folded, out, external, keep, lambda done, total: progress.bar(done, total or size))
     folded = None
     try:
         if args.check:

@@ -59,7 +59,7 @@ class OnnxContext:
 
     def dtype(self, var):
         if isinstance(var, gs.Constant):
-            return np.asarray(var.values).dtype
+            return np.dtype(var.dtype)  # without loading the values
         if self.dtypes.get(var.name):
             return onnx.helper.tensor_dtype_to_np_dtype(self.dtypes[var.name])
         return var.dtype
@@ -99,11 +99,12 @@ class OnnxContext:
         if not np.issubdtype(dtype, np.floating):
             return None
         shape = dims if transform is None else transform(np.broadcast_to(np.empty((), dtype=np.bool_), dims)).shape  # a view: no memory
-        return Deferred(tuple(shape), lambda: self.const(var) if transform is None else transform(self.const(var)))
+        same = transform or (lambda a: a)
+        return Deferred(tuple(shape), lambda: same(self.const(var)), lambda: same(self.raw_const(var)))
 
     def raw_const(self, var) -> np.ndarray | None:
         if isinstance(var, gs.Constant):
-            return np.asarray(var.values)
+            return _stored_values(var)
         if len(var.inputs) == 1:
             producer = var.inputs[0]
             if producer.op == "Constant" and "value" in producer.attrs:
@@ -154,8 +155,8 @@ class OnnxContext:
 
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
         """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64)."""
-        dtype = self.raw_const(like).dtype
-        return gs.Constant(self.unique(f"{like.name}_folded"), np.asarray(values).astype(dtype, order="C"))
+        dtype = self.dtype(like)
+        return gs.Constant(self.unique(f"{like.name}_folded"), np.asarray(values).astype(dtype, order="C", copy=False))
 
     def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
         """A new node whose output is named after (and typed like) ``like``."""
@@ -168,6 +169,22 @@ class OnnxContext:
         new = gs.Node(node.op, self.unique(f"{node.name or node.op}_folded"), dict(node.attrs), list(inputs), [out], domain=node.domain)
         self.graph.nodes.append(new)
         return out
+
+
+_PLAIN = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def _stored_values(var: gs.Constant) -> np.ndarray:
+    """An initializer's values, read-only, in one copy of its bytes and not cached on ``var``.
+
+    (``Constant.values`` makes two copies and keeps one for the graph's lifetime.)
+    """
+    lazy = getattr(var, "_values", None)
+    tensor = getattr(lazy, "tensor", None)
+    if isinstance(tensor, onnx.TensorProto) and tensor.data_type in _PLAIN and tensor.raw_data \
+            and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return np.frombuffer(tensor.raw_data, dtype=_PLAIN[tensor.data_type]).reshape(tuple(tensor.dims))
+    return np.asarray(var.values)
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
@@ -210,15 +227,6 @@ def n_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
-def _keep_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(dst, f, getattr(src, f))
-    del dst.opset_import[:]
-    dst.opset_import.extend(src.opset_import)
-    del dst.metadata_props[:]
-    dst.metadata_props.extend(src.metadata_props)
-
-
 def fold_onnx(
     model: onnx.ModelProto, *, scales: bool = False, own: bool = False
 ) -> tuple[onnx.ModelProto, FoldReport]:
@@ -233,8 +241,11 @@ def fold_onnx(
     else:
         private = onnx.ModelProto()
         private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
-    unused_before = _unused_initializers(private)
-    graph = gs.import_onnx(private)
+    graph = gs.import_onnx(private)  # initializer values stay in ``private``'s protos until read
+    if len(graph.nodes) != len(private.graph.node):
+        raise AssertionError("onnx-graphsurgeon imported a different node list")
+    protos = {id(n): (n, p) for n, p in zip(graph.nodes, private.graph.node)}  # holding n keeps its id unique
+    read_before = _read_names(private.graph)
     graph.toposort()
     live = _live(graph)
     dead_before = {id(n) for n in graph.nodes if id(n) not in live}
@@ -280,6 +291,7 @@ def fold_onnx(
     ctx.release()  # the plan holds the new weights; the float64 copies of the old ones can go
     for s in steps:
         vars(s.op).pop("W", None)
+        vars(s.op).pop("stored", None)
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], gs.Variable] = {}
@@ -301,11 +313,9 @@ def fold_onnx(
     _redirect_shape_reads(plan.members, tensors, copies, ctx)
     _drop_unread(graph, dead_before)
     graph.toposort()
-    out = gs.export_onnx(graph)
-    _keep_model_fields(model, out)
-    _keep_unused_initializers(unused_before, out)
-    report.ops_after, report.params_after = op_counts(out), n_params(out)
-    return out, report
+    _write_back(graph, protos, private.graph, read_before)
+    report.ops_after, report.params_after = op_counts(private), n_params(private)
+    return private, report
 
 
 def _live(graph: gs.Graph) -> set[int]:
@@ -334,15 +344,77 @@ def _drop_unread(graph: gs.Graph, dead_before: set[int]) -> None:
     graph.nodes = [n for n in graph.nodes if id(n) in live or id(n) in dead_before]
 
 
-def _unused_initializers(model: onnx.ModelProto) -> list:
-    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    return [t for t in model.graph.initializer if t.name not in read]
+def _read_names(g: onnx.GraphProto) -> set[str]:
+    """Names the nodes of ``g`` (and of its subgraphs, which may read outer values) or its outputs read."""
+    names = {o.name for o in g.output}
+    for n in g.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in [a.g, *a.graphs] if (a.HasField("g") or a.graphs) else ():
+                names |= _read_names(sub)
+    return names
 
 
-def _keep_unused_initializers(unused: list, out: onnx.ModelProto) -> None:
-    """Initializers no node read in the input: graph-surgeon drops them, the user's file had them."""
-    have = {t.name for t in out.graph.initializer}
-    out.graph.initializer.extend(t for t in unused if t.name not in have)
+def _write_back(graph: gs.Graph, protos: dict[int, tuple[gs.Node, onnx.NodeProto]], g: onnx.GraphProto, read_before: set[str]) -> None:
+    """Make ``g`` the folded ``graph`` by editing it in place.
+
+    Nodes the fold kept are the input's own protos (attributes, subgraphs and
+    doc strings untouched); new nodes and initializers are added, and what the
+    fold left unread is removed: initializers, their graph-input entries
+    (models that list initializers as inputs) and their value_info. Weights
+    that stay are never copied.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    produced_before = {o for _, p in protos.values() for o in p.output}
+    rank, new, new_consts = {}, [], {}  # rank: id of a node proto -> its place in the folded order
+    for k, node in enumerate(graph.nodes):
+        if id(node) not in protos:
+            new.append((k, OnnxExporter.export_node(node)))
+            new_consts.update({t.name: t for t in node.inputs if isinstance(t, gs.Constant)})
+            continue
+        proto = protos[id(node)][1]
+        names = [t.name for t in node.inputs]
+        if list(proto.input) != names:  # a Shape node pointed at a value that stays
+            del proto.input[:]
+            proto.input.extend(names)
+        rank[id(proto)] = k
+    # upb hands out one wrapper per message while a reference is held (``protos`` holds them all),
+    # so identities name the protos: drop the unread ones, append the new, sort into place.
+    _remove(g.node, lambda p: id(p) not in rank)
+    g.node.extend(p for _, p in new)
+    added = list(g.node[len(g.node) - len(new):])
+    rank.update({id(p): k for (k, _), p in zip(new, added)})
+    g.node.sort(key=lambda p: rank[id(p)])
+    del added
+
+    read = _read_names(g)
+    removed = set()
+    for k in reversed(range(len(g.initializer))):
+        name = g.initializer[k].name
+        if name in read_before and name not in read:
+            removed.add(name)
+            del g.initializer[k]
+    have = {t.name for t in g.initializer}
+    for name, c in new_consts.items():
+        if name not in have:
+            _fill_tensor(g.initializer.add(), c)  # filled in place: extend() would copy the bytes again
+    produced = {o for n in g.node for o in n.output}
+    _remove(g.input, lambda v: v.name in removed)
+    _remove(g.value_info, lambda v: v.name in produced_before and v.name not in produced)
+
+
+def _remove(field, drop) -> None:
+    for k in reversed([k for k, v in enumerate(field) if drop(v)]):
+        del field[k]
+
+
+def _fill_tensor(t: onnx.TensorProto, c: gs.Constant) -> None:
+    values = np.asarray(c.values)
+    t.name, t.data_type = c.name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    t.dims.extend(values.shape)
+    t.raw_data = values.tobytes()
+    c.values = np.empty(0, values.dtype)  # now held by the proto only
 
 
 class _ById:

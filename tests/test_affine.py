@@ -70,3 +70,32 @@ def test_a_layer_reading_a_factored_map_stays_unevaluated_until_asked():
     np.testing.assert_allclose(np.einsum("oj,ji->oi", V, Q), V @ want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dense(add(Q, want)), 2 * want, rtol=1e-12, atol=1e-12)
     assert np.array_equal(Q, dense(Q))
+
+
+@pytest.mark.parametrize("g", [1.0, 0.25, "vector"])
+def test_a_float32_layer_is_multiplied_in_float64_and_rounded_once(g, monkeypatch):
+    """The ONNX path keeps weights in the file's dtype: blocks go to float64, the result is cast once."""
+    import repfold._affine as affine
+
+    monkeypatch.setattr(affine, "_BLOCK", 40 * 7)  # several blocks of rows, the last one short
+    F = factored(d=rng.standard_normal(40))
+    W32 = rng.standard_normal((50, 40)).astype(np.float32)
+    g = rng.standard_normal(50) if g == "vector" else g
+    P = scale(g, matmul(W32, F))
+    assert isinstance(P, Product) and P.W is W32
+    want = (g[:, None] if isinstance(g, np.ndarray) else g) * (W32.astype(np.float64) @ dense(F))
+    np.testing.assert_allclose(dense(P), want, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(affine.cast(P, np.float32), dense(P).astype(np.float32))  # the one rounding
+    assert np.array_equal(affine.cast(P, np.float32, transpose=True), dense(P).T.astype(np.float32))
+    stored = np.ascontiguousarray(W32.T)  # a MatMul weight: the layer's W is a transposed view of it
+    Q = scale(g, matmul(stored.T, F))
+    np.testing.assert_allclose(affine.cast(Q, np.float64, transpose=True), want.T, rtol=1e-12, atol=1e-12)
+    wide = scale(g, Product(stored.T, LowRank(0.0, rng.standard_normal((40, 2)), rng.standard_normal((2, 24)))))
+    np.testing.assert_allclose(affine.cast(wide, np.float64, transpose=True), dense(wide).T, rtol=1e-12, atol=1e-12)
+    x = rng.standard_normal(40)
+    np.testing.assert_allclose(P @ x, want @ x, rtol=1e-12, atol=1e-12)
+    V = rng.standard_normal((6, 50))
+    np.testing.assert_allclose(V @ P, V @ want, rtol=1e-12, atol=1e-12)
+    for view in (W32, np.asfortranarray(W32)):  # as stored, and a transposed view of a MatMul weight
+        np.testing.assert_allclose(affine.matvec(view, 0.5), W32.astype(np.float64).sum(axis=1) * 0.5, rtol=1e-12)
+        np.testing.assert_allclose(affine.matvec(view, x), W32.astype(np.float64) @ x, rtol=1e-12)

@@ -1,0 +1,241 @@
+"""ONNX files read and written a field at a time, so a model is never held twice in memory.
+
+``onnx.load`` reads the whole file into one bytes object and then parses it;
+``onnx.save`` serialises the whole model into one bytes object and then
+writes it. Either way the process briefly holds the model twice. A protobuf
+message is a sequence of fields, and parsing two serialised pieces one after
+the other is the same as parsing their concatenation (repeated fields append,
+others merge), so the graph (where the weights are) can be read in chunks of
+whole fields, and written one field at a time behind a length prefix that
+``ByteSize()`` gives without serialising anything.
+
+Only the two outer levels (``ModelProto`` and its ``graph``) are split; every
+field is handed to protobuf whole, so what is parsed is what ``onnx.load``
+parses and what is written is, byte for byte, what ``SerializeToString``
+writes (both walk the fields in number order).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import onnx
+
+GRAPH = 7  # ModelProto.graph
+CHUNK = 32 << 20  # bytes of whole fields parsed at a time
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+class WireError(ValueError):
+    """The file is not a protobuf message (truncated, or not ONNX at all)."""
+
+
+def _encode(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, f, end: int) -> None:
+        self.f, self.pos, self.end = f, 0, end
+
+    def take(self, n: int) -> bytes:
+        if n > self.end - self.pos:
+            raise WireError("the file is truncated")
+        data = bytearray()
+        while len(data) < n:
+            more = self.f.read(n - len(data))  # an unbuffered read may return less
+            if not more:
+                raise WireError("the file is truncated")
+            data += more
+        self.pos += n
+        return bytes(data)
+
+    def varint(self) -> tuple[int, bytes]:
+        raw = bytearray()
+        while True:
+            b = self.take(1)[0]
+            raw.append(b)
+            if not b & 0x80:
+                break
+            if len(raw) > 10:
+                raise WireError("a malformed varint")
+        return sum((b & 0x7F) << (7 * i) for i, b in enumerate(raw)), bytes(raw)
+
+    def field(self, limit: int) -> tuple[int, int, bytes, int | None]:
+        """(field number, wire type, its raw bytes with the tag, payload length for a
+        length-delimited field whose payload is left unread, else None)."""
+        tag, raw_tag = self.varint()
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise WireError("field number 0")
+        if wire == _VARINT:
+            return number, wire, raw_tag + self.varint()[1], None
+        if wire == _FIXED64:
+            return number, wire, raw_tag + self.take(8), None
+        if wire == _FIXED32:
+            return number, wire, raw_tag + self.take(4), None
+        if wire == _LEN:
+            n, raw_n = self.varint()
+            if n > limit - self.pos:
+                raise WireError("the file is truncated")
+            return number, wire, raw_tag + raw_n, n
+        raise WireError(f"not an ONNX protobuf (field {number} has wire type {wire})")
+
+
+def read_model(path: str | os.PathLike, progress: Progress | None = None) -> onnx.ModelProto:
+    """``onnx.load(path, load_external_data=False)``, holding at most one chunk of the file besides the model."""
+    size = os.path.getsize(path)
+    model = onnx.ModelProto()
+    with open(path, "rb", buffering=0) as f:
+        r = _Reader(f, size)
+        while r.pos < size:
+            number, wire, head, n = r.field(size)
+            if number == GRAPH and wire == _LEN:
+                _read_graph(r, r.pos + n, model.graph, progress, size)
+            else:
+                model.MergeFromString(head + (r.take(n) if n is not None else b""))
+    return model
+
+
+def _read_graph(r: _Reader, end: int, graph: onnx.GraphProto, progress: Progress | None, size: int) -> None:
+    """Parse the graph's fields from the file in chunks of whole fields (a field larger than a chunk: alone)."""
+    buf, filled = bytearray(min(CHUNK, end - r.pos)), 0
+    while r.pos < end:
+        if filled == len(buf):  # one field larger than the buffer
+            buf.extend(bytes(min(len(buf), end - r.pos)))
+        with memoryview(buf) as view:
+            n = r.f.readinto(view[filled : filled + end - r.pos])
+            if not n:
+                raise WireError("the file is truncated")
+            r.pos, filled = r.pos + n, filled + n
+            cut = _whole_fields(view[:filled])
+            if cut:
+                graph.MergeFromString(view[:cut])
+                buf[: filled - cut] = view[cut:filled].tobytes()
+                filled -= cut
+        if progress and cut:
+            progress(r.pos, size)
+    if filled:
+        raise WireError("the file is truncated")
+
+
+def _varint_at(buf, i: int) -> tuple[int, int] | None:
+    """(value, index after it) of the varint at ``buf[i]``, or None if it runs past the end."""
+    value = shift = 0
+    while i < len(buf):
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise WireError("a malformed varint")
+    return None
+
+
+def _whole_fields(buf) -> int:
+    """How many bytes at the start of ``buf`` are whole fields."""
+    i = 0
+    while True:
+        tag = _varint_at(buf, i)
+        if tag is None:
+            return i
+        wire, j = tag[0] & 7, tag[1]
+        if tag[0] >> 3 == 0:
+            raise WireError("field number 0")
+        if wire == _VARINT:
+            nxt = _varint_at(buf, j)
+            j = None if nxt is None else nxt[1]
+        elif wire in (_FIXED64, _FIXED32):
+            j += 8 if wire == _FIXED64 else 4
+        elif wire == _LEN:
+            n = _varint_at(buf, j)
+            j = None if n is None else n[1] + n[0]
+        else:
+            raise WireError(f"not an ONNX protobuf (field {number} has wire type {wire})")
+        if j is None or j > len(buf):
+            return i
+        i = j
+
+
+def _alone(message, fd, value):
+    """A message of ``message``'s type holding only field ``fd`` (small fields: copied)."""
+    one = type(message)()
+    target = getattr(one, fd.name)
+    if fd.is_repeated:
+        target.extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        target.CopyFrom(value)
+    else:
+        setattr(one, fd.name, value)
+    return one
+
+
+def _has_unknown_fields(*messages) -> bool:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    return any(len(UnknownFieldSet(m)) for m in messages)
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, progress: Progress | None = None) -> None:
+    """``onnx.save(model, path)``, byte for byte, serialising one field of the graph at a time.
+
+    The graph's length prefix comes first in the file but is known only at
+    the end (upb's ``ByteSize()`` serialises the whole message to count it), so
+    five bytes are reserved and patched; a shorter prefix moves the graph back.
+    """
+    g = model.graph
+    if _has_unknown_fields(model, g):  # fields this onnx does not know: only protobuf can write them back
+        onnx.save(model, os.fspath(path))
+        return
+    with open(path, "w+b") as f:
+        for fd, value in model.ListFields():
+            if fd.number != GRAPH:
+                f.write(_alone(model, fd, value).SerializeToString())
+                continue
+            f.write(_encode(GRAPH << 3 | _LEN))
+            at = f.tell()
+            f.write(bytes(_RESERVED))
+            for gfd, gvalue in g.ListFields():
+                if not (gfd.is_repeated and gfd.type == gfd.TYPE_MESSAGE):
+                    f.write(_alone(g, gfd, gvalue).SerializeToString())
+                    continue
+                tag = _encode(gfd.number << 3 | _LEN)
+                for item in gvalue:
+                    data = item.SerializeToString()
+                    f.write(tag + _encode(len(data)))
+                    f.write(data)
+                    if progress and len(data) > 1 << 20:
+                        progress(f.tell(), 0)
+            _patch_length(f, at, f.tell() - at - _RESERVED)
+        if f.tell() > 2**31 - 1:
+            raise ValueError("the model is over 2 GB: it needs external data")
+
+
+_RESERVED = 5  # bytes of varint: lengths below 2**35
+
+
+def _patch_length(f, at: int, n: int) -> None:
+    """Write the varint ``n`` at ``at`` before ``n`` bytes that start ``_RESERVED`` bytes later; leave ``f`` at the end."""
+    head = _encode(n)
+    f.seek(at)
+    f.write(head)
+    gap = _RESERVED - len(head)
+    if gap:  # move the body back over the unused bytes, a chunk at a time
+        src, dst = at + _RESERVED, at + len(head)
+        for start in range(0, n, CHUNK):
+            f.seek(src + start)
+            chunk = f.read(min(CHUNK, n - start))
+            f.seek(dst + start)
+            f.write(chunk)
+        f.truncate(dst + n)
+    f.seek(0, os.SEEK_END)
