@@ -161,7 +161,7 @@ def _whole_fields(buf) -> int:
             n = _varint_at(buf, j)
             j = None if n is None else n[1] + n[0]
         else:
-            raise WireError(f"not an ONNX protobuf (field {number} has wire type {wire})")
+            raise WireError(f"not an ONNX protobuf (field {tag[0] >> 3} has wire type {wire})")
         if j is None or j > len(buf):
             return i
         i = j
