@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def export(model_name: str, path: Path) -> None:
 
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak resident memory in bytes) of one subprocess."""
+    os.sync()  # the previous run's dirty pages are written back outside the timing
     t = time.perf_counter()
     done = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - t

@@ -26,10 +26,12 @@ from repfold._affine import (
     Channels,
     LowRank,
     NotAffine,
+    OnDemand,
     Product,
     cast,
     collapse_groups,
     expand_groups,
+    fetch,
     matmul,
     matvec,
 )
@@ -57,15 +59,15 @@ class Dense:
     def W(self) -> np.ndarray:
         return resolve(self.weight)
 
-    @functools.cached_property
-    def stored(self) -> np.ndarray:
-        """``W`` in the file's dtype: what a factored map multiplies, a block at a time, in float64."""
-        return self.W if "W" in vars(self) else stored(self.weight)
-
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         v = ch.require(ins[0], self.axis, self.kind)
-        W = self.stored if isinstance(v.M, LowRank) and self.groups == 1 else self.W
-        c = matvec(W, v.c)
+        if "W" in vars(self) or not isinstance(v.M, LowRank) or self.groups != 1:
+            W = self.W
+        else:
+            # A factored map: multiply the weight as stored (float32, say) a block at a time, in float64,
+            # and read it again when the product is written out rather than keep it.
+            W = OnDemand(self.weight.shape, lambda: stored(self.weight))
+        c = matvec(fetch(W), v.c)
         return v.with_map(matmul(W, v.M), c if self.b is None else c + self.b, W.shape[0])
 
     def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray | Product, np.ndarray | None]:

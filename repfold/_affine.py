@@ -255,6 +255,22 @@ class LowRank:
     __rmul__ = __mul__
 
 
+class OnDemand:
+    """A weight read from the model each time it is used and never kept.
+
+    A fold reads each absorbing layer twice (planning, then writing its new
+    weights); holding copies of all of them in between would cost a model's
+    worth of memory.
+    """
+
+    def __init__(self, shape: tuple[int, ...], fetch: Callable[[], np.ndarray]) -> None:
+        self.shape, self.fetch = tuple(shape), fetch
+
+
+def fetch(W: np.ndarray | OnDemand) -> np.ndarray:
+    return W.fetch() if isinstance(W, OnDemand) else W
+
+
 class Product:
     """``diag(g)·W·F`` for a factored ``F``, left unevaluated.
 
@@ -269,7 +285,7 @@ class Product:
 
     __array_ufunc__ = None
 
-    def __init__(self, W: np.ndarray, F: LowRank, g: np.ndarray | float = 1.0) -> None:
+    def __init__(self, W: np.ndarray | OnDemand, F: LowRank, g: np.ndarray | float = 1.0) -> None:
         self.W, self.F, self.g = W, F, g
         self.shape = (W.shape[0], F.shape[1])
         self.ndim = 2
@@ -277,28 +293,29 @@ class Product:
 
     def evaluate(self, dtype=np.float64, transpose: bool = False) -> np.ndarray:
         """The dense product (or its transpose) in ``dtype``: float64 arithmetic, one rounding at the end."""
-        if transpose and self.W.flags.f_contiguous and not self.W.flags.c_contiguous:
-            return self._evaluate_transposed(dtype)
+        W = fetch(self.W)
+        if transpose and W.flags.f_contiguous and not W.flags.c_contiguous:
+            return self._evaluate_transposed(W, dtype)
         n, m = self.shape
         out = np.empty((m, n) if transpose else (n, m), dtype=dtype)
-        step = max(1, _BLOCK // max(1, self.W.shape[1]))
+        step = max(1, _BLOCK // max(1, W.shape[1]))
         for r in range(0, n, step):
             rows = slice(r, min(n, r + step))
             g = self.g if isinstance(self.g, float) else self.g[rows]
-            block = _rows(g, np.asarray(self.W[rows], dtype=np.float64) @ self.F)
+            block = _rows(g, np.asarray(W[rows], dtype=np.float64) @ self.F)
             if transpose:
                 out[:, rows] = block.T
             else:
                 out[rows] = block
         return out
 
-    def _evaluate_transposed(self, dtype) -> np.ndarray:
+    def _evaluate_transposed(self, W: np.ndarray, dtype) -> np.ndarray:
         """``(diag(g)·W·F)ᵀ = Fᵀ·S·diag(g)`` for ``W = Sᵀ`` stored row-major (a MatMul weight, ``S`` is (in, out)).
 
         With ``F = diag(d) + U·V``: row ``p`` of the result is
         ``(d[p]·S[p] + (Vᵀ·(Uᵀ·S))[p])·g``; both passes walk ``S`` in memory order.
         """
-        S, F = self.W.T, self.F
+        S, F = W.T, self.F
         k, n = S.shape
         step = max(1, _BLOCK // max(1, n))
         blocks = [slice(r, min(k, r + step)) for r in range(0, k, step)]
@@ -321,10 +338,10 @@ class Product:
         return self._dense if dtype is None else self._dense.astype(dtype)
 
     def __rmatmul__(self, V: np.ndarray) -> np.ndarray:
-        return (V @ _rows(self.g, np.asarray(self.W, dtype=np.float64))) @ self.F
+        return (V @ _rows(self.g, np.asarray(fetch(self.W), dtype=np.float64))) @ self.F
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        return _rows(self.g, self.W @ (self.F @ x))
+        return _rows(self.g, fetch(self.W) @ (self.F @ x))
 
     def __mul__(self, s: float) -> Product:
         if not isinstance(s, float):

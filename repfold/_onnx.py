@@ -26,8 +26,9 @@ _EVALUATE_LIMIT = 4096  # elements in all inputs: never weights
 class OnnxContext:
     """What the ONNX matchers in ``repfold.patterns`` may ask about a graph."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple], dtypes: dict[str, int]) -> None:
-        self.graph, self.shapes, self.dtypes = graph, shapes, dtypes
+    def __init__(self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int]) -> None:
+        self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
+        self.added: set[str] = set()  # initializers the fold wrote into ``proto``
         self.outputs = {id(v) for v in graph.outputs}
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
@@ -154,9 +155,17 @@ class OnnxContext:
         return name
 
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
-        """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64)."""
-        dtype = self.dtype(like)
-        return gs.Constant(self.unique(f"{like.name}_folded"), np.asarray(values).astype(dtype, order="C", copy=False))
+        """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64).
+
+        It goes into the model proto at once, so ``values`` need not be kept.
+        """
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        name = self.unique(f"{like.name}_folded")
+        tensor = self.proto.initializer.add()
+        _fill_tensor(tensor, name, np.asarray(values).astype(self.dtype(like), order="C", copy=False))
+        self.added.add(name)
+        return gs.Constant(name, LazyValues(tensor))
 
     def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
         """A new node whose output is named after (and typed like) ``like``."""
@@ -249,7 +258,7 @@ def fold_onnx(
     graph.toposort()
     live = _live(graph)
     dead_before = {id(n) for n in graph.nodes if id(n) not in live}
-    ctx = OnnxContext(graph, *_infer(model))
+    ctx = OnnxContext(graph, private.graph, *_infer(model))
     tensors = graph.tensors()
 
     steps, step_of = [], {}  # step_of: node id -> step name
@@ -291,7 +300,6 @@ def fold_onnx(
     ctx.release()  # the plan holds the new weights; the float64 copies of the old ones can go
     for s in steps:
         vars(s.op).pop("W", None)
-        vars(s.op).pop("stored", None)
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], gs.Variable] = {}
@@ -313,7 +321,7 @@ def fold_onnx(
     _redirect_shape_reads(plan.members, tensors, copies, ctx)
     _drop_unread(graph, dead_before)
     graph.toposort()
-    _write_back(graph, protos, private.graph, read_before)
+    _write_back(graph, protos, private.graph, read_before | ctx.added)
     report.ops_after, report.params_after = op_counts(private), n_params(private)
     return private, report
 
@@ -355,23 +363,25 @@ def _read_names(g: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _write_back(graph: gs.Graph, protos: dict[int, tuple[gs.Node, onnx.NodeProto]], g: onnx.GraphProto, read_before: set[str]) -> None:
+def _write_back(
+    graph: gs.Graph, protos: dict[int, tuple[gs.Node, onnx.NodeProto]], g: onnx.GraphProto, droppable: set[str]
+) -> None:
     """Make ``g`` the folded ``graph`` by editing it in place.
 
     Nodes the fold kept are the input's own protos (attributes, subgraphs and
-    doc strings untouched); new nodes and initializers are added, and what the
-    fold left unread is removed: initializers, their graph-input entries
-    (models that list initializers as inputs) and their value_info. Weights
-    that stay are never copied.
+    doc strings untouched); new nodes are added (their initializers already
+    are), and what the fold left unread is removed: initializers named in
+    ``droppable`` (what the input read, and what the fold added), their
+    graph-input entries (models that list initializers as inputs) and
+    value_info. Weights that stay are never copied.
     """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     produced_before = {o for _, p in protos.values() for o in p.output}
-    rank, new, new_consts = {}, [], {}  # rank: id of a node proto -> its place in the folded order
+    rank, new = {}, []  # rank: id of a node proto -> its place in the folded order
     for k, node in enumerate(graph.nodes):
         if id(node) not in protos:
             new.append((k, OnnxExporter.export_node(node)))
-            new_consts.update({t.name: t for t in node.inputs if isinstance(t, gs.Constant)})
             continue
         proto = protos[id(node)][1]
         names = [t.name for t in node.inputs]
@@ -392,13 +402,9 @@ def _write_back(graph: gs.Graph, protos: dict[int, tuple[gs.Node, onnx.NodeProto
     removed = set()
     for k in reversed(range(len(g.initializer))):
         name = g.initializer[k].name
-        if name in read_before and name not in read:
+        if name in droppable and name not in read:
             removed.add(name)
             del g.initializer[k]
-    have = {t.name for t in g.initializer}
-    for name, c in new_consts.items():
-        if name not in have:
-            _fill_tensor(g.initializer.add(), c)  # filled in place: extend() would copy the bytes again
     produced = {o for n in g.node for o in n.output}
     _remove(g.input, lambda v: v.name in removed)
     _remove(g.value_info, lambda v: v.name in produced_before and v.name not in produced)
@@ -409,12 +415,11 @@ def _remove(field, drop) -> None:
         del field[k]
 
 
-def _fill_tensor(t: onnx.TensorProto, c: gs.Constant) -> None:
-    values = np.asarray(c.values)
-    t.name, t.data_type = c.name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+def _fill_tensor(t: onnx.TensorProto, name: str, values: np.ndarray) -> None:
+    """Fill a tensor already in the graph (``extend()`` would copy the bytes once more)."""
+    t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     t.dims.extend(values.shape)
     t.raw_data = values.tobytes()
-    c.values = np.empty(0, values.dtype)  # now held by the proto only
 
 
 class _ById:
