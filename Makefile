@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py tests/test_cli_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check repfold patterns tests examples

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 timm = pytest.importorskip("timm")
+
+# Hypothesis profiles: "ci" (the default) is quick and deterministic; "thorough" is `make fuzz`.
+settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Small variants of real timm models: same code paths, a fraction of the cost.
 SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2)

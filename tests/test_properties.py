@@ -1,18 +1,12 @@
 """Property tests: random adapter shapes, folded in float64, must match to rounding."""
 
-import os
 
 import torch
 from conftest import rel_err
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import repfold
-
-settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=500, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class Block(torch.nn.Module):
