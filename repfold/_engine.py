@@ -180,15 +180,23 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     """
     by_name, state = ctx.by_name, ctx.state
     folded, first = list(members), None
+    # The fewest layers a path from the source to each exit passes through: the region's own
+    # (the model's) layers, which an adapter beside an identity adds nothing to. A fold that
+    # keeps more layers than that would leave some of the adapter's behind.
+    allowed = sum(_fewest_layers(src, e, members, by_name) for e in _exits(members, ctx.consumers))
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not state[e].is_identity]
         chosen, why = _assign(src, exits, folded, ctx)
         if why is None:
-            kept = sum(f.kind == "into" for f in chosen) + sum(len(f.via) for f in chosen)
+            into = sum(f.kind == "into" for f in chosen)
+            kept = into + sum(len(f.via) for f in chosen)
             heavy = sum(by_name[m].op.heavy for m in folded)
-            if heavy > sum(f.kind == "into" for f in chosen) or (scales and len(folded) > kept):
+            if into > allowed:
+                why = (exits or folded)[0], f"folding it would keep {into} layers where the model has {allowed}"
+            elif heavy > into or (scales and len(folded) > kept):
                 return chosen
-            why = (exits or folded)[0], "folding it would remove no layer"
+            else:
+                why = (exits or folded)[0], "folding it would remove no layer"
         e = why[0]
         first = first or (*why, [c for c in ctx.consumers(e) if c not in set(folded)])
         if by_name[e].op.heavy or not adapter and not scales:
@@ -220,20 +228,35 @@ def _assign(src, todo, folded, ctx: _Ctx):
         up = ancestors(e) | {e}
         order = [h for h in reversed(heavy) if h in up]  # the exit's own layers, nearest first
         reasons: list[tuple[str, str]] = []
-        fold = None
-        for h in order:
-            step = by_name[h]
-            if h in used or step.emit is None:
-                continue
-            try:
-                fold = _into(src, e, h, ctx)
-                break
-            except NotAffine as err:
-                reasons.append((h, f"{step.label}: {err}"))
-        if fold is None:
+
+        def into(layers, first=False):
+            """The first of ``layers`` that takes the exit; the others' reasons are noted (``first``: ahead)."""
+            why, fold = [], None
+            for h in layers:
+                step = by_name[h]
+                if h in used or step.emit is None:
+                    continue
+                try:
+                    fold = _into(src, e, h, ctx)
+                    break
+                except NotAffine as err:
+                    why.append((h, f"{step.label}: {err}"))
+            if first:
+                reasons[:0] = why
+            else:
+                reasons.extend(why)
+            return fold
+
+        def around():
             fold = _sinks(src, e, folded, ctx, reasons)
-        if fold is None and len(todo) == 1:
-            fold = _producer(src, e, folded, ctx, reasons)
+            return fold if fold is not None or len(todo) > 1 else _producer(src, e, folded, ctx, reasons)
+
+        # A layer every path from the source to the exit goes through is the model's own (an adapter is a
+        # branch beside an identity): only such a layer may take the region. Without one (an adapter alone,
+        # or after a layer outside the region), the layers next to the region come first, so that no
+        # adapter layer stays behind in the model.
+        main = [h for h in order if _on_every_path(h, e, src, folded, by_name)]
+        fold = (into(main) or around()) if main else (around() or into(order, first=True))
         if fold is None:
             return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
         if isinstance(fold, list):
@@ -243,6 +266,30 @@ def _assign(src, todo, folded, ctx: _Ctx):
             chosen.append(fold)
             used.add(fold.absorber)
     return chosen, None
+
+
+def _fewest_layers(src: str, e: str, members: list[str], by_name) -> int:
+    """The fewest heavy layers on a path from ``src`` to ``e`` through the region (members in topological order)."""
+    cost = {src: 0}
+    for m in members:
+        ins = [cost[i] for i in by_name[m].inputs if i in cost]
+        if ins:
+            cost[m] = min(ins) + int(by_name[m].op.heavy)
+    return cost.get(e, 0)
+
+
+def _on_every_path(h: str, e: str, src: str, members: list[str], by_name) -> bool:
+    """Whether every path from ``src`` to ``e`` through the region's members passes through ``h``."""
+    inside, seen, todo = set(members), {h}, [e]
+    while todo:
+        v = todo.pop()
+        if v == src:
+            return False
+        if v in seen or v not in inside:
+            continue
+        seen.add(v)
+        todo.extend(by_name[v].inputs)
+    return True
 
 
 def _into(src, e, h, ctx: _Ctx) -> Fold:
@@ -336,7 +383,7 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
         ins = tuple(build(i) for i in step.inputs)
         perm = getattr(step.op, "perm", None)
         entry = (w, ins, None)
-        if perm is not None:  # merge transposes in a row into one (or none)
+        if perm is not None:  # merge transposes in a row into one (or none); a lone one is copied as it is
             r = len(state[w].shape)
             perm = tuple(p % r for p in perm)
             prev = next((x for x in via if x[0] == ins[0]), None)
@@ -344,7 +391,7 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
                 inner = prev[2] or tuple(p % r for p in by_name[prev[0]].op.perm)
                 perm = tuple(inner[q] for q in perm)
                 ins = prev[1]
-            entry = (w, ins, perm)
+                entry = (w, ins, perm)
             if perm == tuple(range(r)):
                 done[w] = ins[0]
                 return ins[0]

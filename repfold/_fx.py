@@ -206,6 +206,7 @@ def fold_fx(
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
+    replaced: list[tuple[fx.Node, fx.Node]] = []
     for f in plan.folds:
         absorber = nodes[f.absorber]
         if f.kind == "producer":
@@ -219,8 +220,11 @@ def fold_fx(
             with gm.graph.inserting_before(nodes[f.target]):
                 new = by_name[f.absorber].emit(swap, f.W, f.b)
             new.meta = dict(absorber.meta)
-        nodes[f.target].replace_all_uses_with(new)
+        replaced.append((nodes[f.target], new))
         f.region.note_cast(ctx.dtype(nodes[f.target]), f.W, f.b)
+    # Rewired only now: a fold's ``swap`` names the original nodes, which an earlier rewiring would hide.
+    for old, new in replaced:
+        old.replace_all_uses_with(new)
     _redirect_shape_reads(gm.graph, plan.members, nodes, copies)
     gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()

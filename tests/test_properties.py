@@ -1,12 +1,16 @@
-"""Property tests: random adapter shapes, folded in float64, must match to rounding."""
+"""Property tests: random adapter shapes and random architectures, folded, must match to rounding."""
 
-
+import onnx
+import pytest
 import torch
-from conftest import rel_err
-from hypothesis import given
+from conftest import export, randomize_adapters, rel_err
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import repfold
+from repfold._fx import op_counts as fx_counts
+from repfold._onnx import op_counts as onnx_counts
 
 
 class Block(torch.nn.Module):
@@ -56,3 +60,257 @@ def test_random_adapter_shapes_fold_exactly(case):
         assert [r.folded for r in report.regions] == [True]
         assert rel_err(folded(x), y) <= 1e-10
     assert report.params_after == sum(p.numel() for p in block.parameters())
+
+
+# --- random architectures ------------------------------------------------------------------
+#
+# A model is a list of units over three layouts: "cf" (B, C, H, W), "tok" (B, N, C)
+# and "cl" (B, H, W, C). Every base layer is followed by a non-linearity, as in real
+# backbones (two bare linear layers in a row would be one linear map, and fold together).
+# Adapters come in every form the product folds: RepAdapters that `insert` puts before or
+# after a layer (random width, groups and scale), a LoRA branch on a Linear, and an SSF
+# scale/shift chained with it. Each adapter carries the fold DESIGN.md predicts for it.
+
+BORDER, DENSIFY = "not exact at the borders", "would densify"
+
+
+class Conv(nn.Module):
+    def __init__(self, c: int, out: int, k: int, stride: int, dilation: int, padding: int, mode: str, groups: int):
+        super().__init__()
+        self.layer = nn.Conv2d(c, out, k, stride, padding, dilation, groups, padding_mode=mode)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.layer(x))
+
+
+class Dense(nn.Module):
+    """Linear + GELU on the last axis, with an optional LoRA branch and SSF scale/shift (the adapters)."""
+
+    def __init__(self, c: int, out: int, lora: int, ssf: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(c, out)
+        self.act = nn.GELU()
+        self.lora = nn.Sequential(nn.Linear(c, lora, bias=False), nn.Linear(lora, out, bias=False)) if lora else None
+        if ssf:
+            self.ssf_scale, self.ssf_shift = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.ssf = ssf
+
+    def forward(self, x):
+        if self.ssf:
+            x = x * self.ssf_scale + self.ssf_shift
+        y = self.layer(x)
+        if self.lora is not None:
+            y = y + 0.5 * self.lora(x)
+        return self.act(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.layer = nn.MultiheadAttention(c, heads, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.layer(h, h, h, need_weights=False)[0]
+
+
+class Net(nn.Module):
+    def __init__(self, units: list[tuple], c: int, hw: int, with_adapters: bool) -> None:
+        super().__init__()
+        self.plan, self.hw = [u[0] for u in units], []
+        for i, (kind, args) in enumerate(units):
+            if kind == "conv":
+                self.add_module(f"u{i}", Conv(*args))
+            elif kind == "dense":
+                c, out, lora, ssf = args
+                self.add_module(f"u{i}", Dense(c, out, lora if with_adapters else 0, ssf and with_adapters))
+            elif kind == "attn":
+                self.add_module(f"u{i}", Attention(*args))
+            else:
+                self.hw.append(args)  # a layout change, and the (H, W) it needs
+
+    def forward(self, x):
+        hw = iter(self.hw)
+        for i, kind in enumerate(self.plan):
+            if kind in ("conv", "dense", "attn"):
+                x = getattr(self, f"u{i}")(x)
+            elif kind == "cf>tok":
+                next(hw)
+                x = x.flatten(2).transpose(1, 2)
+            elif kind == "tok>cf":
+                h, w = next(hw)
+                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+            elif kind == "cf>cl":
+                next(hw)
+                x = x.permute(0, 2, 3, 1)
+            elif kind == "cl>cf":
+                next(hw)
+                x = x.permute(0, 3, 1, 2)
+        return x
+
+
+def _conv_size(n: int, k: int, stride: int, dilation: int, padding: int) -> int:
+    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+@st.composite
+def architectures(draw):
+    """(units, input channels, spatial size, adapters: [(where, unit name, expected)], insert kwargs)."""
+    c = draw(st.sampled_from([4, 6, 8]))
+    c0, size = c, draw(st.integers(4, 7))
+    h, w, layout, units, adapters = size, size, "cf", [], []
+    for i in range(draw(st.integers(2, 6))):
+        kinds = {"cf": ["conv", "cf>tok", "cf>cl"], "tok": ["dense", "attn", "tok>cf"], "cl": ["dense", "cl>cf"]}[layout]
+        if units and ">" in units[-1][0]:  # no layout round trips with nothing between (they would fold away)
+            kinds = [k for k in kinds if ">" not in k]
+        kind = draw(st.sampled_from(kinds))
+        name, expect = f"u{i}.layer", "fold"
+        if kind == "conv":
+            k = draw(st.sampled_from([1, 2, 3]))
+            stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])) if k > 1 else 1
+            padding = draw(st.integers(0, k // 2 * dilation)) if k > 1 else 0
+            if _conv_size(min(h, w), k, stride, dilation, padding) < 1:
+                k, stride, dilation, padding = 1, 1, 1, 0
+            mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])) if padding else "zeros"
+            if mode == "reflect" and padding >= min(h, w):
+                mode = "zeros"
+            out = draw(st.sampled_from([c, 2 * c]))
+            groups = draw(st.sampled_from([g for g in (1, 2, c) if c % g == 0 and out % g == 0]))
+            units.append(("conv", (c, out, k, stride, dilation, padding, mode, groups)))
+            where = draw(st.sampled_from([None, "before", "after"]))
+            if where is not None:
+                if groups > 1:
+                    expect = DENSIFY
+                elif where == "before" and padding and mode == "zeros":
+                    expect = BORDER
+                adapters.append((where, name, expect))
+            h, w = _conv_size(h, k, stride, dilation, padding), _conv_size(w, k, stride, dilation, padding)
+            c = out
+        elif kind == "dense":
+            out = draw(st.sampled_from([c, 2 * c]))
+            lora = draw(st.sampled_from([0, 0, 1, 2]))
+            ssf = bool(lora) and draw(st.booleans())
+            units.append(("dense", (c, out, lora, ssf)))
+            where = draw(st.sampled_from([None, "before"] + ([] if lora else ["after"])))
+            if where is not None:
+                adapters.append((where, name, expect))
+            if lora:
+                adapters.append(("lora", f"u{i}.lora", expect))
+            c = out
+        elif kind == "attn":
+            units.append(("attn", (c, draw(st.sampled_from([n for n in (1, 2) if c % n == 0])))))
+            if draw(st.booleans()):
+                adapters.append(("before", name, expect))
+        else:
+            units.append((kind, (h, w)))
+            layout = kind.split(">")[1]
+    if not adapters:  # at least one adapter, before a last pointwise layer
+        units.append(("conv", (c, c, 1, 1, 1, 0, "zeros", 1)) if layout == "cf" else ("dense", (c, c, 0, False)))
+        adapters.append(("before", f"u{len(units) - 1}.layer", "fold"))
+    groups = draw(st.sampled_from([1, 2]))  # every width here is even
+    kwargs = dict(hidden_dim=groups * draw(st.integers(1, 3)), groups=groups,
+                  scale=draw(st.sampled_from([0.5, 1.0, -2.0])))
+    return units, c0, size, adapters, kwargs
+
+
+def build(arch, dtype):
+    """(base model, adapted graph module, input, adapters): the same random weights in both."""
+    units, c0, size, adapters, kwargs = arch
+    torch.manual_seed(0)
+    adapted = Net(units, c0, size, with_adapters=True)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "ssf_" in name:
+                p.add_(torch.randn(p.shape) * 0.3)
+    base = Net(units, c0, size, with_adapters=False)
+    base.load_state_dict(adapted.state_dict(), strict=False)  # the adapters' keys are the only extra ones
+    adapted, base = adapted.to(dtype).eval(), base.to(dtype).eval()
+    x = torch.randn(2, c0, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    before = [n for w, n, _ in adapters if w == "before"]
+    after = [n for w, n, _ in adapters if w == "after"]
+    if before or after:
+        gm = repfold.insert(adapted, before=before, after=after, example_inputs=x, **kwargs)
+        randomize_adapters(gm, std=0.3)
+    else:
+        gm = adapted
+    return base, gm.eval(), x, adapters
+
+
+def _marker(where: str, name: str) -> str:
+    """What the report's op labels of an adapter contain."""
+    if where == "lora":
+        return f"{name}."
+    return f"repfold_adapters.{name.replace('.', '_')}{'_out' if where == 'after' else ''}."
+
+
+def check_report(report, adapters) -> None:
+    """Every region is folded or kept with a reason, holds an adapter, and ends as DESIGN.md predicts."""
+    for r in report.regions:
+        assert r.folded or r.reason, r.line()
+        assert any("repfold_adapters." in op or ".lora." in op for op in r.ops), f"a region without an adapter: {r.line()}"
+    for where, name, expect in adapters:
+        marker = _marker(where, name)
+        (region,) = [r for r in report.regions if any(marker in op for op in r.ops)]
+        if expect == "fold":
+            assert region.folded, f"{where} {name}: {region.line()}"
+        else:
+            assert not region.folded and expect in region.reason, f"{where} {name}: expected {expect!r}: {region.line()}"
+
+
+@given(architectures())
+def test_random_architectures_fold_exactly_in_fx(arch):
+    base, gm, x, adapters = build(arch, torch.float64)
+    with torch.no_grad():
+        y = gm(x)
+        assert rel_err(y, base(x)) > 1e-6, "the adapters must change the output"
+        folded, report = repfold.fold(gm, example_inputs=x, return_report=True)
+        assert rel_err(folded(x), y) <= 1e-9
+    check_report(report, adapters)
+    if all(r.folded for r in report.regions):
+        assert fx_counts(folded) == fx_counts(repfold.fold(base, example_inputs=x))
+        assert report.params_after == sum(p.numel() for p in base.parameters())
+    again, second = repfold.fold(folded, example_inputs=x, return_report=True)
+    assert not second.folded, str(second)
+    with torch.no_grad():
+        assert torch.equal(again(x), folded(x))
+
+
+@settings(max_examples=max(5, settings().max_examples // 3))
+@given(architectures())
+def test_random_architectures_fold_via_onnx(arch):
+    base, gm, x, adapters = build(arch, torch.float32)
+    for p in [*gm.parameters(), *base.parameters()]:
+        # A fully frozen nn.MultiheadAttention in eval mode takes PyTorch's fused fast path,
+        # which the TorchScript exporter cannot export; the values are the same either way.
+        p.requires_grad_(True)
+    adapted, plain = export(gm, x, dynamo=False), export(base, x, dynamo=False)
+    folded, report = repfold.fold(adapted, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    y = run(adapted, x)
+    assert rel_err(y, run(plain, x)) > 1e-4
+    assert rel_err(run(folded, x), y) <= 1e-5
+    fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
+    assert len(report.folded) == len(fx_report.folded), f"{report}\n--- fx:\n{fx_report}"
+    if all(r.folded for r in report.regions):
+        assert_base_operators(onnx_counts(folded), onnx_counts(plain))
+
+
+ELEMENTWISE = {"Mul", "Div", "Add", "Sub"}
+
+
+def assert_base_operators(got: dict, want: dict) -> None:
+    """The base model's operators, except that a constant scale or shift of the model's own inside an
+    adapter region (the trailing x0.5 of a GELU the TorchScript exporter spells out) folds too."""
+    got, want = dict(got), dict(want)
+    got.pop("Constant", None), want.pop("Constant", None)  # exporters fold shape arithmetic differently
+    assert set(got) <= set(want) and all(got[k] <= want[k] for k in got), (got, want)
+    fewer = {k for k in want if got.get(k, 0) < want[k]}
+    assert fewer <= ELEMENTWISE, (got, want)
+
+
+def run(proto, x: torch.Tensor):
+    ort = pytest.importorskip("onnxruntime")
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
