@@ -298,6 +298,19 @@ def _slices(ctx, index) -> tuple[slice, ...] | None:
 # --- ONNX ------------------------------------------------------------------------------
 
 
+def _reorders_unseen_axes(perm, shape, named: set[int]) -> bool:
+    """Whether ``perm`` swaps two axes of size 1 to the engine, one of them a named (dynamic) size.
+
+    The engine sees a named size as 1, and two size-1 axes in either order
+    look the same, so it could not tell such a transpose from none.
+    """
+    if shape is None or not named:
+        return False
+    ones = [a for a in range(len(shape)) if shape[a] == 1]
+    place = {a: perm.index(a) for a in ones}
+    return any((a in named or b in named) and place[a] > place[b] for a in ones for b in ones if a < b)
+
+
 def match_onnx(node, ctx) -> Match | None:
     op, x = node.op, (node.inputs[0] if node.inputs else None)
     label = f"{node.name} ({op})"
@@ -306,7 +319,9 @@ def match_onnx(node, ctx) -> Match | None:
         perm = node.attrs.get("perm")
         if perm is None and rank is not None:
             perm = list(reversed(range(rank)))
-        return None if perm is None else Match(Permute(tuple(perm)), (x,), label)
+        if perm is None or _reorders_unseen_axes(perm, ctx.shape(x), ctx.named_axes(x)):
+            return None
+        return Match(Permute(tuple(perm)), (x,), label)
     if op in ("Identity", "Dropout") and (len(node.outputs) == 1 or not ctx.used(node.outputs[1])):
         return Match(Same(), (x,), label)
     if op == "Cast" and ctx.dtype(x) is not None and ctx.dtype(x) == ctx.dtype(node.outputs[0]):

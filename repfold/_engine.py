@@ -132,11 +132,14 @@ def plan(
     members_of: dict[str, str] = {}
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
-        exits = [e for e in _exits(members, consumers) if not state[e].is_identity]
+        core = _without_trailing(members, by_name, consumers)
+        exits = [e for e in _exits(core, consumers) if not state[e].is_identity]
         adapter = len(heavy) > len(exits)
         if not adapter and not (scales and len(heavy) < len(members)):
             continue  # nothing to remove: a plain layer, not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False)
+        if adapter and not scales:  # the cheap ops after the region stay as they are: the model's own
+            members = core
         outcome = _settle(src, members, ctx, adapter, scales)
         if isinstance(outcome, tuple):
             if adapter:
@@ -161,6 +164,19 @@ class _Ctx:
     state: dict[str, Affine | None]
     ch: Channels
     consumers: Callable[[str], list[str]]
+
+
+def _without_trailing(members: list[str], by_name, consumers) -> list[str]:
+    """``members`` less the cheap ops that only lead out of the region (GELU's ``x / sqrt(2)`` after an
+    adapter, as the TorchScript exporter spells it): they would count as exits of their own."""
+    inside, trailing = set(members), set()
+    for m in reversed(members):  # members are in topological order
+        if by_name[m].op.heavy or not all(c in trailing for c in consumers(m) if c in inside):
+            continue
+        # it hangs off values that leave the region anyway (not the region's last step to its exit)
+        if all(any(c not in inside for c in consumers(i)) for i in by_name[m].inputs if i in inside):
+            trailing.add(m)
+    return [m for m in members if m not in trailing]
 
 
 def _exits(members: list[str], consumers) -> list[str]:
@@ -192,7 +208,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             kept = into + sum(len(f.via) for f in chosen)
             heavy = sum(by_name[m].op.heavy for m in folded)
             if into > allowed:
-                why = (exits or folded)[0], f"folding it would keep {into} layers where the model has {allowed}"
+                why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
             elif heavy > into or (scales and len(folded) > kept):
                 return chosen
             else:
@@ -256,7 +272,12 @@ def _assign(src, todo, folded, ctx: _Ctx):
         # or after a layer outside the region), the layers next to the region come first, so that no
         # adapter layer stays behind in the model.
         main = [h for h in order if _on_every_path(h, e, src, folded, by_name)]
-        fold = (into(main) or around()) if main else (around() or into(order, first=True))
+        if main:
+            fold = into(main) or around()
+        elif _fewest_layers(src, e, folded, by_name) == 0:  # an identity path: no layer here is the model's
+            fold = around()
+        else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape
+            fold = around() or into(order, first=True)
         if fold is None:
             return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
         if isinstance(fold, list):

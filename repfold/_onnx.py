@@ -58,6 +58,11 @@ class OnnxContext:
                 return None
         return tuple(out)
 
+    def named_axes(self, var) -> set[int]:
+        """Axes of ``var`` whose size is a name (dynamic): :meth:`shape` counts them as 1."""
+        dims = None if isinstance(var, gs.Constant) else (var.shape or self.shapes.get(var.name))
+        return {a for a, d in enumerate(dims or ()) if isinstance(d, str)}
+
     def dtype(self, var):
         if isinstance(var, gs.Constant):
             return np.dtype(var.dtype)  # without loading the values
@@ -203,11 +208,14 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
     their shapes but not their bytes (fast, and fine for models over 2 GB).
     """
     g = model.graph
+    small = _index_constants(model)  # pad amounts and the like: given as values, so shapes come out static
     light = onnx.helper.make_graph(
-        list(g.node),
+        [n for n in g.node if not (n.output and all(o in small for o in n.output))],
         g.name,
-        [*g.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in g.initializer)],
+        [*g.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                     for t in g.initializer if t.name not in small)],
         list(g.output),
+        [onnx.numpy_helper.from_array(v, name) for name, v in small.items()],
         value_info=list(g.value_info),
     )
     probe = onnx.helper.make_model(light, opset_imports=list(model.opset_import))
@@ -226,6 +234,39 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
                 for d in t.shape.dim
             )
     return shapes, dtypes
+
+
+def _index_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Small integer values known without running the model: initializers, Constant nodes, and the
+    index arithmetic on them that exporters emit (a reflect pad's amounts are seven such nodes)."""
+    import onnx.numpy_helper as nh
+    from onnx.reference import ReferenceEvaluator
+
+    def small(a: np.ndarray) -> bool:
+        return np.issubdtype(a.dtype, np.integer) and a.size <= _EVALUATE_LIMIT
+
+    g, known = model.graph, {}
+    for t in g.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= _EVALUATE_LIMIT:
+            known[t.name] = nh.to_array(t)
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            value = nh.to_array(n.attribute[0].t)
+            if small(value):
+                known[n.output[0]] = value
+        elif n.op_type in _INDEX_ARITHMETIC and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
+                and n.input and all(i in known or not i for i in n.input):
+            one = onnx.helper.make_graph(
+                [n], "one", [], [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.UNDEFINED, None)],
+                [nh.from_array(known[i], i) for i in n.input if i])
+            try:
+                (value,) = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=list(model.opset_import))).run(None, {})
+            except Exception:  # an op or attribute the reference runtime does not know
+                continue
+            value = np.asarray(value)
+            if small(value):
+                known[n.output[0]] = value
+    return known
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -289,7 +330,7 @@ def fold_onnx(
     def label(name: str) -> str:
         if name.startswith("node:"):  # an op no rule knows: named with its type (and domain)
             c = others[name]
-            what = f"{c.op}, {c.domain}" if c.domain not in ("", "ai.onnx") else c.op
+            what = f"{c.op}, {c.domain}" if c.domain not in ("", "ai.onnx", None) else c.op
             return f"{c.name} ({what})" if c.name else what
         var = tensors.get(name)
         if var is not None and var.inputs:
