@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import export, randomize_adapters, rel_err, timm
+from conftest import assert_base_operators, export, randomize_adapters, rel_err, timm
 
 import repfold
 from repfold._fx import op_counts as fx_counts
@@ -31,6 +31,49 @@ BACKBONES = {
                                                                      num_heads=2, hidden_dim=32, mlp_dim=64),
                         dict(before=["self_attention", "mlp"]), 32),
 }
+
+
+
+def _timm(name: str, **kw):
+    return lambda: timm.create_model(name, pretrained=False, **kw)
+
+
+# More families, each in its smallest variant; adapters before the attention and MLP scopes (by their names).
+BACKBONES.update({
+    "vit": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), dict(before=["attn", "mlp"]), 32),
+    "deit": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), dict(before=["attn", "mlp"]), 32),
+    "pvt-v2": (_timm("pvt_v2_b0"), dict(before=["attn", "mlp"]), 64),
+    "twins": (_timm("twins_pcpvt_small", img_size=64, depths=(1, 1, 1, 1)), dict(before=["attn", "mlp"]), 64),
+    "poolformer": (_timm("poolformer_s12"), dict(before=["mlp"]), 64),
+    "mixer": (_timm("mixer_s16_224", img_size=32), dict(before=["mlp_tokens", "mlp_channels"]), 32),
+    "edgenext": (_timm("edgenext_xx_small"), dict(before=["mlp"]), 64),
+    "cait": (_timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1),
+             dict(before=["attn", "mlp"]), 32),
+    "beit": (_timm("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
+             dict(before=["attn", "mlp"]), 32),
+    "mobilenetv3": (_timm("mobilenetv3_small_050"), dict(before=["conv_pw"]), 64),
+})
+
+# Adapters a backbone keeps, by frontend, and what every such reason says. Each is a limit of the rules,
+# not a wrong fold: the region reaches an op the algebra cannot see through.
+KEPT = {
+    # class attention reads the class token alone (a slice of the tokens)
+    "cait": ({"fx": 1, "onnx": 1}, "no layer can absorb it"),
+    # fx: the attention calls F.linear with a bias concatenated at run time (q, zeros, v); the ONNX
+    # exporter makes it a constant, and there all four fold
+    "beit": ({"fx": 2, "onnx": 0}, "no layer can absorb it"),
+    # fx: every 1x1 conv is followed by BatchNorm and has no bias for the adapter's constant; the ONNX
+    # exporter fuses BatchNorm into the conv, and there the convs whose region is a plain chain fold
+    "mobilenetv3": ({"fx": 11, "onnx": 4}, "no layer can absorb it"),
+}
+
+
+def same_kinds(counts: dict) -> dict:
+    """Operator counts with fx's two spellings of one permutation counted together."""
+    out = dict(counts)
+    if "transpose" in out:
+        out["permute"] = out.get("permute", 0) + out.pop("transpose")
+    return out
 
 
 def build(name: str, dtype=torch.float64):
@@ -59,8 +102,15 @@ def test_fx_fold_of_a_real_backbone(name, dtype, tol):
         y_base, y_adapted, y_folded = model(x), gm(x), folded(x)
     assert rel_err(y_adapted, y_base) > 1e-3, "the adapters must change the output"
     assert rel_err(y_folded, y_adapted) < tol
-    assert report.regions and all(r.folded for r in report.regions), str(report)
-    assert fx_counts(folded) == fx_counts(repfold.fold(model, example_inputs=x))
+    check_kept(name, "fx", report)
+    if not report.kept:
+        assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+
+
+def check_kept(name: str, frontend: str, report) -> None:
+    counts, why = KEPT.get(name, ({}, ""))
+    assert report.regions and len(report.kept) == counts.get(frontend, 0), str(report)
+    assert all(why in r.reason for r in report.kept), str(report)
 
 
 def test_convnext_keeps_the_adapter_before_its_depthwise_conv():
@@ -83,8 +133,12 @@ def _run(proto, x):
     return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv-mlp", "torchvision-vit"])
+ONNX_CASES = [(name, False) for name in BACKBONES if name != "swin-after-norm1"] + [
+    (name, True) for name in ("swin", "convnext", "convnext-conv-mlp", "torchvision-vit")  # dynamo: slower
+]
+
+
+@pytest.mark.parametrize("name, dynamo", ONNX_CASES, ids=[f"{n}-{'dynamo' if d else 'torchscript'}" for n, d in ONNX_CASES])
 def test_onnx_fold_of_a_real_backbone(name, dynamo):
     import onnx
 
@@ -92,16 +146,13 @@ def test_onnx_fold_of_a_real_backbone(name, dynamo):
     adapted, base = export(gm, x, dynamo), export(model, x, dynamo)
     folded, report = repfold.fold(adapted, return_report=True)
     onnx.checker.check_model(folded, full_check=True)
-    assert report.regions and all(r.folded for r in report.regions), str(report)
+    check_kept(name, "onnx", report)
     y_adapted, y_folded = _run(adapted, x), _run(folded, x)
     assert rel_err(y_adapted, _run(base, x)) > 1e-3
     assert rel_err(y_folded, y_adapted) < 1e-5
-    got, want = onnx_counts(folded), onnx_counts(base)
-    # The TorchScript exporter folds shape arithmetic into Constant nodes differently
-    # for the two graphs; every other operator count must match.
-    got.pop("Constant", None), want.pop("Constant", None)
-    assert got == want
-    assert n_weights(folded) == n_weights(base)
+    if not report.kept:
+        assert_base_operators(onnx_counts(folded), onnx_counts(base))  # PoolFormer: GroupNorm's affine folds too
+        assert n_weights(folded) <= n_weights(base)
 
 
 def n_weights(proto) -> int:
@@ -127,3 +178,41 @@ def test_dynamic_batch_export_folds_and_stays_dynamic(name):
     for batch in (1, 3):
         xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
         assert rel_err(_run(folded, xb), _run(adapted, xb)) < 1e-5
+
+
+FULL_SIZE = {
+    "vit-b16": ("vit_base_patch16_224", ["attn", "mlp"]),
+    "deit-s": ("deit_small_patch16_224", ["attn", "mlp"]),
+    "swin-t": ("swin_tiny_patch4_window7_224", ["attn", "mlp"]),
+    "convnext-t": ("convnext_tiny", ["mlp"]),
+    "pvt-v2-b1": ("pvt_v2_b1", ["attn", "mlp"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_full_size_backbone(name):
+    """`make test-slow`: the real sizes, folded in fx (float32) and through ONNX."""
+    timm_name, where = FULL_SIZE[name]
+    torch.manual_seed(0)
+    model = timm.create_model(timm_name, pretrained=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() < 1e-3:  # LayerScale and heads start near zero: the adapters' effect would not show
+                p.normal_(0, 0.1)
+    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+    gm = repfold.insert(model, before=where, example_inputs=x)
+    randomize_adapters(gm, std=0.05)
+    gm.eval()
+    folded, report = repfold.fold(gm, return_report=True)
+    with torch.no_grad():
+        y = gm(x)
+        assert rel_err(y, model(x)) > 1e-3
+        assert rel_err(folded(x), y) < 1e-4
+    assert report.regions and not report.kept, str(report)
+    assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+    adapted, base = export(gm, x, False), export(model, x, False)
+    folded_onnx, report = repfold.fold(adapted, return_report=True)
+    assert report.regions and not report.kept, str(report)
+    assert rel_err(_run(folded_onnx, x), _run(adapted, x)) < 1e-4
+    assert_base_operators(onnx_counts(folded_onnx), onnx_counts(base))

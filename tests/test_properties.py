@@ -3,7 +3,7 @@
 import onnx
 import pytest
 import torch
-from conftest import export, randomize_adapters, rel_err
+from conftest import assert_base_operators, export, randomize_adapters, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -325,19 +325,6 @@ def test_random_architectures_fold_via_onnx(arch):
     assert len(report.folded) == len(fx_report.folded), f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions):
         assert_base_operators(onnx_counts(folded), onnx_counts(plain))
-
-
-CHEAP = {"Mul", "Div", "Add", "Sub", "Identity"}  # ops of the model's own that a region may take in
-
-
-def assert_base_operators(got: dict, want: dict) -> None:
-    """The base model's operators, except that a constant scale or shift (or an Identity) of the model's
-    own inside an adapter region (the x0.5 of a GELU the TorchScript exporter spells out) folds too."""
-    got, want = dict(got), dict(want)
-    got.pop("Constant", None), want.pop("Constant", None)  # exporters fold shape arithmetic differently
-    assert set(got) <= set(want) and all(got[k] <= want[k] for k in got), (got, want)
-    fewer = {k for k in want if got.get(k, 0) < want[k]}
-    assert fewer <= CHEAP, (got, want)
 
 
 def run(proto, x: torch.Tensor):
