@@ -325,6 +325,8 @@ def test_random_architectures_fold_via_onnx(arch):
     assert len(report.folded) == len(fx_report.folded), f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions):
         assert_base_operators(onnx_counts(folded), onnx_counts(plain))
+    again, second = repfold.fold(folded, return_report=True)
+    assert not second.folded and onnx_counts(again) == onnx_counts(folded), str(second)
 
 
 def run(proto, x: torch.Tensor):
