@@ -6,8 +6,8 @@ writes it. Either way the process briefly holds the model twice. A protobuf
 message is a sequence of fields, and parsing two serialised pieces one after
 the other is the same as parsing their concatenation (repeated fields append,
 others merge), so the graph (where the weights are) can be read in chunks of
-whole fields, and written one field at a time behind a length prefix that
-``ByteSize()`` gives without serialising anything.
+whole fields, and written one field at a time behind a length prefix patched
+in at the end (upb's ``ByteSize()`` would serialise the whole graph to count).
 
 Only the two outer levels (``ModelProto`` and its ``graph``) are split; every
 field is handed to protobuf whole, so what is parsed is what ``onnx.load``
