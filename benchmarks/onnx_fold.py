@@ -64,8 +64,11 @@ def main() -> None:
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: ViT-Ti/16, one repeat")
     ap.add_argument("--export-to", help=argparse.SUPPRESS)  # internal: the export, in its own process
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.repeats = "vit_tiny_patch16_224", 1
     if args.export_to:
         export(args.model, Path(args.export_to))
         return
