@@ -8,3 +8,14 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 def test_custom_adapter_example_folds_an_unregistered_module():
     runpy.run_path(str(EXAMPLES / "custom_adapter.py"), run_name="__main__")
+
+
+def test_deployment_pipeline_script():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(["bash", str(EXAMPLES / "deploy.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert "(ok)" in done.stdout and "same predictions 100%" in done.stdout
