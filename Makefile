@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/precision.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/onnx_fold.py $(BENCH_ARGS) $(if $(BENCH_ARGS),,--json benchmarks/results/onnx_fold_vit_base_patch16_224.json)
 
 fuzz: $(STAMP)

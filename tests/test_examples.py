@@ -19,3 +19,16 @@ def test_deployment_pipeline_script():
                           env={**os.environ, "PYTHON": sys.executable}, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert "(ok)" in done.stdout and "same predictions 100%" in done.stdout
+
+
+def test_one_base_several_tasks(tmp_path):
+    import sys
+    from importlib import import_module
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import_module("multitask").main(["--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{t}.safetensors" for t in ("flowers", "cars", "pets")] + [f"{t}.onnx" for t in ("flowers", "cars", "pets")])
