@@ -32,3 +32,9 @@ def test_one_base_several_tasks(tmp_path):
         sys.path.remove(str(EXAMPLES))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{t}.safetensors" for t in ("flowers", "cars", "pets")] + [f"{t}.onnx" for t in ("flowers", "cars", "pets")])
+
+
+def test_quickstart_trains_folds_and_ships(capsys):
+    module = runpy.run_path(str(EXAMPLES / "quickstart.py"))  # not as __main__: a short run
+    module["main"](steps=10)
+    assert "same predictions as the trained model on 100%" in capsys.readouterr().out
