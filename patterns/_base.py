@@ -68,6 +68,17 @@ def stored(w):
     return w
 
 
+_NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+
+
+def as_numpy(value, ref) -> np.ndarray:
+    """``value`` (an array, or a product the fold left unevaluated) as a C-ordered array for tensor
+    ``ref``: in its dtype where NumPy has it, so a product is evaluated straight into it; else float64."""
+    from repfold._affine import cast
+
+    return cast(value, _NUMPY.get(str(ref.dtype).removeprefix("torch."), np.float64))
+
+
 def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarray | float]:
     """Split a broadcast constant into (axis it varies along, values).
 
@@ -94,10 +105,12 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
 
     def emit(swap: dict, W, b):
         old = ctx.module(node)
-        new = copy.deepcopy(old)
-        for name, value in params(old, W, b).items():
+        values = params(old, W, b)
+        # the tensors about to be replaced are shared, not cloned, by the copy
+        new = copy.deepcopy(old, {id(getattr(old, name)): getattr(old, name) for name in values})
+        for name, value in values.items():
             ref = getattr(old, name)
-            t = torch.from_numpy(np.ascontiguousarray(value)).reshape(ref.shape).to(ref)
+            t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
             setattr(new, name, nn.Parameter(t, requires_grad=ref.requires_grad))
         args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))

@@ -106,6 +106,17 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
 
 
+_VIEWABLE = ("float32", "float64", "float16")  # torch dtypes NumPy can view without a copy
+
+
+def _weight(t: torch.Tensor, shape) -> Deferred:
+    """A layer's weight as ``shape``: float64 when first needed, or viewed in place as stored (CPU)."""
+    shape = tuple(shape)
+    view = t.device.type == "cpu" and str(t.dtype).removeprefix("torch.") in _VIEWABLE
+    return Deferred(shape, lambda: _np(t).reshape(shape),
+                    (lambda: t.detach().numpy().reshape(shape)) if view else None)
+
+
 def _is_pointwise_conv(m: nn.Module) -> bool:
     if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return False
@@ -127,7 +138,9 @@ def match_fx(node, ctx) -> Match | None:
         if rank is None:
             return None
         if isinstance(m, nn.Linear):
-            op = Dense(_np(m.weight), _np(m.bias), rank - 1)
+            op = Dense(_weight(m.weight, m.weight.shape), _np(m.bias), rank - 1)
+        elif _is_pointwise_conv(m) and m.groups == 1:
+            op = Dense(_weight(m.weight, (m.out_channels, m.in_channels)), _np(m.bias), 1, 1, "1x1 Conv")
         elif _is_pointwise_conv(m):
             w = _np(m.weight).reshape(m.out_channels, -1)
             op = Dense(expand_groups(w, m.groups), _np(m.bias), 1, m.groups, "1x1 Conv")

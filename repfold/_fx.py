@@ -10,6 +10,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from repfold.patterns import RULES
+from repfold.patterns._base import as_numpy
 
 from . import _engine
 from ._report import FoldReport
@@ -63,7 +64,7 @@ class FxContext:
         The name is ``hint`` made unique, so a tensor others still read is never replaced.
         """
         ref = _get_attr(self.gm, like.target)
-        t = torch.from_numpy(np.ascontiguousarray(value)).reshape(ref.shape).to(ref)
+        t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
         base, i = hint.replace(".", "_") + "_folded", 0
         name = base
         while hasattr(self.gm, name):
