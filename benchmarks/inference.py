@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import timm
 import torch
+from _common import trained_like
 
 import repfold
 
@@ -57,13 +58,7 @@ def models(name: str, where: list[str]):
             if p.abs().max() < 1e-3:  # LayerScale and heads start near zero
                 p.normal_(0, 0.1)
     x = torch.randn(1, *base.pretrained_cfg["input_size"])
-    adapted = repfold.insert(base, before=where, example_inputs=x)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("repfold_adapters."):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    adapted.eval()
+    adapted = trained_like(repfold.insert(base, before=where, example_inputs=x), seed=1)
     return base, adapted, repfold.fold(adapted)
 
 

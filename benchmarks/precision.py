@@ -24,6 +24,7 @@ from pathlib import Path
 
 import timm
 import torch
+from _common import trained_like
 
 import repfold
 from repfold._adapters import RepAdapter
@@ -76,13 +77,7 @@ def measure(model_name: str, dtypes: list[str]) -> list[dict]:
     torch.manual_seed(0)
     base32 = timm.create_model(model_name, pretrained=False).eval()
     x32 = torch.randn(4, *base32.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    gm32 = repfold.insert(base32, before=["attn", "mlp"], example_inputs=x32)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in gm32.named_parameters():
-            if n.startswith("repfold_adapters."):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    gm32.eval()
+    gm32 = trained_like(repfold.insert(base32, before=["attn", "mlp"], example_inputs=x32), seed=2)
     gm64 = copy.deepcopy(gm32).double()
     exact = repfold.fold(gm64)  # the reference weights
     with torch.no_grad():
