@@ -1,4 +1,5 @@
-"""The ONNX frontend: graph -> steps for the engine, and the rewrite of a plan (onnx-graphsurgeon)."""
+"""The ONNX frontend: graph -> steps for the engine (read through onnx-graphsurgeon), and the plan
+written back by editing the model proto in place."""
 
 from __future__ import annotations
 
@@ -290,7 +291,7 @@ def fold_onnx(
         private = model
     else:
         private = onnx.ModelProto()
-        private.CopyFrom(model)  # onnx-graphsurgeon writes into the protos it imports
+        private.CopyFrom(model)  # the fold edits the proto it is given
     graph = gs.import_onnx(private)  # initializer values stay in ``private``'s protos until read
     if len(graph.nodes) != len(private.graph.node):
         raise AssertionError("onnx-graphsurgeon imported a different node list")
