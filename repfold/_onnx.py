@@ -27,13 +27,16 @@ _EVALUATE_LIMIT = 4096  # elements in all inputs: never weights
 class OnnxContext:
     """What the ONNX matchers in ``repfold.patterns`` may ask about a graph."""
 
-    def __init__(self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int]) -> None:
+    def __init__(
+        self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int],
+        known: dict[str, np.ndarray],
+    ) -> None:
         self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
+        self.known = known  # small constants and the integer index arithmetic on them, by value name
         self.added: set[str] = set()  # initializers the fold wrote into ``proto``
         self.outputs = {id(v) for v in graph.outputs}
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
-        self._computed: dict[int, np.ndarray | None] = {}
         self._float64: dict[int, np.ndarray | None] = {}
 
     def rank(self, var) -> int | None:
@@ -86,7 +89,6 @@ class OnnxContext:
     def release(self) -> None:
         """Drop the float64 weights and computed values kept for matching."""
         self._float64.clear()
-        self._computed.clear()
 
     def weight(self, var, transform=None):
         """A float constant as a :class:`~repfold.patterns._base.Deferred` float64 array, else None.
@@ -119,30 +121,9 @@ class OnnxContext:
                 return np.asarray(value.values) if isinstance(value, gs.Constant) else None
             if producer.op == "Identity":
                 return self.raw_const(producer.inputs[0])
-            if producer.op in _INDEX_ARITHMETIC and len(producer.outputs) == 1:
-                if id(producer) not in self._computed:
-                    self._computed[id(producer)] = self._evaluate(producer)
-                return self._computed[id(producer)]
+            if producer.op in _INDEX_ARITHMETIC:
+                return self.known.get(var.name)
         return None
-
-    def _evaluate(self, node) -> np.ndarray | None:
-        """The value of a small integer node whose inputs are all constants (pad amounts, sizes)."""
-        values = [self.raw_const(i) if i.name else None for i in node.inputs]
-        if any(v is None for v, i in zip(values, node.inputs) if i.name):
-            return None
-        if sum(v.size for v in values if v is not None) > _EVALUATE_LIMIT:
-            return None
-        from onnx.reference import ReferenceEvaluator
-
-        ins = [gs.Constant(f"in{k}", v) if v is not None else gs.Variable.empty() for k, v in enumerate(values)]
-        out = gs.Variable("out")
-        one = gs.Graph([gs.Node(node.op, "node", dict(node.attrs), ins, [out])], [], [out], opset=self.graph.opset)
-        try:
-            (result,) = ReferenceEvaluator(gs.export_onnx(one, do_type_check=False)).run(None, {})
-        except Exception:  # an op or attribute the reference runtime does not know: not a constant to us
-            return None
-        result = np.asarray(result)
-        return result if np.issubdtype(result.dtype, np.integer) else None
 
     def used(self, var) -> bool:
         return bool(var.outputs) or id(var) in self.outputs
@@ -202,7 +183,7 @@ def _stored_values(var: gs.Constant) -> np.ndarray:
     return np.asarray(var.values)
 
 
-def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int], dict[str, np.ndarray]]:
     """Shape (ints, names of dynamic dims, None) and element type of every value inference can tell.
 
     Initializers are handed to the inferencer as typed inputs, so it sees
@@ -225,7 +206,9 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
     except Exception:  # shape inference is a help, not a requirement
         inferred = light
-    shapes, dtypes = {}, {}
+    # values given to the inferencer as constants: their own shapes and types
+    shapes = {name: v.shape for name, v in small.items()}
+    dtypes = {name: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for name, v in small.items()}
     for vi in [*inferred.input, *inferred.output, *inferred.value_info]:
         t = vi.type.tensor_type
         dtypes[vi.name] = t.elem_type
@@ -234,38 +217,40 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
                 d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
                 for d in t.shape.dim
             )
-    return shapes, dtypes
+    return shapes, dtypes, small
 
 
 def _index_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Small integer values known without running the model: initializers, Constant nodes, and the
-    index arithmetic on them that exporters emit (a reflect pad's amounts are seven such nodes)."""
+    """Small values known without running the model, by name: initializers and Constant nodes (and
+    Identity of them), and the integer index arithmetic on them that exporters emit (a reflect pad's
+    amounts are seven such nodes). Weights are never touched: every input of a node evaluated here
+    is small."""
     import onnx.numpy_helper as nh
     from onnx.reference import ReferenceEvaluator
 
-    def small(a: np.ndarray) -> bool:
-        return np.issubdtype(a.dtype, np.integer) and a.size <= _EVALUATE_LIMIT
-
     g, known = model.graph, {}
     for t in g.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims) <= _EVALUATE_LIMIT:
+        if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _EVALUATE_LIMIT:
             known[t.name] = nh.to_array(t)
     for n in g.node:
         if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
             value = nh.to_array(n.attribute[0].t)
-            if small(value):
+            if value.size <= _EVALUATE_LIMIT:
                 known[n.output[0]] = value
+        elif n.op_type == "Identity" and n.input[0] in known:
+            known[n.output[0]] = known[n.input[0]]
         elif n.op_type in _INDEX_ARITHMETIC and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
-                and n.input and all(i in known or not i for i in n.input):
+                and n.input and all(i in known or not i for i in n.input) \
+                and sum(known[i].size for i in n.input if i) <= _EVALUATE_LIMIT:
             one = onnx.helper.make_graph(
                 [n], "one", [], [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.UNDEFINED, None)],
                 [nh.from_array(known[i], i) for i in n.input if i])
             try:
                 (value,) = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=list(model.opset_import))).run(None, {})
-            except Exception:  # an op or attribute the reference runtime does not know
+            except Exception:  # an op or attribute the reference runtime does not know: not a constant to us
                 continue
             value = np.asarray(value)
-            if small(value):
+            if np.issubdtype(value.dtype, np.integer):
                 known[n.output[0]] = value
     return known
 
