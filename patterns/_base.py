@@ -71,12 +71,17 @@ def stored(w):
 _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
+def numpy_dtype(t) -> type | None:
+    """The NumPy dtype of tensor ``t``'s float type, or None where NumPy has none (bfloat16)."""
+    return _NUMPY.get(str(t.dtype).removeprefix("torch."))
+
+
 def as_numpy(value, ref) -> np.ndarray:
     """``value`` (an array, or a product the fold left unevaluated) as a C-ordered array for tensor
     ``ref``: in its dtype where NumPy has it, so a product is evaluated straight into it; else float64."""
     from repfold._affine import cast
 
-    return cast(value, _NUMPY.get(str(ref.dtype).removeprefix("torch."), np.float64))
+    return cast(value, numpy_dtype(ref) or np.float64)
 
 
 def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarray | float]:

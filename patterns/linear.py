@@ -36,7 +36,7 @@ from repfold._affine import (
     matvec,
 )
 
-from ._base import Deferred, Match, fx_rebuild, resolve, stored
+from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored
 from ._torch import F, nn, torch
 
 
@@ -106,13 +106,10 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
 
 
-_VIEWABLE = ("float32", "float64", "float16")  # torch dtypes NumPy can view without a copy
-
-
 def _weight(t: torch.Tensor, shape) -> Deferred:
     """A layer's weight as ``shape``: float64 when first needed, or viewed in place as stored (CPU)."""
     shape = tuple(shape)
-    view = t.device.type == "cpu" and str(t.dtype).removeprefix("torch.") in _VIEWABLE
+    view = t.device.type == "cpu" and numpy_dtype(t) is not None
     return Deferred(shape, lambda: _np(t).reshape(shape),
                     (lambda: t.detach().numpy().reshape(shape)) if view else None)
 
