@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             outputs.append(got)
         spread = max(float(np.abs(a - b).max()) for a in outputs for b in outputs)
         print(f"the tasks' models differ by up to {spread:.2f} in their logits: each carries its own adapters")
+        assert spread > 1e-3
 
 
 if __name__ == "__main__":

@@ -107,7 +107,16 @@ def test_known_damaged_inputs(data):
 
 
 def test_the_undamaged_model_folds():
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load_from_string(GOOD)
+    plain = onnx.load_from_string(GOOD)  # the same model without the adapter: fc2 reads the ReLU directly
+    plain.graph.node[-1].input[0] = "h"
+    x = np.random.default_rng(1).standard_normal((2, 4, 16)).astype(np.float32)
+    y = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    assert np.abs(y - ReferenceEvaluator(plain).run(None, {"x": x})[0]).max() > 1e-2 * np.abs(y).max()
     rc, err, left, written = run_cli(GOOD)
     assert rc == 0, err
     assert [n.op_type for n in written.graph.node] == ["MatMul", "Relu", "MatMul"]
+    assert np.abs(ReferenceEvaluator(written).run(None, {"x": x})[0] - y).max() <= 1e-5 * np.abs(y).max()
 
