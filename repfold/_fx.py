@@ -14,7 +14,7 @@ from repfold.patterns._base import as_numpy
 
 from . import _engine
 from ._report import FoldReport
-from ._trace import VALUE_KEY, example_inputs, is_shape_read, shape, to_graph_module
+from ._trace import VALUE_KEY, example_inputs, is_shape_read, own_parameters, shape, to_graph_module
 
 
 class FxContext:
@@ -120,10 +120,10 @@ def inline_submodules(gm: fx.GraphModule) -> None:
             continue
         sub = gm.get_submodule(node.target)
         try:
-            sub_gm = fx.symbolic_trace(sub)
+            sub_graph = fx.Tracer().trace(sub)  # a graph only: no GraphModule, no code generated
         except Exception:  # a leaf the user or timm named: it stays whole, and opaque to folds
             continue
-        result = _splice(graph, node, sub_gm.graph)
+        result = _splice(graph, node, sub_graph)
         if isinstance(result, fx.Node):
             node.replace_all_uses_with(result)
             graph.erase_node(node)
@@ -172,7 +172,8 @@ def fold_fx(
     model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
 ) -> tuple[fx.GraphModule, FoldReport]:
     """Fold every adapter region of ``model``; returns a new GraphModule and the report."""
-    gm = to_graph_module(model, leaf_modules, leaf_functions)
+    # The copy shares the caller's parameters until the end: adapters and absorbed weights are never cloned.
+    gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
     gm.eval()
     inline_submodules(gm)
     gm.graph.eliminate_dead_code()
@@ -230,6 +231,7 @@ def fold_fx(
     gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, read_before)
+    own_parameters(gm, model)
     gm.graph.lint()
     gm.recompile()
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)

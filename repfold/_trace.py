@@ -108,15 +108,34 @@ def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
     gm.recompile()
 
 
-def to_graph_module(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModule:
-    """A private copy of ``model`` as a GraphModule; the caller's model is never touched."""
-    own = copy.deepcopy(model)
+def to_graph_module(
+    model: nn.Module, leaf_modules=(), leaf_functions=(), *, share_parameters: bool = False
+) -> fx.GraphModule:
+    """A private copy of ``model`` as a GraphModule; the caller's model is never touched.
+
+    With ``share_parameters`` the copy holds the caller's own parameter
+    tensors (modules, graph and buffers are still copied): a caller that
+    replaces many of them saves cloning those, and must call
+    ``own_parameters`` on the result before handing it out.
+    """
+    memo = {id(p): p for p in model.parameters()} if share_parameters else {}
+    own = copy.deepcopy(model, memo)
     if isinstance(own, fx.GraphModule):
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
         return own
     gm = trace(own, leaf_modules, leaf_functions)
     gm.meta[META_KEY] = {}
     return gm
+
+
+def own_parameters(gm: nn.Module, model: nn.Module) -> None:
+    """Give ``gm`` its own copy of every parameter it still shares with ``model`` (tied ones stay tied)."""
+    theirs = {id(p) for p in model.parameters()}
+    memo: dict[int, nn.Parameter] = {}
+    for module in gm.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in theirs:
+                module._parameters[name] = copy.deepcopy(p, memo)
 
 
 def example_inputs(model: nn.Module, given=None) -> tuple[torch.Tensor, ...]:

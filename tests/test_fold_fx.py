@@ -50,6 +50,23 @@ def test_fold_does_not_touch_its_input():
     assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
 
 
+def test_folded_model_shares_no_tensor_with_its_input():
+    """Fold borrows the input's parameters while it works; what it returns owns all of its tensors."""
+    model, gm, x = adapted(MODELS[0], torch.float64)
+    fc2 = "blocks.0.mlp.fc2"
+    gm.get_submodule("blocks.1.mlp.fc2").weight = gm.get_submodule(fc2).weight  # tied: must stay tied, and still be a copy
+    folded = repfold.fold(gm)
+    theirs = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}
+    ours = list(folded.parameters()) + list(folded.buffers())
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in ours)
+    assert folded.get_submodule("blocks.1.mlp.fc2").weight is folded.get_submodule(fc2).weight
+    with torch.no_grad():
+        y = folded(x)
+        for p in folded.parameters():
+            p.add_(1.0)  # a user fine-tuning the folded model
+        assert torch.equal(repfold.fold(gm)(x), y)
+
+
 def test_folding_twice_changes_nothing():
     _, gm, x = adapted(MODELS[0], torch.float64)
     once = repfold.fold(gm)
