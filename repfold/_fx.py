@@ -113,7 +113,10 @@ def _is_leaf(m: nn.Module) -> bool:
 
 
 def inline_submodules(gm: fx.GraphModule) -> None:
-    """Trace through every call of a non-torch module (adapters included), in place."""
+    """Trace through every call of a non-torch module (adapters included), in place.
+
+    The graph changes; ``gm``'s code is not regenerated (the caller recompiles when it is done).
+    """
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_module" or _is_leaf(gm.get_submodule(node.target)):
@@ -127,7 +130,6 @@ def inline_submodules(gm: fx.GraphModule) -> None:
         if isinstance(result, fx.Node):
             node.replace_all_uses_with(result)
             graph.erase_node(node)
-    gm.recompile()
 
 
 def _splice(graph: fx.Graph, call: fx.Node, sub: fx.Graph):
@@ -176,8 +178,7 @@ def fold_fx(
     gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
     gm.eval()
     inline_submodules(gm)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    gm.graph.eliminate_dead_code()  # shapes are found by interpreting the graph: no code is generated until the end
     shape(gm, example_inputs(model, example))
     report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
 
