@@ -31,6 +31,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/fx_fold.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/precision.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/onnx_fold.py $(BENCH_ARGS) $(if $(BENCH_ARGS),,--json benchmarks/results/onnx_fold_vit_base_patch16_224.json)

@@ -4,9 +4,10 @@
     python benchmarks/inference.py --quick         # a smoke run: small models, batch 1
 
 For each model, in torch eager (CPU) and onnxruntime (CPU, all graph
-optimisations on): median latency of each variant, the three variants
-interleaved run by run so drift on a shared machine hits them alike, and the
-ratios to the base model. Also the operator counts of the three ONNX graphs,
+optimisations on), and at batch 1 on a CUDA GPU when there is one (torch
+eager, and onnxruntime's CUDA provider when onnxruntime-gpu has it): median
+latency of each variant, the three variants interleaved run by run so drift on
+a shared machine hits them alike, and the ratios to the base model. Also the operator counts of the three ONNX graphs,
 and the node counts onnxruntime's optimiser leaves at each level, which show
 that it does not remove the adapters by itself.
 
@@ -85,12 +86,13 @@ def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
-def session(proto: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save: Path | None = None):
+def session(proto: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save: Path | None = None,
+            providers=("CPUExecutionProvider",)):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     if save is not None:
         opts.optimized_model_filepath = str(save)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=list(providers))
 
 
 def counts(proto: onnx.ModelProto) -> Counter:
@@ -109,7 +111,59 @@ def optimiser_leftovers(protos: dict[str, onnx.ModelProto], tmp: Path) -> dict[s
     return out
 
 
-def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: Path) -> dict:
+def on_gpu(name: str, variants: dict, protos: dict, x: torch.Tensor, repeats: int, device: str,
+           provider: str | None) -> list[dict]:
+    """Batch-1 rows on the accelerator (the paper's setting): torch eager, and onnxruntime when it has ``provider``."""
+    import copy
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    on = {k: copy.deepcopy(m).to(device) for k, m in variants.items()}
+    xd = x.to(device)
+
+    def call(m):
+        m(xd)
+        sync()
+
+    rows = []
+    with torch.no_grad():
+        eager = interleaved({k: (lambda m=m: call(m)) for k, m in on.items()}, 3 * repeats, warmup=10)
+        y = {k: m(xd).float().cpu() for k, m in on.items()}
+    scale = float(y["adapted"].abs().max())
+    timed = [(f"torch eager, {device}", eager, float((y["folded"] - y["adapted"]).abs().max()) / scale)]
+    if provider is not None:
+        sessions = {k: session(p, providers=[provider]) for k, p in protos.items()}
+        if all(s.get_providers()[0] == provider for s in sessions.values()):
+            feed = {"image": x.numpy()}
+            ms = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, 3 * repeats, 10)
+            out = {k: s.run(None, feed)[0] for k, s in sessions.items()}
+            timed.append((f"onnxruntime, {provider.removesuffix('ExecutionProvider')}", ms,
+                          float(np.abs(out["folded"] - out["adapted"]).max()) / scale))
+    for runtime, ms, diff in timed:
+        rows.append({
+            "model": name, "batch": 1, "runtime": runtime, "base_ms": round(ms["base"], 2),
+            "adapted_ratio": round(ms["adapted"] / ms["base"], 3),
+            "folded_ratio": round(ms["folded"] / ms["base"], 3), "max_diff": diff,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def gpu_setting(asked: str) -> tuple[str, str | None] | None:
+    """(torch device, onnxruntime provider or None) to time on, or None: ``--gpu auto`` uses CUDA when present."""
+    if asked == "no" or (asked == "auto" and not torch.cuda.is_available()):
+        return None
+    if asked == "cpu-check":  # internal: runs the GPU code path on the CPU, to test it without a GPU
+        return "cpu", "CPUExecutionProvider"
+    if not torch.cuda.is_available():
+        raise SystemExit("inference.py: --gpu yes, but torch sees no CUDA device")
+    provider = "CUDAExecutionProvider"
+    return "cuda", provider if provider in ort.get_available_providers() else None
+
+
+def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: Path, gpu=None) -> dict:
     base, adapted, folded = models(name, where)
     variants = {"base": base, "adapted": adapted, "folded": folded}
     x1 = torch.randn(1, *base.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(2))
@@ -137,6 +191,8 @@ def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: 
                 "folded_ratio": round(ms["folded"] / ms["base"], 3), "max_diff": diff,
             })
             print(json.dumps(rows[-1]), flush=True)
+    if gpu is not None:
+        rows += on_gpu(name, variants, protos, x1, repeats, *gpu)
     return {
         "rows": rows,
         "onnx_ops_equal": counts(protos["folded"]) == counts(protos["base"]),
@@ -163,6 +219,10 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def on_cuda(row: dict) -> bool:
+    return "cuda" in row["runtime"].lower()
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -170,7 +230,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for m in results.values() for r in m["rows"]]
-    labels = [f"{r['model'].split('_')[0]} b{r['batch']}\n{r['runtime'].split()[0]}" for r in rows]
+    labels = [f"{r['model'].split('_')[0]} b{r['batch']}\n{r['runtime'].split()[0].rstrip(',')}"
+              f"{' GPU' if on_cuda(r) else ''}" for r in rows]
     pos = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
     ax.bar(pos - 0.2, [r["adapted_ratio"] for r in rows], 0.4, label="with adapters (unfolded)", color="#d08c60")
@@ -180,7 +241,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("latency / base model")
     ax.set_ylim(0.8, max(1.2, max(r["adapted_ratio"] for r in rows) + 0.05))
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("CPU inference: medians, variants interleaved", fontsize=9)
+    gpu = any(on_cuda(r) for r in rows)
+    ax.set_title(f"{'CPU and GPU' if gpu else 'CPU'} inference: medians, variants interleaved", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -190,7 +252,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small models, batch 1, few repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, help="timed runs per variant at batch 1 (default 30, quick 3)")
     ap.add_argument("--out", help="folder for inference.{json,md,png} (default benchmarks/results, quick: results/quick)")
+    ap.add_argument("--gpu", choices=["auto", "yes", "no", "cpu-check"], default="auto",
+                    help="also time batch 1 on a CUDA GPU (auto: when torch sees one)")
     args = ap.parse_args()
+    gpu = gpu_setting(args.gpu)
     chosen, batches = (QUICK, [1]) if args.quick else (MODELS, [1, 32])
     repeats = args.repeats or (3 if args.quick else 30)
     out = Path(args.out) if args.out else RESULTS / "quick" if args.quick else RESULTS
@@ -198,7 +263,7 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        results = {name: measure(name, where, batches, repeats, Path(d)) for name, where in chosen.items()}
+        results = {name: measure(name, where, batches, repeats, Path(d), gpu) for name, where in chosen.items()}
     (out / "inference.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "inference.md").write_text(table(results))
     plot(results, out / "inference.png")
