@@ -113,10 +113,13 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
         values = params(old, W, b)
         # the tensors about to be replaced are shared, not cloned, by the copy
         new = copy.deepcopy(old, {id(getattr(old, name)): getattr(old, name) for name in values})
+        for name, p in old.named_parameters():
+            if name not in values and ctx.trainable(p):
+                new.get_parameter(name).requires_grad_(True)
         for name, value in values.items():
             ref = getattr(old, name)
             t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
-            setattr(new, name, nn.Parameter(t, requires_grad=ref.requires_grad))
+            setattr(new, name, nn.Parameter(t, requires_grad=ctx.trainable(ref)))
         args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))
         return ctx.graph.call_module(ctx.replace_module(node, new), args, kwargs)

@@ -92,7 +92,8 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     state = _adapter_state(gm)
     if not state:
         raise ValueError("this model has no repfold adapters to save")
-    meta = getattr(gm, "meta", {}).get(META_KEY, {})
+    # how the adapters were inserted; which weights insert froze is about this live model, not the file
+    meta = {k: v for k, v in getattr(gm, "meta", {}).get(META_KEY, {}).items() if k != "frozen"}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})

@@ -14,15 +14,20 @@ from repfold.patterns._base import as_numpy
 
 from . import _engine
 from ._report import FoldReport
-from ._trace import VALUE_KEY, example_inputs, is_shape_read, own_parameters, shape, to_graph_module
+from ._trace import META_KEY, VALUE_KEY, example_inputs, is_shape_read, own_parameters, shape, to_graph_module
 
 
 class FxContext:
     """What the fx matchers in ``repfold.patterns`` may ask about a graph."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, thaw: set[int] = frozenset()) -> None:
         self.gm, self.graph = gm, gm.graph
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.thaw = thaw
+
+    def trainable(self, ref: torch.Tensor) -> bool:
+        """Whether a tensor made from ``ref`` requires grad: as ``ref`` does, or it was frozen only by insert."""
+        return ref.requires_grad or id(ref) in self.thaw
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -70,7 +75,7 @@ class FxContext:
         while hasattr(self.gm, name):
             i += 1
             name = f"{base}_{i}"
-        self.gm.register_parameter(name, nn.Parameter(t, requires_grad=ref.requires_grad))
+        self.gm.register_parameter(name, nn.Parameter(t, requires_grad=self.trainable(ref)))
         return self.graph.get_attr(name)
 
     def replace_module(self, node: fx.Node, new: nn.Module) -> str:
@@ -182,7 +187,11 @@ def fold_fx(
     shape(gm, example_inputs(model, example))
     report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
 
-    ctx = FxContext(gm)
+    # ``insert`` froze the model's own parameters to train adapters; the folded model gets them back trainable
+    # (as the model was before insert, and as an export expects: a frozen nn.MultiheadAttention takes a fused path).
+    frozen = set(gm.meta.get(META_KEY, {}).get("frozen", ()))
+    thaw = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in frozen}
+    ctx = FxContext(gm, thaw)
     read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     steps = []
@@ -232,7 +241,8 @@ def fold_fx(
     gm.graph.eliminate_dead_code()  # the replaced regions, now unread
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, read_before)
-    own_parameters(gm, model)
+    own_parameters(gm, model, thaw)
+    gm.meta.get(META_KEY, {}).pop("frozen", None)
     gm.graph.lint()
     gm.recompile()
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)

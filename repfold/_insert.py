@@ -136,7 +136,10 @@ def insert(
                 n.replace_input_with(value, node)
         placed[scope if where == "before" else f"{scope}:after"] = target
 
+    frozen = []  # the model's own trainable parameters, frozen for adapter training; fold thaws them
     for name, p in gm.named_parameters():
+        if p.requires_grad and not name.startswith(PREFIX + "."):
+            frozen.append(name)
         p.requires_grad_(name.startswith(PREFIX + "."))
     if placed:  # adapters (and their container) join in the model's mode; the model's own modules keep theirs
         gm.get_submodule(PREFIX).train(model.training)
@@ -153,5 +156,6 @@ def insert(
             "dropout": dropout,
         },
         "adapters": placed,
+        "frozen": frozen,
     }
     return gm

@@ -128,14 +128,20 @@ def to_graph_module(
     return gm
 
 
-def own_parameters(gm: nn.Module, model: nn.Module) -> None:
-    """Give ``gm`` its own copy of every parameter it still shares with ``model`` (tied ones stay tied)."""
+def own_parameters(gm: nn.Module, model: nn.Module, thaw: set[int] = frozenset()) -> None:
+    """Give ``gm`` its own copy of every parameter it still shares with ``model`` (tied ones stay tied).
+
+    Copies of the parameters whose ids are in ``thaw`` require grad.
+    """
     theirs = {id(p) for p in model.parameters()}
     memo: dict[int, nn.Parameter] = {}
     for module in gm.modules():
         for name, p in module._parameters.items():
             if p is not None and id(p) in theirs:
+                fresh = id(p) not in memo
                 module._parameters[name] = copy.deepcopy(p, memo)
+                if fresh and id(p) in thaw:
+                    module._parameters[name].requires_grad_(True)
 
 
 def example_inputs(model: nn.Module, given=None) -> tuple[torch.Tensor, ...]:

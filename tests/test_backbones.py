@@ -107,6 +107,16 @@ def test_fx_fold_of_a_real_backbone(name, dtype, tol):
         assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
 
 
+def test_folded_multihead_attention_model_exports_as_its_base_does():
+    """insert freezes every base weight, and a frozen nn.MultiheadAttention in eval mode takes PyTorch's
+    fused path, which TorchScript cannot export; the folded model has its trainable flags back."""
+    model, gm, x = build("torchvision-vit", torch.float32)
+    folded = repfold.fold(gm)
+    proto = export(folded, x, dynamo=False)
+    with torch.no_grad():
+        assert rel_err(_run(proto, x), folded(x)) < 1e-5
+
+
 def check_kept(name: str, frontend: str, report) -> None:
     counts, why = KEPT.get(name, ({}, ""))
     assert report.regions and len(report.kept) == counts.get(frontend, 0), str(report)

@@ -67,6 +67,21 @@ def test_folded_model_shares_no_tensor_with_its_input():
         assert torch.equal(repfold.fold(gm)(x), y)
 
 
+def test_folded_parameters_are_trainable_as_before_insert():
+    """insert freezes the model to train adapters; the folded model gets the flags the model had before."""
+    model, x = make_vit(MODELS[0], torch.float64), image(dtype=torch.float64)
+    model.patch_embed.requires_grad_(False)  # the user's own choice: stays
+    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x).eval()
+    randomize_adapters(gm)
+    assert not any(p.requires_grad for n, p in gm.named_parameters() if not n.startswith("repfold_adapters."))
+    folded = repfold.fold(gm)
+    assert {n: p.requires_grad for n, p in folded.named_parameters()} == {
+        n: not n.startswith("patch_embed.") for n, _ in folded.named_parameters()
+    }
+    assert any(n.startswith("patch_embed.") for n, _ in folded.named_parameters())
+    assert not any(p.requires_grad for n, p in gm.named_parameters() if not n.startswith("repfold_adapters."))
+
+
 def test_folding_twice_changes_nothing():
     _, gm, x = adapted(MODELS[0], torch.float64)
     once = repfold.fold(gm)
