@@ -96,10 +96,12 @@ class _Progress:
 
 
 def _load(path: str, progress=None):
-    """(model with its weights, the files its external data came from); UsageError for anything else."""
-    from onnx.external_data_helper import load_external_data_for_model
+    """(model, the files its external data came from); UsageError for anything else.
 
-    from ._io import read_model
+    Large external tensors stay in their files (``anchor_external_data``): a
+    fold reads the layers it changes, and the rest is copied file to file.
+    """
+    from ._io import anchor_external_data, read_model
 
     p = Path(path)
     if not p.exists():
@@ -114,7 +116,10 @@ def _load(path: str, progress=None):
         missing = sorted(str(f) for f in external if not f.is_file())
         if missing:
             raise UsageError(f"{path}: its external data file {missing[0]} is missing")
-        load_external_data_for_model(model, str(p.resolve().parent))
+        try:
+            anchor_external_data(model, p.resolve().parent)
+        except ValueError as e:
+            raise UsageError(f"{path}: {e}") from None
     except UsageError:
         raise
     except Exception as e:
@@ -297,9 +302,7 @@ def stage(model, path: Path, external: bool, keep: set[Path] = frozenset(), prog
     ``keep``, the input's own data files). :func:`commit` moves the files
     into place; removing the folder instead leaves nothing behind.
     """
-    import onnx
-
-    from ._io import write_model
+    from ._io import load_anchored, write_model, write_with_external_data
 
     data = None
     if external:
@@ -310,10 +313,10 @@ def stage(model, path: Path, external: bool, keep: set[Path] = frozenset(), prog
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if data is None:
+            load_anchored(model)
             write_model(model, tmp / path.name, progress)
         else:
-            onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=data.name, size_threshold=1024)
+            write_with_external_data(model, tmp / path.name, tmp / data.name, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

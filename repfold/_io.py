@@ -194,6 +194,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, progress: Progr
     five bytes are reserved and patched; a shorter prefix moves the graph back.
     """
     g = model.graph
+    if any(is_anchored(t) for t in g.initializer):
+        raise ValueError("tensors left on disk must be loaded (load_anchored) or written out first")
     if _has_unknown_fields(model, g):  # fields this onnx does not know: only protobuf can write them back
         onnx.save(model, os.fspath(path))
         return
@@ -239,3 +241,200 @@ def _patch_length(f, at: int, n: int) -> None:
             f.write(chunk)
         f.truncate(dst + n)
     f.seek(0, os.SEEK_END)
+
+
+# --- external data, left on disk ------------------------------------------------------------
+#
+# A model over 2 GB keeps its weights in files beside it. Loading them all (``load_external_data_
+# for_model``) costs the whole size in memory and time, though a fold reads only the layers it
+# changes. Instead, ``anchor_external_data`` points each large external tensor at its file by
+# absolute path (the values are read from there when a fold asks: ``read_external``), and
+# ``write_with_external_data`` copies the bytes of the tensors the fold kept from file to file.
+
+ANCHORED = "repfold:anchored"  # an external_data key marking a tensor whose location is absolute
+_ALIGN = 4096  # large tensors start on a page boundary in the data file written (onnxruntime can map them)
+_LARGE = 1 << 20
+_INLINE = 1024  # tensors smaller than this are stored in the model file (onnx.save's default threshold)
+
+
+def _external_fields(t: onnx.TensorProto) -> dict[str, str]:
+    return {kv.key: kv.value for kv in t.external_data}
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int, anchored: bool = False) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        kv = t.external_data.add()
+        kv.key, kv.value = key, value
+    if anchored:
+        kv = t.external_data.add()
+        kv.key, kv.value = ANCHORED, "1"
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of ``t``'s values as raw data, or None for types without a fixed item size (strings, 4-bit)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * itemsize
+
+
+def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> set[str]:
+    """Check every external tensor's bytes are in their file; point large ones there, load the rest.
+
+    Large float tensors (the weights) are left on disk with absolute locations
+    (the model must then be written with ``write_with_external_data`` or
+    ``load_anchored``); smaller or other tensors are read into the model.
+    Returns the data files. Raises ``ValueError`` with a one-line reason.
+    """
+    folder = os.path.abspath(folder)
+    files: set[str] = set()
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_fields(t)
+        location = info.get("location", "")
+        path = os.path.normpath(os.path.join(folder, location))
+        if not location or os.path.isabs(location) or not path.startswith(folder + os.sep):
+            raise ValueError(f"tensor {t.name!r} has its data at {location!r}, outside the model's folder")
+        files.add(path)
+        if path not in sizes:
+            if not os.path.isfile(path):
+                raise ValueError(f"its external data file {path} is missing")
+            sizes[path] = os.path.getsize(path)
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ValueError(f"tensor {t.name!r} has a malformed offset or length") from None
+        need = _nbytes(t)
+        length = need if length is None else length
+        if length is None or offset < 0 or (need is not None and length != need):
+            raise ValueError(f"tensor {t.name!r}: its external data length does not match its shape")
+        if offset + length > sizes[path]:
+            raise ValueError(f"tensor {t.name!r} lies past the end of {path} (a cut data file?)")
+        if t.data_type in _NUMPY and length >= _LARGE:
+            _set_external(t, path, offset, length, anchored=True)
+        else:
+            t.raw_data = _read_bytes(path, offset, length)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return files
+
+
+def is_anchored(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(kv.key == ANCHORED for kv in t.external_data)
+
+
+_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def read_external(t: onnx.TensorProto):
+    """An anchored tensor's values, read from its file (a read-only array of a copy)."""
+    import numpy as np
+
+    info = _external_fields(t)
+    a = np.fromfile(info["location"], dtype=_NUMPY[t.data_type], count=int(info["length"]) // np.dtype(
+        _NUMPY[t.data_type]).itemsize, offset=int(info["offset"])).reshape(tuple(t.dims))
+    a.flags.writeable = False
+    return a
+
+
+def _read_bytes(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise ValueError(f"{path} is shorter than its tensors say")
+    return data
+
+
+def load_anchored(model: onnx.ModelProto, below: int | None = None) -> None:
+    """Read anchored tensors (all, or those under ``below`` bytes) into the model."""
+    for t in model.graph.initializer:
+        if is_anchored(t):
+            info = _external_fields(t)
+            if below is None or int(info["length"]) < below:
+                t.raw_data = _read_bytes(info["location"], int(info["offset"]), int(info["length"]))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+
+
+def write_with_external_data(
+    model: onnx.ModelProto, path: str | os.PathLike, data: str | os.PathLike, progress: Progress | None = None
+) -> None:
+    """Write ``model`` to ``path`` with its tensors of 1 KB or more in ``data`` (in the same folder).
+
+    Anchored tensors are copied from their files by the kernel, never through
+    this process's memory; the others' raw data moves from the model to the
+    file. Tensors of 1 MB or more start on a 4 KB boundary. The model is
+    changed: it ends up as written.
+    """
+    def size(t: onnx.TensorProto) -> int:  # without reading raw_data, which upb would copy out
+        if is_anchored(t):
+            return int(_external_fields(t)["length"])
+        if not t.HasField("raw_data"):
+            return 0
+        n = _nbytes(t)
+        return len(t.raw_data) if n is None else n
+
+    load_anchored(model, below=_INLINE)  # small ones go into the model file
+    name = os.path.basename(data)
+    tensors = [(t, n) for t in model.graph.initializer if (n := size(t)) >= _INLINE]
+    total = sum(n for _, n in tensors)
+    sources: dict[str, int] = {}
+    done = 0
+    try:
+        with open(data, "wb") as out:
+            for t, length in tensors:
+                at = out.tell()
+                info = _external_fields(t)
+                if length >= _LARGE and at % _ALIGN:
+                    out.write(bytes(_ALIGN - at % _ALIGN))
+                    at = out.tell()
+                if is_anchored(t):
+                    out.flush()
+                    src = sources.get(info["location"])
+                    if src is None:
+                        src = sources[info["location"]] = os.open(info["location"], os.O_RDONLY)
+                    _copy_range(src, int(info["offset"]), length, out)
+                else:
+                    out.write(t.raw_data)
+                    t.ClearField("raw_data")
+                _set_external(t, name, at, length)
+                done += length
+                if progress and length >= _LARGE:
+                    progress(done, total)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+    write_model(model, path)
+
+
+def _copy_range(src: int, offset: int, length: int, out) -> None:
+    """Append ``length`` bytes of the file ``src`` from ``offset`` to ``out`` (kernel copy where there is one)."""
+    dst = out.fileno()
+    at = out.tell()
+    copied = 0
+    try:
+        while copied < length:
+            n = os.copy_file_range(src, dst, length - copied, offset + copied, at + copied)
+            if n == 0:
+                raise ValueError("a data file ended early")
+            copied += n
+    except (AttributeError, OSError):  # no copy_file_range here (or across these file systems): read and write
+        while copied < length:
+            chunk = os.pread(src, min(CHUNK, length - copied), offset + copied)
+            if not chunk:
+                raise ValueError("a data file ended early") from None
+            os.pwrite(dst, chunk, at + copied)
+            copied += len(chunk)
+    out.seek(at + length)

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from repfold.patterns import RULES
 
 from . import _engine
+from ._io import is_anchored, read_external
 from ._report import FoldReport
 
 # Ops whose value ``raw_const`` computes when all their inputs are constants and
@@ -177,6 +178,8 @@ def _stored_values(var: gs.Constant) -> np.ndarray:
     """
     lazy = getattr(var, "_values", None)
     tensor = getattr(lazy, "tensor", None)
+    if isinstance(tensor, onnx.TensorProto) and is_anchored(tensor):  # left on disk by the command line
+        return read_external(tensor)
     if isinstance(tensor, onnx.TensorProto) and tensor.data_type in _PLAIN and tensor.raw_data \
             and tensor.data_location != onnx.TensorProto.EXTERNAL:
         return np.frombuffer(tensor.raw_data, dtype=_PLAIN[tensor.data_type]).reshape(tuple(tensor.dims))

@@ -284,3 +284,63 @@ def test_bad_usage_is_one_line_exit_2(dynamic, tmp_path, args, message):
     r = cli(dynamic[0], *[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.fixture
+def on_disk(dynamic, tmp_path, monkeypatch):
+    """The adapted ViT with external data; every float weight counts as large, so it stays on disk."""
+    from repfold import _io
+
+    monkeypatch.setattr(_io, "_LARGE", 1)
+    src, base = dynamic
+    onnx.save(onnx.load(str(src)), str(tmp_path / "in.onnx"), save_as_external_data=True,
+              location="weights.bin", size_threshold=0)
+    return tmp_path / "in.onnx", base
+
+
+def test_weights_left_on_disk_fold_to_the_same_values(on_disk, tmp_path):
+    """The command line reads only the layers it changes and copies the rest file to file (``_io``):
+    the same tensors as folding the fully loaded model, the large ones page-aligned in the new file."""
+    from repfold._cli import main
+
+    src, base = on_disk
+    out = tmp_path / "out.onnx"
+    assert main([str(src), "-o", str(out), "-q"]) == 0
+    expected = repfold.fold(str(src))  # the Python API loads every weight
+    folded = onnx.load(str(out))
+    assert ops(folded) == ops(base)
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert got.keys() == {t.name for t in expected.graph.initializer}
+    for t in expected.graph.initializer:
+        assert np.array_equal(got[t.name], onnx.numpy_helper.to_array(t)), t.name
+    offsets = [int(kv.value) for t in onnx.load(str(out), load_external_data=False).graph.initializer
+               for kv in t.external_data if kv.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets)
+    assert main([str(src), "-o", str(tmp_path / "inline.onnx"), "-q", "--external-data", "never"]) == 0
+    inline = onnx.load(str(tmp_path / "inline.onnx"))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in inline.graph.initializer)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(run(inline, x), run(folded, x))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut", "lies past the end of"),
+    ("escape", "outside the model's folder"),
+    ("length", "does not match its shape"),
+])
+def test_bad_external_data_is_one_line_and_nothing_written(on_disk, tmp_path, damage, message):
+    src, _ = on_disk
+    model = onnx.load(str(src), load_external_data=False)
+    t = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    if damage == "cut":
+        data = tmp_path / "weights.bin"
+        data.write_bytes(data.read_bytes()[:-100])
+    for kv in t.external_data:
+        if damage == "escape" and kv.key == "location":
+            kv.value = str(tmp_path / "weights.bin")  # absolute: the file is there, but not by a relative path
+        if damage == "length" and kv.key == "length":
+            kv.value = str(int(kv.value) - 4)
+    onnx.save(model, str(src))
+    r = cli(src, "-o", tmp_path / "out.onnx")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
