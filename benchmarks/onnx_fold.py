@@ -36,13 +36,14 @@ onnx.save(m, sys.argv[2], save_as_external_data=external, location=sys.argv[2].r
 def export(model_name: str, path: Path) -> None:
     import timm
     import torch
+    from _common import trained_like
 
     import repfold
 
     model = timm.create_model(model_name, pretrained=False).eval()
     size = model.pretrained_cfg["input_size"]
     x = torch.randn(1, *size)
-    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x).eval()
+    gm = trained_like(repfold.insert(model, before=["attn", "mlp"], example_inputs=x), seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(gm, (x,), str(path), dynamo=False, opset_version=17, input_names=["image"],

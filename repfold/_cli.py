@@ -295,14 +295,16 @@ def _target(args) -> Path | None:
     return out
 
 
-def stage(model, path: Path, external: bool, keep: set[Path] = frozenset(), progress=None) -> tuple[Path, Path | None]:
+def stage(
+    model, path: Path, external: bool, keep: set[Path] = frozenset(), progress=None, pending: dict | None = None
+) -> tuple[Path, Path | None]:
     """Write ``model`` into a new temporary folder beside ``path``; (that folder, final data path or None).
 
     With ``external`` the weights go to ``<name>.data`` (renamed around
     ``keep``, the input's own data files). :func:`commit` moves the files
     into place; removing the folder instead leaves nothing behind.
     """
-    from ._io import load_anchored, write_model, write_with_external_data
+    from ._io import load_left_out, write_model, write_with_external_data
 
     data = None
     if external:
@@ -313,10 +315,10 @@ def stage(model, path: Path, external: bool, keep: set[Path] = frozenset(), prog
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if data is None:
-            load_anchored(model)
+            load_left_out(model, pending)
             write_model(model, tmp / path.name, progress)
         else:
-            write_with_external_data(model, tmp / path.name, tmp / data.name, progress)
+            write_with_external_data(model, tmp / path.name, tmp / data.name, progress, pending)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -347,7 +349,8 @@ def run(argv: list[str] | None = None) -> int:
     was_external = bool(keep)
     feeds = _feeds(model, given) if args.check else None
     progress("folding")
-    folded, report = fold_onnx(model, scales=args.scales, own=True)  # --check reads the input file again
+    pending: dict = {}  # the new weights, kept out of the proto until written
+    folded, report = fold_onnx(model, scales=args.scales, own=True, pending=pending)  # --check reads the input again
     model = None
     progress.done()
     say(report)
@@ -363,7 +366,7 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("the folded model is over 2 GB: it needs --external-data auto or always")
     external = args.external_data == "always" or (args.external_data == "auto" and (was_external or big))
     progress(f"writing {out}")
-    tmp, data = stage(folded, out, external, keep, lambda done, total: progress.bar(done, total or size))
+    tmp, data = stage(folded, out, external, keep, lambda done, total: progress.bar(done, total or size), pending)
     folded = None
     try:
         if args.check:

@@ -194,8 +194,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, progress: Progr
     five bytes are reserved and patched; a shorter prefix moves the graph back.
     """
     g = model.graph
-    if any(is_anchored(t) for t in g.initializer):
-        raise ValueError("tensors left on disk must be loaded (load_anchored) or written out first")
+    if any(left_out(t) for t in g.initializer):
+        raise ValueError("tensors left out of the proto must be loaded (load_left_out) or written out first")
     if _has_unknown_fields(model, g):  # fields this onnx does not know: only protobuf can write them back
         onnx.save(model, os.fspath(path))
         return
@@ -243,42 +243,60 @@ def _patch_length(f, at: int, n: int) -> None:
     f.seek(0, os.SEEK_END)
 
 
-# --- external data, left on disk ------------------------------------------------------------
+# --- weights left out of the model proto ----------------------------------------------------
 #
 # A model over 2 GB keeps its weights in files beside it. Loading them all (``load_external_data_
 # for_model``) costs the whole size in memory and time, though a fold reads only the layers it
 # changes. Instead, ``anchor_external_data`` points each large external tensor at its file by
-# absolute path (the values are read from there when a fold asks: ``read_external``), and
-# ``write_with_external_data`` copies the bytes of the tensors the fold kept from file to file.
+# absolute path (read when a fold asks: ``read_external``), and ``write_with_external_data``
+# copies the bytes of the tensors the fold kept from file to file. The new weights a fold makes
+# can stay out of the proto too (``mark_pending``): they are written from their arrays, never
+# copied into protobuf and out again. Either kind is marked by a key in ``external_data`` and
+# must go through ``write_with_external_data`` or ``load_left_out`` before the model is written.
 
-ANCHORED = "repfold:anchored"  # an external_data key marking a tensor whose location is absolute
+ANCHORED = "repfold:anchored"  # the tensor's bytes are in a file, at an absolute location
+PENDING = "repfold:pending"  # the tensor's values are an array the caller holds, by tensor name
 _ALIGN = 4096  # large tensors start on a page boundary in the data file written (onnxruntime can map them)
 _LARGE = 1 << 20
 _INLINE = 1024  # tensors smaller than this are stored in the model file (onnx.save's default threshold)
+_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
 
 
 def _external_fields(t: onnx.TensorProto) -> dict[str, str]:
     return {kv.key: kv.value for kv in t.external_data}
 
 
-def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int, anchored: bool = False) -> None:
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int, mark: str | None = None) -> None:
     del t.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         kv = t.external_data.add()
         kv.key, kv.value = key, value
-    if anchored:
+    if mark:
         kv = t.external_data.add()
-        kv.key, kv.value = ANCHORED, "1"
+        kv.key, kv.value = mark, "1"
     t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _set_inline(t: onnx.TensorProto, data: bytes) -> None:
+    t.raw_data = data
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+
+
+def left_out(t: onnx.TensorProto) -> str | None:
+    """``ANCHORED``, ``PENDING``, or None for a tensor stored the usual way."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((kv.key for kv in t.external_data if kv.key in (ANCHORED, PENDING)), None)
 
 
 def _nbytes(t: onnx.TensorProto) -> int | None:
     """Bytes of ``t``'s values as raw data, or None for types without a fixed item size (strings, 4-bit)."""
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return None
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, ValueError, TypeError):
-        return None
-    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return None
     n = 1
     for d in t.dims:
@@ -289,10 +307,9 @@ def _nbytes(t: onnx.TensorProto) -> int | None:
 def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> set[str]:
     """Check every external tensor's bytes are in their file; point large ones there, load the rest.
 
-    Large float tensors (the weights) are left on disk with absolute locations
-    (the model must then be written with ``write_with_external_data`` or
-    ``load_anchored``); smaller or other tensors are read into the model.
-    Returns the data files. Raises ``ValueError`` with a one-line reason.
+    Large float tensors (the weights) are left on disk with absolute locations;
+    smaller or other tensors are read into the model. Returns the data files.
+    Raises ``ValueError`` with a one-line reason.
     """
     folder = os.path.abspath(folder)
     files: set[str] = set()
@@ -322,19 +339,10 @@ def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> s
         if offset + length > sizes[path]:
             raise ValueError(f"tensor {t.name!r} lies past the end of {path} (a cut data file?)")
         if t.data_type in _NUMPY and length >= _LARGE:
-            _set_external(t, path, offset, length, anchored=True)
+            _set_external(t, path, offset, length, ANCHORED)
         else:
-            t.raw_data = _read_bytes(path, offset, length)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+            _set_inline(t, _read_bytes(path, offset, length))
     return files
-
-
-def is_anchored(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL and any(kv.key == ANCHORED for kv in t.external_data)
-
-
-_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
 
 
 def read_external(t: onnx.TensorProto):
@@ -342,10 +350,18 @@ def read_external(t: onnx.TensorProto):
     import numpy as np
 
     info = _external_fields(t)
-    a = np.fromfile(info["location"], dtype=_NUMPY[t.data_type], count=int(info["length"]) // np.dtype(
-        _NUMPY[t.data_type]).itemsize, offset=int(info["offset"])).reshape(tuple(t.dims))
+    dtype = np.dtype(_NUMPY[t.data_type])
+    a = np.fromfile(info["location"], dtype=dtype, count=int(info["length"]) // dtype.itemsize,
+                    offset=int(info["offset"]))
     a.flags.writeable = False
-    return a
+    return a.reshape(tuple(t.dims))
+
+
+def mark_pending(t: onnx.TensorProto, name: str, values) -> None:
+    """Make ``t`` the tensor ``name`` holding ``values`` (an array the caller keeps, by name, until writing)."""
+    t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    t.dims.extend(values.shape)
+    _set_external(t, "", 0, values.nbytes, PENDING)
 
 
 def _read_bytes(path: str, offset: int, length: int) -> bytes:
@@ -357,38 +373,44 @@ def _read_bytes(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-def load_anchored(model: onnx.ModelProto, below: int | None = None) -> None:
-    """Read anchored tensors (all, or those under ``below`` bytes) into the model."""
+def _length(t: onnx.TensorProto) -> int:
+    """Bytes of ``t``'s values, without reading ``raw_data`` (which upb copies out on every access)."""
+    if left_out(t):
+        return int(_external_fields(t)["length"])
+    if not t.HasField("raw_data"):
+        return 0
+    n = _nbytes(t)
+    return len(t.raw_data) if n is None else n
+
+
+def load_left_out(model: onnx.ModelProto, pending: dict | None = None, below: int | None = None) -> None:
+    """Put the values of left-out tensors (all, or those under ``below`` bytes) into the model."""
     for t in model.graph.initializer:
-        if is_anchored(t):
+        kind = left_out(t)
+        if kind is None or (below is not None and _length(t) >= below):
+            continue
+        if kind == PENDING:
+            _set_inline(t, pending.pop(t.name).tobytes())
+        else:
             info = _external_fields(t)
-            if below is None or int(info["length"]) < below:
-                t.raw_data = _read_bytes(info["location"], int(info["offset"]), int(info["length"]))
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
+            _set_inline(t, _read_bytes(info["location"], int(info["offset"]), int(info["length"])))
 
 
 def write_with_external_data(
-    model: onnx.ModelProto, path: str | os.PathLike, data: str | os.PathLike, progress: Progress | None = None
+    model: onnx.ModelProto, path: str | os.PathLike, data: str | os.PathLike, progress: Progress | None = None,
+    pending: dict | None = None,
 ) -> None:
     """Write ``model`` to ``path`` with its tensors of 1 KB or more in ``data`` (in the same folder).
 
     Anchored tensors are copied from their files by the kernel, never through
-    this process's memory; the others' raw data moves from the model to the
-    file. Tensors of 1 MB or more start on a 4 KB boundary. The model is
+    this process's memory; pending ones are written from their arrays (and
+    dropped from ``pending``); the others' raw data moves from the model to
+    the file. Tensors of 1 MB or more start on a 4 KB boundary. The model is
     changed: it ends up as written.
     """
-    def size(t: onnx.TensorProto) -> int:  # without reading raw_data, which upb would copy out
-        if is_anchored(t):
-            return int(_external_fields(t)["length"])
-        if not t.HasField("raw_data"):
-            return 0
-        n = _nbytes(t)
-        return len(t.raw_data) if n is None else n
-
-    load_anchored(model, below=_INLINE)  # small ones go into the model file
+    load_left_out(model, pending, below=_INLINE)  # small ones go into the model file
     name = os.path.basename(data)
-    tensors = [(t, n) for t in model.graph.initializer if (n := size(t)) >= _INLINE]
+    tensors = [(t, n) for t in model.graph.initializer if (n := _length(t)) >= _INLINE]
     total = sum(n for _, n in tensors)
     sources: dict[str, int] = {}
     done = 0
@@ -396,16 +418,19 @@ def write_with_external_data(
         with open(data, "wb") as out:
             for t, length in tensors:
                 at = out.tell()
-                info = _external_fields(t)
                 if length >= _LARGE and at % _ALIGN:
                     out.write(bytes(_ALIGN - at % _ALIGN))
                     at = out.tell()
-                if is_anchored(t):
+                kind = left_out(t)
+                if kind == ANCHORED:
+                    info = _external_fields(t)
                     out.flush()
                     src = sources.get(info["location"])
                     if src is None:
                         src = sources[info["location"]] = os.open(info["location"], os.O_RDONLY)
                     _copy_range(src, int(info["offset"]), length, out)
+                elif kind == PENDING:
+                    out.write(memoryview(pending.pop(t.name)).cast("B"))
                 else:
                     out.write(t.raw_data)
                     t.ClearField("raw_data")

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from repfold.patterns import RULES
 
 from . import _engine
-from ._io import is_anchored, read_external
+from ._io import ANCHORED, left_out, mark_pending, read_external
 from ._report import FoldReport
 
 # Ops whose value ``raw_const`` computes when all their inputs are constants and
@@ -30,11 +30,12 @@ class OnnxContext:
 
     def __init__(
         self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int],
-        known: dict[str, np.ndarray],
+        known: dict[str, np.ndarray], pending: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
         self.known = known  # small constants and the integer index arithmetic on them, by value name
         self.added: set[str] = set()  # initializers the fold wrote into ``proto``
+        self.pending = pending  # where new weights go instead of the proto, if given (see ``_io``)
         self.outputs = {id(v) for v in graph.outputs}
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
@@ -145,14 +146,20 @@ class OnnxContext:
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
         """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64).
 
-        It goes into the model proto at once, so ``values`` need not be kept.
+        It goes into the model proto at once, so ``values`` need not be kept;
+        or, with ``pending``, its array goes there and the proto only names it.
         """
         from onnx_graphsurgeon.ir.tensor import LazyValues
 
         name = self.unique(f"{like.name}_folded")
         tensor = self.proto.initializer.add()
-        _fill_tensor(tensor, name, np.asarray(values).astype(self.dtype(like), order="C", copy=False))
+        values = np.ascontiguousarray(np.asarray(values).astype(self.dtype(like), copy=False))
         self.added.add(name)
+        if self.pending is not None:
+            mark_pending(tensor, name, values)
+            self.pending[name] = values
+            return gs.Constant(name, values)
+        _fill_tensor(tensor, name, values)
         return gs.Constant(name, LazyValues(tensor))
 
     def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
@@ -178,7 +185,7 @@ def _stored_values(var: gs.Constant) -> np.ndarray:
     """
     lazy = getattr(var, "_values", None)
     tensor = getattr(lazy, "tensor", None)
-    if isinstance(tensor, onnx.TensorProto) and is_anchored(tensor):  # left on disk by the command line
+    if isinstance(tensor, onnx.TensorProto) and left_out(tensor) == ANCHORED:  # left on disk by the command line
         return read_external(tensor)
     if isinstance(tensor, onnx.TensorProto) and tensor.data_type in _PLAIN and tensor.raw_data \
             and tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -267,12 +274,14 @@ def n_params(model: onnx.ModelProto) -> int:
 
 
 def fold_onnx(
-    model: onnx.ModelProto, *, scales: bool = False, own: bool = False
+    model: onnx.ModelProto, *, scales: bool = False, own: bool = False, pending: dict | None = None
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every adapter region of an ONNX model.
 
     The input proto is not modified, unless ``own`` says the caller hands it
     over (the command line does, to hold one copy of the weights, not two).
+    With ``pending`` (a dict), new weights are left there by name, for a
+    writer in ``_io`` to take, instead of being copied into the proto.
     """
     report = FoldReport("onnx", ops_before=op_counts(model), params_before=n_params(model))
     if own:
@@ -288,7 +297,7 @@ def fold_onnx(
     graph.toposort()
     live = _live(graph)
     dead_before = {id(n) for n in graph.nodes if id(n) not in live}
-    ctx = OnnxContext(graph, private.graph, *_infer(model))
+    ctx = OnnxContext(graph, private.graph, *_infer(model), pending=pending)
     tensors = graph.tensors()
 
     steps, step_of = [], {}  # step_of: node id -> step name

@@ -323,6 +323,20 @@ def test_weights_left_on_disk_fold_to_the_same_values(on_disk, tmp_path):
     assert np.array_equal(run(inline, x), run(folded, x))
 
 
+def test_without_a_kernel_copy_the_bytes_are_read_and_written(on_disk, tmp_path, monkeypatch):
+    from repfold._cli import main
+
+    src, _ = on_disk
+    assert main([str(src), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
+
+    def unsupported(*args):
+        raise OSError(38, "copy_file_range is not supported here")
+
+    monkeypatch.setattr("os.copy_file_range", unsupported)
+    assert main([str(src), "-o", str(tmp_path / "b.onnx"), "-q"]) == 0
+    assert (tmp_path / "a.onnx.data").read_bytes() == (tmp_path / "b.onnx.data").read_bytes()
+
+
 @pytest.mark.parametrize("damage, message", [
     ("cut", "lies past the end of"),
     ("escape", "outside the model's folder"),
