@@ -60,6 +60,11 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return elapsed, peak * 1024
 
 
+def clear(folder: Path, prefix: str) -> None:
+    for f in folder.glob(f"{prefix}*"):
+        f.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_base_patch16_224")
@@ -85,11 +90,11 @@ def main() -> None:
             t, m = timed([sys.executable, "-c", FLOOR, str(src), str(Path(d) / f"floor{i}.onnx"), str(int(external))])
             floor_t.append(t)
             floor_mem = max(floor_mem, m)
+            clear(Path(d), "floor")  # each run starts with the same files (and free page cache) as the other
             t, m = timed([sys.executable, "-c", FOLD, str(src), "-o", str(Path(d) / f"folded{i}.onnx"), "-q"])
             fold_t.append(t)
             fold_mem = max(fold_mem, m)
-            for f in Path(d).glob(f"*{i}.onnx*"):
-                f.unlink()
+            clear(Path(d), "folded")
     fig = {
         "model": args.model,
         "file_MB": round(size / 1e6, 1),

@@ -307,22 +307,22 @@ def _nbytes(t: onnx.TensorProto) -> int | None:
 def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> set[str]:
     """Check every external tensor's bytes are in their file; point large ones there, load the rest.
 
-    Large float tensors (the weights) are left on disk with absolute locations;
-    smaller or other tensors are read into the model. Returns the data files.
+    Large float initializers (the weights) are left on disk with absolute
+    locations; smaller or other tensors, and those in subgraphs or node
+    attributes, are read into the model. Returns the data files.
     Raises ``ValueError`` with a one-line reason.
     """
     folder = os.path.abspath(folder)
-    files: set[str] = set()
-    sizes: dict[str, int] = {}
-    for t in model.graph.initializer:
+    sizes: dict[str, int] = {}  # data file -> its size
+
+    def where(t: onnx.TensorProto) -> tuple[str, int, int] | None:
         if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
+            return None
         info = _external_fields(t)
         location = info.get("location", "")
         path = os.path.normpath(os.path.join(folder, location))
         if not location or os.path.isabs(location) or not path.startswith(folder + os.sep):
             raise ValueError(f"tensor {t.name!r} has its data at {location!r}, outside the model's folder")
-        files.add(path)
         if path not in sizes:
             if not os.path.isfile(path):
                 raise ValueError(f"its external data file {path} is missing")
@@ -338,11 +338,31 @@ def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> s
             raise ValueError(f"tensor {t.name!r}: its external data length does not match its shape")
         if offset + length > sizes[path]:
             raise ValueError(f"tensor {t.name!r} lies past the end of {path} (a cut data file?)")
-        if t.data_type in _NUMPY and length >= _LARGE:
-            _set_external(t, path, offset, length, ANCHORED)
-        else:
-            _set_inline(t, _read_bytes(path, offset, length))
-    return files
+        return path, offset, length
+
+    for t in model.graph.initializer:
+        found = where(t)
+        if found is not None and t.data_type in _NUMPY and found[2] >= _LARGE:
+            _set_external(t, *found, ANCHORED)
+        elif found is not None:
+            _set_inline(t, _read_bytes(*found))
+    for t in _nested_tensors(model.graph):
+        found = where(t)
+        if found is not None:
+            _set_inline(t, _read_bytes(*found))
+    return set(sizes)
+
+
+def _nested_tensors(g: onnx.GraphProto):
+    """Tensors in node attributes (Constant values) and the initializers of subgraphs, at any depth."""
+    for node in g.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from sub.initializer
+                yield from _nested_tensors(sub)
 
 
 def read_external(t: onnx.TensorProto):

@@ -91,3 +91,34 @@ def test_a_file_that_is_not_protobuf_is_refused(tmp_path):
     path.write_text("this is not a model\n")
     with pytest.raises(_io.WireError, match="not an ONNX protobuf"):
         _io.read_model(path)
+
+
+def test_external_data_left_on_disk_round_trips(tmp_path, monkeypatch):
+    """Initializers stay on disk and are copied file to file; tensors in node attributes and subgraphs are
+    read in; the model written loads to the same values as the input."""
+    monkeypatch.setattr(_io, "_LARGE", 1)  # every float initializer counts as large
+    model = rich_model()
+    rng = np.random.default_rng(1)
+    table = numpy_helper.from_array(rng.standard_normal((20, 30)).astype(np.float32), "table")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], value=table))
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(model, str(src), save_as_external_data=True, location="m.data", size_threshold=0,
+              convert_attribute=True)
+    expected = onnx.load(str(src))
+
+    loaded = _io.read_model(src)
+    files = _io.anchor_external_data(loaded, src.parent)
+    assert files == {str(src.parent / "m.data")}
+    assert {t.name for t in loaded.graph.initializer if _io.left_out(t)} == {"w", "b", "zero"}
+    with pytest.raises(ValueError, match="loaded"):
+        _io.write_model(loaded, tmp_path / "never.onnx")  # a file may never point at the input's data
+    out = tmp_path / "out.onnx"
+    _io.write_with_external_data(loaded, out, tmp_path / "out.data")
+    got = onnx.load(str(out))
+    for a, b in zip(_io._nested_tensors(got.graph), _io._nested_tensors(expected.graph)):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    for a, b in zip(got.graph.initializer, expected.graph.initializer):
+        assert a.name == b.name and np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert {kv.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            for kv in t.external_data if kv.key == "location"} == {"out.data"}
