@@ -349,7 +349,11 @@ def run(argv: list[str] | None = None) -> int:
     was_external = bool(keep)
     feeds = _feeds(model, given) if args.check else None
     progress("folding")
-    pending: dict = {}  # the new weights, kept out of the proto until written
+    # Bound for a data file (the output's weights go where the input's were): the new weights are kept
+    # out of the proto and written from their arrays. Into a single file they go into the proto at once.
+    to_data_file = args.external_data == "always" or (
+        args.external_data == "auto" and (was_external or _weight_bytes(model) > PROTOBUF_LIMIT // 2))
+    pending = {} if to_data_file else None
     folded, report = fold_onnx(model, scales=args.scales, own=True, pending=pending)  # --check reads the input again
     model = None
     progress.done()
