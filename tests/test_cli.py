@@ -358,3 +358,18 @@ def test_bad_external_data_is_one_line_and_nothing_written(on_disk, tmp_path, da
     r = cli(src, "-o", tmp_path / "out.onnx")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
+
+
+def test_external_data_always_moves_an_inline_models_weights_out(dynamic, tmp_path):
+    """The kept weights move from the proto to the data file, the new ones go there from their arrays."""
+    src, base = dynamic
+    out = tmp_path / "out.onnx"
+    r = cli(src, "-o", out, "--external-data", "always", "--check")
+    assert r.returncode == 0 and "(ok)" in r.stdout, r.stderr
+    on_disk = onnx.load(str(out), load_external_data=False)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in on_disk.graph.initializer) > 10
+    assert out.stat().st_size < 100_000 < (tmp_path / "out.onnx.data").stat().st_size
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in repfold.fold(str(src)).graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+    assert ops(onnx.load(str(out))) == ops(base)
