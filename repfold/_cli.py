@@ -112,12 +112,8 @@ def _load(path: str, progress=None):
         raise UsageError(f"{path}: cannot be read (permission denied)")
     try:
         model = read_model(p, progress)
-        external = _external_files(model, p.resolve().parent)
-        missing = sorted(str(f) for f in external if not f.is_file())
-        if missing:
-            raise UsageError(f"{path}: its external data file {missing[0]} is missing")
         try:
-            anchor_external_data(model, p.resolve().parent)
+            external = {Path(f).resolve() for f in anchor_external_data(model, p.resolve().parent)}
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
     except UsageError:
@@ -172,15 +168,6 @@ def _weight_bytes(model) -> int:
         size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         total += math.prod(t.dims) * size
     return total
-
-
-def _external_files(model, folder: Path) -> set[Path]:
-    files = set()
-    for t in model.graph.initializer:
-        for kv in t.external_data:
-            if kv.key == "location":
-                files.add((folder / kv.value).resolve())
-    return files
 
 
 def _shapes(specs: list[str]) -> dict[str, list[int]]:

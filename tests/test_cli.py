@@ -338,6 +338,7 @@ def test_without_a_kernel_copy_the_bytes_are_read_and_written(on_disk, tmp_path,
 
 
 @pytest.mark.parametrize("damage, message", [
+    ("missing", "weights.bin is missing"),
     ("cut", "lies past the end of"),
     ("escape", "outside the model's folder"),
     ("length", "does not match its shape"),
@@ -349,6 +350,8 @@ def test_bad_external_data_is_one_line_and_nothing_written(on_disk, tmp_path, da
     if damage == "cut":
         data = tmp_path / "weights.bin"
         data.write_bytes(data.read_bytes()[:-100])
+    if damage == "missing":
+        (tmp_path / "weights.bin").unlink()
     for kv in t.external_data:
         if damage == "escape" and kv.key == "location":
             kv.value = str(tmp_path / "weights.bin")  # absolute: the file is there, but not by a relative path
