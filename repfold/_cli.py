@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -161,13 +160,9 @@ def _short(e: BaseException) -> str:
 
 def _weight_bytes(model) -> int:
     """Bytes of the weights, wherever they are stored (inline or external)."""
-    import onnx
+    from ._io import nbytes
 
-    total = 0
-    for t in model.graph.initializer:
-        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        total += math.prod(t.dims) * size
-    return total
+    return sum(nbytes(t) or 0 for t in model.graph.initializer)
 
 
 def _shapes(specs: list[str]) -> dict[str, list[int]]:

@@ -259,7 +259,8 @@ PENDING = "repfold:pending"  # the tensor's values are an array the caller holds
 _ALIGN = 4096  # large tensors start on a page boundary in the data file written (onnxruntime can map them)
 _LARGE = 1 << 20
 _INLINE = 1024  # tensors smaller than this are stored in the model file (onnx.save's default threshold)
-_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
+# the float types a fold reads as NumPy views of raw bytes
+PLAIN_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
 
 
 def _external_fields(t: onnx.TensorProto) -> dict[str, str]:
@@ -290,7 +291,7 @@ def left_out(t: onnx.TensorProto) -> str | None:
     return next((kv.key for kv in t.external_data if kv.key in (ANCHORED, PENDING)), None)
 
 
-def _nbytes(t: onnx.TensorProto) -> int | None:
+def nbytes(t: onnx.TensorProto) -> int | None:
     """Bytes of ``t``'s values as raw data, or None for types without a fixed item size (strings, 4-bit)."""
     if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return None
@@ -332,7 +333,7 @@ def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> s
             length = int(info["length"]) if "length" in info else None
         except ValueError:
             raise ValueError(f"tensor {t.name!r} has a malformed offset or length") from None
-        need = _nbytes(t)
+        need = nbytes(t)
         length = need if length is None else length
         if length is None or offset < 0 or (need is not None and length != need):
             raise ValueError(f"tensor {t.name!r}: its external data length does not match its shape")
@@ -342,7 +343,7 @@ def anchor_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> s
 
     for t in model.graph.initializer:
         found = where(t)
-        if found is not None and t.data_type in _NUMPY and found[2] >= _LARGE:
+        if found is not None and t.data_type in PLAIN_DTYPES and found[2] >= _LARGE:
             _set_external(t, *found, ANCHORED)
         elif found is not None:
             _set_inline(t, _read_bytes(*found))
@@ -370,7 +371,7 @@ def read_external(t: onnx.TensorProto):
     import numpy as np
 
     info = _external_fields(t)
-    dtype = np.dtype(_NUMPY[t.data_type])
+    dtype = np.dtype(PLAIN_DTYPES[t.data_type])
     a = np.fromfile(info["location"], dtype=dtype, count=int(info["length"]) // dtype.itemsize,
                     offset=int(info["offset"]))
     a.flags.writeable = False
@@ -399,7 +400,7 @@ def _length(t: onnx.TensorProto) -> int:
         return int(_external_fields(t)["length"])
     if not t.HasField("raw_data"):
         return 0
-    n = _nbytes(t)
+    n = nbytes(t)
     return len(t.raw_data) if n is None else n
 
 

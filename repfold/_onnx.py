@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from repfold.patterns import RULES
 
 from . import _engine
-from ._io import ANCHORED, left_out, mark_pending, read_external
+from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
 from ._report import FoldReport
 
 # Ops whose value ``raw_const`` computes when all their inputs are constants and
@@ -175,7 +175,6 @@ class OnnxContext:
         return out
 
 
-_PLAIN = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
 
 
 def _stored_values(var: gs.Constant) -> np.ndarray:
@@ -187,9 +186,9 @@ def _stored_values(var: gs.Constant) -> np.ndarray:
     tensor = getattr(lazy, "tensor", None)
     if isinstance(tensor, onnx.TensorProto) and left_out(tensor) == ANCHORED:  # left on disk by the command line
         return read_external(tensor)
-    if isinstance(tensor, onnx.TensorProto) and tensor.data_type in _PLAIN and tensor.raw_data \
+    if isinstance(tensor, onnx.TensorProto) and tensor.data_type in PLAIN_DTYPES and tensor.raw_data \
             and tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return np.frombuffer(tensor.raw_data, dtype=_PLAIN[tensor.data_type]).reshape(tuple(tensor.dims))
+        return np.frombuffer(tensor.raw_data, dtype=PLAIN_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
     return np.asarray(var.values)
 
 
