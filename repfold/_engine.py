@@ -25,15 +25,44 @@ weights and deletes the region's other ops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _graph
 from ._affine import Affine, Channels, NotAffine
 from ._report import Region
 
 OUTPUT = "<output>"
 SOURCE = "<source>"
+
+
+class RepfoldError(RuntimeError):
+    """A failure of repfold's own (a bug), never of the user's input; ``region`` names where it happened."""
+
+    def __init__(self, message: str, region: str | None = None) -> None:
+        super().__init__(message)
+        self.region = region
+
+
+@contextmanager
+def folding(where: Any) -> Iterator[None]:
+    """Report an unexpected failure inside the block as a :class:`RepfoldError` naming ``where``.
+
+    ``where`` is a :class:`Fold` (its region's source), a :class:`Step` (its
+    label) or a string.
+    """
+    try:
+        yield
+    except (RepfoldError, NotAffine, MemoryError):
+        raise
+    except Exception as e:
+        if isinstance(where, Fold):
+            where = where.region.source if where.region is not None else where.source
+        elif isinstance(where, Step):
+            where = where.label
+        raise RepfoldError(f"while folding at {where}: {type(e).__name__}: {e}", region=str(where)) from e
 
 
 @dataclass
@@ -77,9 +106,23 @@ class Fold:
 
 @dataclass
 class Plan:
+    """What to rewrite: the folds, every region found, and what must be gone afterwards.
+
+    ``members`` maps every op of a folded region (and a producer fold's old
+    layer) to the region's source: after the rewrite none of them may still
+    run. ``redirects`` maps those whose shape is read to the value that takes
+    over the shape read: a fold's target (read through its replacement), a
+    copied layout step, or the source.
+    """
+
     folds: list[Fold]
     regions: list[Region]
-    members: dict[str, str]  # every op of a folded region -> its source
+    members: dict[str, str]
+    redirects: dict[str, str] = field(default_factory=dict)
+
+
+def _none(name: str) -> list[str]:
+    return []
 
 
 def plan(
@@ -89,11 +132,23 @@ def plan(
     label: Callable[[str], str],
     *,
     scales: bool = False,
+    dtype: Callable[[str], Any] = lambda name: None,
+    shape_reads: Callable[[str], list[tuple[str, int]]] = _none,
+    position: Callable[[str], int] = lambda name: 0,
+    hazard: Callable[[str], str | None] = lambda name: None,
 ) -> Plan:
     """Find the adapter regions among ``steps`` and decide how each folds.
 
     With ``scales`` a region without heavy layers of its own (SSF, IA3,
     LayerScale, BatchNorm) also folds when an absorber takes it.
+
+    ``dtype`` gives a value's element type; ``shape_reads`` the label and
+    position of each op that reads only a value's shape (they are not
+    consumers, but a folded region whose shape is read must leave a value of
+    that shape behind, defined before the read); ``position`` a value's place
+    in the graph's topological order;
+    ``hazard`` says why a source cannot be read anywhere but where it is read
+    now (an in-place write to it), or None.
     """
     by_name = {s.name: s for s in steps}
     ch = Channels()
@@ -115,7 +170,8 @@ def plan(
             continue
         saved = dict(ch.axis)
         try:
-            state[s.name] = s.op.transfer(ins, ch)
+            with folding(s):
+                state[s.name] = s.op.transfer(ins, ch)
         except NotAffine as e:
             ch.axis = saved
             state[s.name], ended[s.name] = source(s.name), str(e)
@@ -126,10 +182,11 @@ def plan(
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
-    ctx = _Ctx(by_name, state, ch, consumers)
+    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, _dataflow(steps))
     folds: list[Fold] = []
     regions: list[Region] = []
     members_of: dict[str, str] = {}
+    redirects: dict[str, str] = {}
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
         core = _without_trailing(members, by_name, consumers)
@@ -140,22 +197,82 @@ def plan(
         region = Region(label(src), [by_name[m].label for m in members], folded=False)
         if adapter and not scales:  # the cheap ops after the region stay as they are: the model's own
             members = core
-        outcome = _settle(src, members, ctx, adapter, scales)
-        if isinstance(outcome, tuple):
+        why_not = hazard(src)
+        outcome = None
+        if why_not is None:
+            with folding(region.source):
+                outcome = _settle(src, members, ctx, adapter, scales)
+        if why_not is not None or isinstance(outcome, Blocked):
             if adapter:
-                e, why, outside = outcome
-                blockers = ", ".join(_blocker(c, label, ended) for c in outside)
-                region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
+                if why_not is not None:
+                    region.reason = f"{label(src)} {why_not}"
+                else:
+                    e, why, outside = outcome
+                    blockers = ", ".join(_blocker(c, label, ended) for c in outside)
+                    region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
+                regions.append(region)
+            continue
+        chosen, settled = outcome
+        # what the rewrite removes: every op of the region but those that pass the source through untouched
+        # (the model's own dropout or contiguous, read outside too), and a producer fold's old layer
+        removed = list(settled) + ([src] if any(f.kind == "producer" for f in chosen) else [])
+        gone = [m for m in settled if not state[m].is_identity] + removed[len(settled):]
+        moved, why_not = _shape_redirects(src, removed, chosen, ctx, shape_reads, position, label)
+        if why_not is not None:
+            if adapter:
+                region.reason = why_not
                 regions.append(region)
             continue
         region.folded = True
         regions.append(region)
-        for f in outcome:
+        for f in chosen:
             f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
-        members_of.update({m: src for m in members})
-    return Plan(folds, regions, members_of)
+        members_of.update({m: src for m in gone})
+        redirects.update(moved)
+    return Plan(folds, regions, members_of, redirects)
+
+
+def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, position, label):
+    """For each value of ``gone`` whose shape is read, a value of the same shape and dtype that stays.
+
+    Preferred, in order: the value itself where it is a fold's target (its
+    replacement stays) or a layout step the fold copies; then another target
+    or copied step; then the source, if it holds the same positions. A
+    replacement must come before every read it takes over (a copied step sits
+    right after its original, a target's replacement right before it).
+    Returns ``(redirects, None)``, or ``({}, reason)`` when a read would keep
+    the region running.
+    """
+    kept_src = not any(f.kind == "producer" for f in chosen)
+    targets = [f.target for f in chosen]
+    copied = [name for f in chosen for name, _, perm in f.via if perm is None]
+    redirects = {}
+    for m in gone:
+        readers = shape_reads(m)
+        if not readers:
+            continue
+        sh, dt, first = ctx.shape(m), ctx.dtype(m), min(p for _, p in readers)
+        own = [m] if m in targets or m in copied else []
+        found = next((c for c in own + targets + copied
+                      if ctx.shape(c) == sh and ctx.dtype(c) == dt and sh is not None and position(c) < first), None)
+        if found is None and kept_src and sh is not None and ctx.shape(src) == sh and ctx.dtype(src) == dt:
+            v, s = ctx.state.get(m), ctx.state.get(src)
+            if v is not None and s is not None and ctx.ch.same_layout(v, s):
+                found = src
+        if found is None:
+            return {}, (f"the shape of {label(m)} is read by {', '.join(r for r, _ in readers)}, and no value of "
+                        "that shape would stay before it after the fold: folding would leave the region running")
+        redirects[m] = found
+    return redirects, None
+
+
+class Blocked(tuple):
+    """Why a region cannot fold: ``(exit, reason, the exit's consumers outside the region)``."""
+
+    def __new__(cls, exit: str, why: str, outside: list[str]) -> Blocked:
+        return super().__new__(cls, (exit, why, outside))
 
 
 @dataclass
@@ -164,7 +281,13 @@ class _Ctx:
     state: dict[str, Affine | None]
     ch: Channels
     consumers: Callable[[str], list[str]]
+    shape: Callable[[str], tuple[int, ...] | None]
+    dtype: Callable[[str], Any]
+    flow: Any  # the steps' dataflow graph (networkx), edges from each input to its step
 
+
+def _dataflow(steps: Sequence[Step]):
+    return _graph.digraph(((i, s.name) for s in steps for i in s.inputs), (s.name for s in steps))
 
 def _without_trailing(members: list[str], by_name, consumers) -> list[str]:
     """``members`` less the cheap ops that only lead out of the region (GELU's ``x / sqrt(2)`` after an
@@ -190,16 +313,16 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     An exit that is an elementwise or layout op (GELU's ``x / sqrt(2)`` after
     the absorbing Linear, say) stays in the graph as it was: its inputs become
     the exits instead, and so does everything of the region downstream of it.
-    Returns the folds, or the first failure as ``(exit, reason, its consumers
-    outside)`` when a heavy layer would have to be kept or nothing would be
-    removed.
+    Returns ``(folds, the ops they remove)``, or the first failure as ``(exit,
+    reason, its consumers outside)`` when a heavy layer would have to be kept
+    or nothing would be removed.
     """
     by_name, state = ctx.by_name, ctx.state
     folded, first = list(members), None
     # The fewest layers a path from the source to each exit passes through: the region's own
     # (the model's) layers, which an adapter beside an identity adds nothing to. A fold that
     # keeps more layers than that would leave some of the adapter's behind.
-    allowed = sum(_fewest_layers(src, e, members, by_name) for e in _exits(members, ctx.consumers))
+    allowed = sum(_fewest_layers(src, e, members, ctx) for e in _exits(members, ctx.consumers))
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not state[e].is_identity]
         chosen, why = _assign(src, exits, folded, ctx)
@@ -210,11 +333,11 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             if into > allowed:
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
             elif heavy > into or (scales and len(folded) > kept):
-                return chosen
+                return chosen, folded
             else:
                 why = (exits or folded)[0], "folding it would remove no layer"
         e = why[0]
-        first = first or (*why, [c for c in ctx.consumers(e) if c not in set(folded)])
+        first = first or Blocked(*why, [c for c in ctx.consumers(e) if c not in set(folded)])
         if by_name[e].op.heavy or not adapter and not scales:
             return first
         doomed = {e}
@@ -237,11 +360,11 @@ def _assign(src, todo, folded, ctx: _Ctx):
     """One absorber per exit (a region layer, the exit's readers, or the source's producer)."""
     by_name, state = ctx.by_name, ctx.state
     heavy = [m for m in folded if by_name[m].op.heavy]
-    ancestors = _ancestors(by_name)
+    region = _region_graph(src, folded, ctx)
     used: set[str] = set()
     chosen: list[Fold] = []
     for e in todo:
-        up = ancestors(e) | {e}
+        up = _graph.ancestors(region, e) | {e}
         order = [h for h in reversed(heavy) if h in up]  # the exit's own layers, nearest first
         reasons: list[tuple[str, str]] = []
 
@@ -271,10 +394,10 @@ def _assign(src, todo, folded, ctx: _Ctx):
         # branch beside an identity): only such a layer may take the region. Without one (an adapter alone,
         # or after a layer outside the region), the layers next to the region come first, so that no
         # adapter layer stays behind in the model.
-        main = [h for h in order if _on_every_path(h, e, src, folded, by_name)]
+        main = [h for h in order if _graph.on_every_path(region, src, e, h)]
         if main:
             fold = into(main) or around()
-        elif _fewest_layers(src, e, folded, by_name) == 0:  # an identity path: no layer here is the model's
+        elif _fewest_layers(src, e, folded, ctx) == 0:  # an identity path: no layer here is the model's
             fold = around()
         else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape
             fold = around() or into(order, first=True)
@@ -289,28 +412,14 @@ def _assign(src, todo, folded, ctx: _Ctx):
     return chosen, None
 
 
-def _fewest_layers(src: str, e: str, members: list[str], by_name) -> int:
-    """The fewest heavy layers on a path from ``src`` to ``e`` through the region (members in topological order)."""
-    cost = {src: 0}
-    for m in members:
-        ins = [cost[i] for i in by_name[m].inputs if i in cost]
-        if ins:
-            cost[m] = min(ins) + int(by_name[m].op.heavy)
-    return cost.get(e, 0)
+def _region_graph(src: str, members: list[str], ctx: _Ctx):
+    """The dataflow among the region's members and its source."""
+    return ctx.flow.subgraph([src, *members])
 
 
-def _on_every_path(h: str, e: str, src: str, members: list[str], by_name) -> bool:
-    """Whether every path from ``src`` to ``e`` through the region's members passes through ``h``."""
-    inside, seen, todo = set(members), {h}, [e]
-    while todo:
-        v = todo.pop()
-        if v == src:
-            return False
-        if v in seen or v not in inside:
-            continue
-        seen.add(v)
-        todo.extend(by_name[v].inputs)
-    return True
+def _fewest_layers(src: str, e: str, members: list[str], ctx: _Ctx) -> int:
+    """The fewest heavy layers on a path from ``src`` to ``e`` through the region."""
+    return _graph.fewest(_region_graph(src, members, ctx), src, e, lambda m: int(ctx.by_name[m].op.heavy))
 
 
 def _into(src, e, h, ctx: _Ctx) -> Fold:
@@ -321,6 +430,7 @@ def _into(src, e, h, ctx: _Ctx) -> Fold:
         raise NotAffine("the region moves positions after the layer")
     W, b = step.op.absorb(state[e], ch)
     via, start = _replay(src, u, ctx)
+    _same_value_type(src, start, u, ctx)
     return Fold("into", e, e, src, h, W, b, via, start)
 
 
@@ -336,6 +446,7 @@ def _sinks(src, e, folded, ctx: _Ctx, reasons) -> list[Fold] | None:
         try:
             W, b = absorb(ctx.state[e], ctx.ch, [k for k, i in enumerate(step.inputs) if i == e])
             via, start = _replay(src, e, ctx)
+            _same_value_type(src, start, e, ctx)
         except NotAffine as err:
             reasons.append((c, f"{step.label}: {err}"))
             return None
@@ -355,10 +466,24 @@ def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
     try:
         W, b = absorb(ctx.state[e], ctx.ch)
         via, start = _replay(src, e, ctx)
+        _same_value_type(src, start, e, ctx)
     except NotAffine as err:
         reasons.append((src, f"{step.label}: {err}"))
         return None
     return Fold("producer", e, e, src, src, W, b, via, start)
+
+
+def _same_value_type(src: str, start: str, want: str, ctx: _Ctx) -> None:
+    """A rewrite puts the replayed value ``start`` where ``want`` was read: it must have its shape and dtype.
+
+    (The source's replacement, a rebuilt producer, has the source's own.)
+    """
+    got = src if start == SOURCE else start
+    if ctx.shape(got) != ctx.shape(want) or ctx.dtype(got) != ctx.dtype(want):
+        def kind(v):
+            sh = ctx.shape(v)
+            return ("x".join(map(str, sh)) if sh is not None else "unknown shape") + f" {ctx.dtype(v) or ''}".rstrip()
+        raise NotAffine(f"the fold would read a value of {kind(got)} where the layer read {kind(want)}")
 
 
 def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
@@ -461,40 +586,15 @@ def _lone_layers(steps: Sequence[Step]) -> set[str]:
     are always evaluated: they fail at once on values from different groups,
     which names the right reason when they block a region.
     """
-    parent: dict[str, str] = {}
-
-    def find(a: str) -> str:
-        parent.setdefault(a, a)
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for st in steps:
-        if st.inputs:
-            parent[find(st.name)] = find(st.inputs[0])
-    heavy: dict[str, int] = {}
-    for st in steps:
-        if st.op.heavy:
-            root = find(st.name)
-            heavy[root] = heavy.get(root, 0) + 1
-    return {st.name for st in steps if len(st.inputs) == 1 and heavy.get(find(st.name), 0) <= 1}
+    heavy = {st.name for st in steps if st.op.heavy}
+    flow = _graph.digraph(((st.inputs[0], st.name) for st in steps if st.inputs), (st.name for st in steps))
+    heavy_in: dict[str, int] = {}
+    for group in _graph.components(flow):
+        n = sum(1 for m in group if m in heavy)
+        heavy_in.update(dict.fromkeys(group, n))
+    return {st.name for st in steps if len(st.inputs) == 1 and heavy_in[st.name] <= 1}
 
 
 def _weight_shape(op) -> tuple[int, ...] | None:
     w = getattr(op, "weight", None)
     return None if w is None else tuple(w.shape)
-
-
-def _ancestors(by_name):
-    memo: dict[str, set[str]] = {}
-
-    def up(name: str) -> set[str]:
-        if name not in memo:
-            memo[name] = set()
-            for i in by_name[name].inputs:
-                if i in by_name:
-                    memo[name] |= {i} | up(i)
-        return memo[name]
-
-    return up

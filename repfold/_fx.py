@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
 from collections import Counter
 
 import numpy as np
@@ -12,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from repfold.patterns import RULES
 from repfold.patterns._base import as_numpy
 
-from . import _engine
+from . import _engine, _graph
 from ._report import FoldReport
 from ._trace import META_KEY, VALUE_KEY, example_inputs, is_shape_read, own_parameters, shape, to_graph_module
 
@@ -131,15 +133,21 @@ def inline_submodules(gm: fx.GraphModule) -> None:
             sub_graph = fx.Tracer().trace(sub)  # a graph only: no GraphModule, no code generated
         except Exception:  # a leaf the user or timm named: it stays whole, and opaque to folds
             continue
-        result = _splice(graph, node, sub_graph)
+        result, copied = _splice(graph, node, sub_graph)
         if isinstance(result, fx.Node):
             node.replace_all_uses_with(result)
             graph.erase_node(node)
+        else:  # a tuple or dict result: the module stays whole, and its copied ops must not run as well
+            for new in reversed(copied):
+                graph.erase_node(new)
 
 
 def _splice(graph: fx.Graph, call: fx.Node, sub: fx.Graph):
-    """Copy ``sub`` in before ``call`` with its inputs bound to ``call``'s arguments."""
-    args, env, result = list(call.args), {}, None
+    """Copy ``sub`` in before ``call`` with its inputs bound to ``call``'s arguments.
+
+    Returns what the copy computes in place of ``call``, and the copied nodes in order.
+    """
+    args, env, result, copied = list(call.args), {}, None, []
     with graph.inserting_before(call):
         for sn in sub.nodes:
             if sn.op == "placeholder":
@@ -156,7 +164,8 @@ def _splice(graph: fx.Graph, call: fx.Node, sub: fx.Graph):
                 if new.op in ("call_module", "get_attr"):
                     new.target = f"{call.target}.{sn.target}"
                 env[sn] = new
-    return result
+                copied.append(new)
+    return result, copied
 
 
 def op_counts(gm: fx.GraphModule) -> dict[str, int]:
@@ -178,13 +187,17 @@ def n_params(model: nn.Module) -> int:
 def fold_fx(
     model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
 ) -> tuple[fx.GraphModule, FoldReport]:
-    """Fold every adapter region of ``model``; returns a new GraphModule and the report."""
+    """Fold every adapter region of ``model``; returns a new GraphModule and the report.
+
+    No dead-code pass runs on the user's graph: the only nodes removed are
+    those the fold itself made unread (see :func:`_remove_unread`), so in-place
+    writes, asserts and random ops whose results nobody reads stay.
+    """
     # The copy shares the caller's parameters until the end: adapters and absorbed weights are never cloned.
     gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
     gm.eval()
     inline_submodules(gm)
-    gm.graph.eliminate_dead_code()  # shapes are found by interpreting the graph: no code is generated until the end
-    shape(gm, example_inputs(model, example))
+    shape(gm, example_inputs(model, example))  # shapes by interpreting the graph: no code is generated until the end
     report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
 
     # ``insert`` froze the model's own parameters to train adapters; the folded model gets them back trainable
@@ -194,6 +207,10 @@ def fold_fx(
     ctx = FxContext(gm, thaw)
     read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
+    effects = Effects(gm)
+    live_before = effects.live()
+    before = set(gm.graph.nodes)
     steps = []
     for node in gm.graph.nodes:
         for rule in RULES:
@@ -203,8 +220,9 @@ def fold_fx(
                 steps.append(_engine.Step(node.name, m.op, ins, m.label, m.emit))
                 break
 
-    def consumers(name: str) -> list[str]:
-        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users if not is_shape_read(u)]
+    def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
+        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users
+                if u in live_before and not is_shape_read(u)]
 
     def label(name: str) -> str:
         n = nodes[name]
@@ -214,31 +232,40 @@ def fold_fx(
         what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
         return f"{scope} ({what})" if scope else n.name
 
-    plan = _engine.plan(steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales)
+    def shape_reads(name: str) -> list[tuple[str, int]]:
+        return [(label(u.name), order[u.name]) for u in nodes[name].users if is_shape_read(u) and u in live_before]
+
+    plan = _engine.plan(
+        steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
+        shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label),
+    )
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
     replaced: list[tuple[fx.Node, fx.Node]] = []
     for f in plan.folds:
-        absorber = nodes[f.absorber]
-        if f.kind == "producer":
-            with gm.graph.inserting_after(absorber):
-                new = by_name[f.absorber].emit({}, f.W, f.b)
-            new.meta = dict(absorber.meta)
-            new = _replay(gm.graph, f, new, nodes, by_name, copies)
-        else:
-            x = _replay(gm.graph, f, nodes[f.source], nodes, by_name, copies)
-            swap = {nodes[f.exit if f.kind == "sink" else by_name[f.absorber].inputs[0]]: x}
-            with gm.graph.inserting_before(nodes[f.target]):
-                new = by_name[f.absorber].emit(swap, f.W, f.b)
-            new.meta = dict(absorber.meta)
-        replaced.append((nodes[f.target], new))
-        f.region.note_cast(ctx.dtype(nodes[f.target]), f.W, f.b)
+        with _engine.folding(f):
+            absorber = nodes[f.absorber]
+            if f.kind == "producer":
+                with gm.graph.inserting_after(absorber):
+                    new = by_name[f.absorber].emit({}, f.W, f.b)
+                new.meta = dict(absorber.meta)
+                new = _replay(gm.graph, f, new, nodes, by_name, copies)
+            else:
+                x = _replay(gm.graph, f, nodes[f.source], nodes, by_name, copies)
+                swap = {nodes[f.exit if f.kind == "sink" else by_name[f.absorber].inputs[0]]: x}
+                with gm.graph.inserting_before(nodes[f.target]):
+                    new = by_name[f.absorber].emit(swap, f.W, f.b)
+                new.meta = dict(absorber.meta)
+            replaced.append((nodes[f.target], new))
+            f.region.note_cast(ctx.dtype(nodes[f.target]), f.W, f.b)
     # Rewired only now: a fold's ``swap`` names the original nodes, which an earlier rewiring would hide.
+    instead = {old.name: new for old, new in replaced}
     for old, new in replaced:
         old.replace_all_uses_with(new)
-    _redirect_shape_reads(gm.graph, plan.members, nodes, copies)
-    gm.graph.eliminate_dead_code()  # the replaced regions, now unread
+    _redirect_shape_reads(plan, nodes, instead, copies)
+    _remove_unread(gm.graph, live_before, before, effects)
+    _check_gone(gm.graph, plan, nodes, label)
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, read_before)
     own_parameters(gm, model, thaw)
@@ -247,6 +274,132 @@ def fold_fx(
     gm.recompile()
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     return gm, report
+
+
+# Augmented assignments on tensors write into their left operand.
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem,
+}
+# Ops whose result may share memory with their first argument: a write to one is a write to the other.
+_VIEWS = {
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "swapaxes", "swapdims", "t", "flatten",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "movedim", "moveaxis",
+    "contiguous", "detach", "split", "chunk", "unbind", "unfold", "as_strided", "diagonal", "getitem", "type_as",
+    "to", "float", "half", "double", "bfloat16", "type", "real", "imag", "view_as_real", "view_as_complex",
+    "tensor_split", "split_with_sizes", "align_as", "rename", "clone_if_needed", "data",
+}
+
+
+class Effects:
+    """What an fx graph does besides computing values: writes in place, asserts, random draws.
+
+    Those ops are roots of liveness (they run whether or not their result is
+    read), and a value written in place cannot be read at another point of the
+    graph than where it was read before.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.writes: dict[fx.Node, list[fx.Node]] = {}  # alias root -> the in-place ops that write it
+        for n in gm.graph.nodes:
+            if self.mutates(n) and n.args and isinstance(n.args[0], fx.Node):
+                self.writes.setdefault(self.root(n.args[0]), []).append(n)
+
+    def mutates(self, n: fx.Node) -> bool:
+        """Whether ``n`` writes into its first argument."""
+        if n.op == "call_method":
+            t = n.target
+            return (t.endswith("_") and not t.startswith("_")) or t in ("__setitem__", "__iadd__", "__imul__") \
+                or bool(n.kwargs.get("inplace"))
+        if n.op == "call_function":
+            if n.target in _INPLACE_OPERATORS:
+                return True
+            name = getattr(n.target, "__name__", "")
+            return (name.endswith("_") and not name.startswith("_")) or _inplace_flag(n)
+        if n.op == "call_module":
+            return getattr(self.gm.get_submodule(n.target), "inplace", False) is True
+        return False
+
+    def impure(self, n: fx.Node) -> bool:
+        if n.op == "output" or self.mutates(n):
+            return True
+        try:
+            return n.is_impure()
+        except Exception:  # purity unknown (a call fx cannot look into): it runs
+            return True
+
+    def root(self, n: fx.Node) -> fx.Node:
+        """The value whose memory ``n`` may share, through views and in-place writes."""
+        while n.args and isinstance(n.args[0], fx.Node) and (_name(n) in _VIEWS or self.mutates(n)):
+            n = n.args[0]
+        return n
+
+    def live(self) -> set[fx.Node]:
+        """The nodes that run for a reason: impure ones and what they read, directly or not."""
+        g = _graph.digraph((i, n) for n in self.gm.graph.nodes for i in n.all_input_nodes)
+        g.add_nodes_from(self.gm.graph.nodes)
+        return _graph.live(g, [n for n in self.gm.graph.nodes if self.impure(n)])
+
+    def hazard(self, n: fx.Node, label) -> str | None:
+        """Why ``n`` may not be read at another point of the graph: it is written in place."""
+        writers = self.writes.get(self.root(n))
+        if not writers:
+            return None
+        return f"is written in place by {label(writers[0].name)}: a fold cannot move where it is read"
+
+
+def _name(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
+
+
+_SIGNATURES: dict = {}
+
+
+def _inplace_flag(n: fx.Node) -> bool:
+    """Whether a call passes ``inplace=True`` (by keyword or by position: ``F.relu(x, True)``)."""
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.target not in _SIGNATURES:
+        try:
+            _SIGNATURES[n.target] = inspect.signature(n.target)
+        except (TypeError, ValueError):
+            _SIGNATURES[n.target] = None
+    sig = _SIGNATURES[n.target]
+    if sig is None or "inplace" not in sig.parameters:
+        return False
+    try:
+        return sig.bind(*n.args, **n.kwargs).arguments.get("inplace") is True
+    except TypeError:
+        return False
+
+
+def _remove_unread(graph: fx.Graph, live_before: set[fx.Node], before: set[fx.Node], effects: Effects) -> None:
+    """Erase the nodes the fold made unread: live before (or made by the fold), not now, and the dead ops
+    that read them.
+
+    Nothing else goes: a node that was already unread in the input stays, as
+    does every in-place write, assert and random op (they are roots).
+    """
+    live_after = effects.live()
+    doomed = {n for n in graph.nodes if (n in live_before or n not in before) and n not in live_after}
+    for n in graph.nodes:  # topological order: dead readers of doomed nodes go with them
+        if n not in doomed and n not in live_after and any(i in doomed for i in n.all_input_nodes):
+            doomed.add(n)
+    for n in reversed(list(graph.nodes)):
+        if n in doomed:
+            graph.erase_node(n)
+
+
+def _check_gone(graph: fx.Graph, plan: _engine.Plan, nodes, label) -> None:
+    """After the rewrite no op of a folded region may still run."""
+    present = set(graph.nodes)
+    for name, src in plan.members.items():
+        if nodes[name] in present:
+            raise _engine.RepfoldError(
+                f"{label(name)} of the region at {label(src)} still runs after its fold", region=label(src))
 
 
 def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
@@ -283,14 +436,13 @@ def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, cop
     return env[f.start]
 
 
-def _redirect_shape_reads(graph: fx.Graph, members: dict[str, str], nodes, copies) -> None:
-    """Point shape reads of folded ops at a value of the same shape that stays: a replay or the source."""
-    for name, src in members.items():
+def _redirect_shape_reads(plan: _engine.Plan, nodes, instead: dict[str, fx.Node], copies) -> None:
+    """Point shape reads of folded ops at the value the plan chose: a replacement, a replay or the source."""
+    for name, to in plan.redirects.items():
+        if to in instead:
+            target = instead[to]
+        else:
+            target = next((c for (_, orig), c in copies.items() if orig == to), nodes[to])
         node = nodes[name]
         for user in [u for u in node.users if is_shape_read(u)]:
-            target = next((c for (_, orig), c in copies.items() if orig == name), None)
-            if target is None and nodes[src].meta.get("tensor_meta") is not None:
-                same = nodes[src].meta["tensor_meta"].shape == node.meta["tensor_meta"].shape
-                target = nodes[src] if same else None
-            if target is not None:
-                user.replace_input_with(node, target)
+            user.replace_input_with(node, target)
