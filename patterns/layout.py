@@ -328,7 +328,9 @@ def match_onnx(node, ctx) -> Match | None:
         return Match(Same(), (x,), label)
     if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and ctx.const(x) is None:
         shape = ctx.shape(node.outputs[0])
-        return None if shape is None else Match(Reshape(shape), (x,), label)
+        if shape is None or not _leading_named(ctx.named_axes(x), ctx.named_axes(node.outputs[0])):
+            return None
+        return Match(Reshape(shape), (x,), label)
     if op == "Pad":
         pads = ctx.raw_const(node.inputs[1]) if len(node.inputs) > 1 else None
         if pads is not None and not np.any(pads) and len(node.inputs) < 5:
@@ -339,15 +341,27 @@ def match_onnx(node, ctx) -> Match | None:
         if pads is None or mode not in _ONNX_PAD_MODES or rank is None or len(node.inputs) > 3:
             return None
         pads = [int(p) for p in pads]
-        if len(pads) != 2 * rank:
+        if len(pads) != 2 * rank or any(pads[a] or pads[a + rank] for a in ctx.named_axes(x)):
             return None
         widths = tuple(zip(pads[:rank], pads[rank:]))
         return Match(CopyPad(widths, mode), (x,), label)
     if op == "Slice":
         return _onnx_slice(node, ctx, label)
     if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):
+        rank = ctx.rank(x)
+        if rank is None or any(node.attrs.get("axis", 0) % rank in ctx.named_axes(i) for i in node.inputs):
+            return None  # the engine would see a named (dynamic) size as 1: it could not place the parts
         return Match(Concat(node.attrs.get("axis", 0)), tuple(node.inputs), label)
     return None
+
+
+def _leading_named(before: set[int], after: set[int]) -> bool:
+    """Whether a reshape keeps its named (dynamic) sizes as the same leading axes (a dynamic batch).
+
+    The engine sees a named size as 1: it can follow a reshape only where
+    those axes stay where they are and are not merged or split.
+    """
+    return before == after and before == set(range(len(before)))
 
 
 def _onnx_slice(node, ctx, label) -> Match | None:
@@ -359,6 +373,9 @@ def _onnx_slice(node, ctx, label) -> Match | None:
     axes = vals[2] if len(vals) > 2 else np.arange(len(starts))
     steps = vals[3] if len(vals) > 3 else np.ones(len(starts), dtype=np.int64)
     index = [slice(None)] * len(shape)
+    named = ctx.named_axes(node.inputs[0])
     for s, e, a, st in zip(starts, ends, axes, steps):
+        if int(a) % len(shape) in named:
+            return None  # the engine sees a named (dynamic) size as 1: it could not tell what the slice keeps
         index[int(a) % len(shape)] = slice(int(s), int(max(min(e, 2**62), -(2**62))), int(st))
     return Match(Slice(tuple(index)), (node.inputs[0],), label)

@@ -227,7 +227,7 @@ class LowRank:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self.U @ self.V
-        if not (isinstance(self.d, float) and self.d == 0.0):
+        if np.any(self.d):
             out[np.diag_indices(out.shape[0])] += self.d
         return out if dtype is None else out.astype(dtype)
 
@@ -411,8 +411,9 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
         return np.diag(gamma * M)
     if gamma.shape[0] != M.shape[0]:
         raise NotAffine(f"a {gamma.shape[0]}-channel constant meets a {M.shape[0]}-channel value")
-    if isinstance(M, LowRank):
-        return LowRank(gamma * M.d, gamma[:, None] * M.U, M.V)
+    if isinstance(M, LowRank):  # a zero diagonal stays the scalar 0 (the map need not be square)
+        d = 0.0 if isinstance(M.d, float) and M.d == 0.0 else gamma * M.d
+        return LowRank(d, gamma[:, None] * M.U, M.V)
     if isinstance(M, Product):
         return Product(M.W, M.F, gamma * M.g)
     return gamma[:, None] * M

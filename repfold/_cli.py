@@ -2,7 +2,9 @@
 
 Exit codes: 0 done (also when there was nothing to fold), 1 ``--check`` found
 the folded model different (nothing written), 2 bad input or usage (a
-one-line message on stderr, nothing written).
+one-line message on stderr, nothing written), 3 a failure of repfold's own (a
+bug: one line naming the region being folded, the traceback with ``--debug``,
+nothing written).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 MIN_OPSET = 13
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model must keep its weights in external data
 
@@ -35,11 +37,16 @@ class UsageError(Exception):
     """Bad input or arguments: printed as one line, exit code 2."""
 
 
+class InternalError(Exception):
+    """A failure of repfold's own, found by the command line itself: exit code 3."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="repfold",
         description="Fold the linear adapters of an ONNX model into the neighbouring layers.",
-        epilog="exit codes: 0 done, 1 --check failed (nothing written), 2 bad input or usage",
+        epilog="exit codes: 0 done, 1 --check failed (nothing written), 2 bad input or usage, "
+               "3 internal error (a repfold bug; nothing written)",
     )
     p.add_argument("input", help="the ONNX model with adapters (external data is read from its folder)")
     p.add_argument("-o", "--output", help="where to write the folded model (required unless --dry-run)")
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="store weights next to the output (auto: when the input did or the model is over 2 GB)")
     p.add_argument("--overwrite", action="store_true", help="allow -o to be the input file")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     return p
 
 
@@ -258,6 +266,36 @@ def check(original: Path, folded: Path, feeds, rtol: float | None = None, atol: 
     return ok, f"check on {', '.join(parts)}: largest difference {worst:.3g} of the output scale"
 
 
+def loads(original: Path, folded: Path, changed: bool) -> None:
+    """Make sure onnxruntime can load the folded model (a session is made, nothing runs).
+
+    A model it refuses is never written: that is repfold's failure
+    (:class:`InternalError`) when onnxruntime loads the input; when it cannot
+    load the input either (custom ops, say), nothing is lost by folding and
+    the output is written. Without onnxruntime there is nothing to ask.
+    """
+    if not changed:
+        return
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+
+    def refusal(path: Path) -> str | None:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for every refusal
+            return _short(e)
+        return None
+
+    why = refusal(folded)
+    if why is not None and refusal(original) is None:
+        raise InternalError(f"onnxruntime cannot load the folded model, though it loads the input: {why}")
+
+
 # --- output --------------------------------------------------------------------------
 
 
@@ -355,6 +393,8 @@ def run(argv: list[str] | None = None) -> int:
     tmp, data = stage(folded, out, external, keep, lambda done, total: progress.bar(done, total or size), pending)
     folded = None
     try:
+        progress("loading the result in onnxruntime")
+        loads(Path(args.input), tmp / out.name, bool(report.folded))
         if args.check:
             progress("checking in onnxruntime")
             ok, line = check(Path(args.input), tmp / out.name, feeds, args.rtol, args.atol)
@@ -380,6 +420,7 @@ def _write_report(report, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         return run(argv)
     except UsageError as e:
@@ -391,9 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("repfold: error: out of memory; nothing written", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as e:  # a bug of ours must still not leave a traceback or a file
-        print(f"repfold: error: could not fold: {type(e).__name__}: {_short(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as e:  # a bug of ours: one line (the traceback with --debug), and no file
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        region = getattr(e, "region", None)
+        where = f" (folding the region at {region})" if region else ""
+        known = isinstance(e, InternalError) or type(e).__name__ == "RepfoldError"
+        what = _short(e) if known else f"{type(e).__name__}: {_short(e)}"
+        print(f"repfold: internal error{where}: {what}; this is a repfold bug, not a problem with the input "
+              "(--debug shows the traceback); nothing written", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

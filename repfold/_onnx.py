@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from repfold.patterns import RULES
 
-from . import _engine
+from . import _engine, _graph
 from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
 from ._report import FoldReport
 
@@ -334,30 +334,45 @@ def fold_onnx(
             return f"{var.inputs[0].name} ({var.inputs[0].op})"
         return name
 
-    plan = _engine.plan(steps, consumers, lambda n: ctx.shape(tensors[n]), label, scales=scales)
+    order = {}  # value name -> its producer's place in the (sorted) node list; graph inputs first
+    for k, node in enumerate(graph.nodes):
+        for v in node.outputs:
+            order[v.name] = k
+
+    def shape_reads(name: str) -> list[tuple[str, int]]:
+        return [(f"{c.name} (Shape)" if c.name else "Shape", order.get(c.outputs[0].name, 0) if c.outputs else 0)
+                for c in tensors[name].outputs if c.op == "Shape"]
+
+    plan = _engine.plan(
+        steps, consumers, lambda n: ctx.shape(tensors[n]), label, scales=scales,
+        dtype=lambda n: ctx.dtype(tensors[n]), shape_reads=shape_reads, position=lambda n: order.get(n, -1),
+    )
     ctx.release()  # the plan holds the new weights; the float64 copies of the old ones can go
     for s in steps:
         vars(s.op).pop("W", None)
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], gs.Variable] = {}
+    made_by = {name: tensors[name].inputs[0] for name in plan.members if tensors[name].inputs}  # before the rewrite
     for f in plan.folds:
-        step = by_name[f.absorber]
-        if f.kind == "producer":
-            new_out = _replay(ctx, f, step.emit(_ById([]), f.W, f.b), tensors, by_name, copies)
-        else:
-            x = _replay(ctx, f, tensors[f.source], tensors, by_name, copies)
-            swap = _ById([(tensors[f.exit if f.kind == "sink" else step.inputs[0]], x)])
-            new_out = step.emit(swap, f.W, f.b)
-        target = tensors[f.target]
-        f.region.note_cast(ctx.dtype(target), f.W, f.b)
-        target.inputs.clear()
-        producer = new_out.inputs[0]
-        producer.outputs.clear()
-        producer.outputs.append(target)
-        f.W = f.b = None  # written out as initializers: the float64 copy can go
-    _redirect_shape_reads(plan.members, tensors, copies, ctx)
+        with _engine.folding(f):
+            step = by_name[f.absorber]
+            if f.kind == "producer":
+                new_out = _replay(ctx, f, step.emit(_ById([]), f.W, f.b), tensors, by_name, copies)
+            else:
+                x = _replay(ctx, f, tensors[f.source], tensors, by_name, copies)
+                swap = _ById([(tensors[f.exit if f.kind == "sink" else step.inputs[0]], x)])
+                new_out = step.emit(swap, f.W, f.b)
+            target = tensors[f.target]
+            f.region.note_cast(ctx.dtype(target), f.W, f.b)
+            target.inputs.clear()
+            producer = new_out.inputs[0]
+            producer.outputs.clear()
+            producer.outputs.append(target)
+            f.W = f.b = None  # written out as initializers: the float64 copy can go
+    _redirect_shape_reads(plan, tensors, copies)
     _drop_unread(graph, dead_before)
+    _check_gone(graph, plan, made_by, label)
     graph.toposort()
     _write_back(graph, protos, private.graph, read_before | ctx.added)
     report.ops_after, report.params_after = op_counts(private), n_params(private)
@@ -366,28 +381,33 @@ def fold_onnx(
 
 def _live(graph: gs.Graph) -> set[int]:
     """Ids of the nodes that graph outputs (or subgraphs, by outer names) read, directly or not."""
-    roots = list(graph.outputs)
+    roots = [id(v) for v in graph.outputs]
     tensors = graph.tensors()
     for node in graph.nodes:
         for attr in node.attrs.values():
             if isinstance(attr, gs.Graph):  # If / Loop / Scan bodies read outer values by name
                 inner = {t.name for n in attr.nodes for t in n.outputs} | {t.name for t in attr.inputs}
-                roots += [tensors[t.name] for n in attr.nodes for t in n.inputs
+                roots += [id(tensors[t.name]) for n in attr.nodes for t in n.inputs
                           if t.name not in inner and t.name in tensors]
-    live: set[int] = set()
-    while roots:
-        t = roots.pop()
-        for node in t.inputs:
-            if id(node) not in live:
-                live.add(id(node))
-                roots.extend(node.inputs)
-    return live
+    edges = [(id(v), id(n)) for n in graph.nodes for v in n.inputs]
+    edges += [(id(n), id(v)) for n in graph.nodes for v in n.outputs]
+    reach = _graph.live(_graph.digraph(edges), roots)
+    return {id(n) for n in graph.nodes if id(n) in reach}
 
 
 def _drop_unread(graph: gs.Graph, dead_before: set[int]) -> None:
     """Remove the nodes the fold left unread; nodes that were already unread in the input stay."""
     live = _live(graph)
     graph.nodes = [n for n in graph.nodes if id(n) in live or id(n) in dead_before]
+
+
+def _check_gone(graph: gs.Graph, plan: _engine.Plan, made_by: dict[str, gs.Node], label) -> None:
+    """After the rewrite no op of a folded region may still run (``made_by``: each one's node before it)."""
+    present = {id(n) for n in graph.nodes}
+    for name, src in plan.members.items():
+        if name in made_by and id(made_by[name]) in present:
+            raise _engine.RepfoldError(
+                f"{label(name)} of the region at {label(src)} still runs after its fold", region=label(src))
 
 
 def _read_names(g: onnx.GraphProto) -> set[str]:
@@ -486,13 +506,10 @@ def _replay(ctx: OnnxContext, f: _engine.Fold, base, tensors, by_name, copies):
     return env[f.start]
 
 
-def _redirect_shape_reads(members: dict[str, str], tensors, copies, ctx: OnnxContext) -> None:
-    """Point ``Shape`` nodes that read folded values at a same-shaped value that stays."""
-    for name, src in members.items():
-        var = tensors[name]
-        for node in [n for n in var.outputs if n.op == "Shape"]:
-            target = next((c for (_, orig), c in copies.items() if orig == name), None)
-            if target is None and ctx.shapes.get(src) is not None and ctx.shapes.get(src) == ctx.shapes.get(name):
-                target = tensors[src]
-            if target is not None:
-                node.inputs[0] = target
+def _redirect_shape_reads(plan: _engine.Plan, tensors, copies) -> None:
+    """Point ``Shape`` nodes that read folded values at the value the plan chose: the replacement of a
+    fold's target (which takes the target's name), a replayed layout node, or the source."""
+    for name, to in plan.redirects.items():
+        target = next((c for (_, orig), c in copies.items() if orig == to), tensors[to])
+        for node in [n for n in tensors[name].outputs if n.op == "Shape"]:
+            node.inputs[0] = target
