@@ -12,12 +12,18 @@ Every piece is linear, so in eval mode ``y = M·x + c`` along the channel axis;
 this class). The up-projection starts at zero, so a fresh adapter is an exact
 identity.
 
-Two layouts exist, chosen by where the channel axis is:
+The 1×1 convs run along axis 1. Where the channel axis is elsewhere
+(``axis``; ``repfold.insert`` reads it off the graph), it is swapped to
+position 1 and back:
 
-* token form (channels last, ``(B, N, C)`` or ``(B, H, W, C)``): the channel
-  axis is swapped to position 1, the 1×1 convs run there, and swapped back,
+* token form (channels last, ``(B, N, C)`` or ``(B, H, W, C)``, ``axis=-1``),
   which is how the paper's code writes it;
-* channels-first form (``(B, C, H, W)`` and friends): the convs run directly.
+* channels-first form (``(B, C, H, W)`` and friends, ``axis=1``): the convs
+  run directly;
+* any other axis of a rank-3 to rank-5 value the same way.
+
+``bias=False`` leaves both convs without a bias: the adapter is then a pure
+linear map (no constant), which also folds into a zero-padded k×k conv.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ class RepAdapter(nn.Module):
         scale: constant factor on the adapter branch.
         dropout: dropout probability inside the branch (training only).
         rank: rank of the tensors it will see (3 for ``(B, N, C)`` tokens).
-        channels_last: ``True`` for the token form, ``False`` for NCHW.
+        channels_last: ``True`` for the token form, ``False`` for NCHW (when ``axis`` is not given).
+        axis: the channel axis (negative counts from the end); overrides ``channels_last``.
+        bias: whether the two convs have biases.
     """
 
     def __init__(
@@ -51,6 +59,8 @@ class RepAdapter(nn.Module):
         dropout: float = 0.1,
         rank: int = 3,
         channels_last: bool = True,
+        axis: int | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if hidden_dim < 1 or groups < 1:
@@ -61,16 +71,23 @@ class RepAdapter(nn.Module):
             )
         if rank - 2 not in _CONV:
             raise ValueError(f"adapters support tensors of rank 3 to 5, not {rank}")
+        if axis is None:
+            axis = -1 if channels_last else 1
+        if not -rank <= axis < rank or axis % rank == 0:
+            raise ValueError(f"axis={axis} is not a channel axis of a rank-{rank} value (not the batch axis)")
         conv = _CONV[rank - 2]
         self.channels, self.hidden_dim, self.groups = channels, hidden_dim, groups
-        self.scale, self.rank, self.channels_last = float(scale), rank, channels_last
-        self.down = conv(channels, hidden_dim, 1)
+        self.scale, self.rank = float(scale), rank
+        self.axis = axis % rank
+        self.channels_last = self.axis != 1
+        self.down = conv(channels, hidden_dim, 1, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self.up = conv(hidden_dim, channels, 1, groups=groups)
+        self.up = conv(hidden_dim, channels, 1, groups=groups, bias=bias)
         nn.init.xavier_uniform_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        if bias:
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.bias)
 
     def config(self) -> dict:
         """The constructor arguments, enough to rebuild an empty twin."""
@@ -81,16 +98,17 @@ class RepAdapter(nn.Module):
             "scale": self.scale,
             "dropout": self.dropout.p,
             "rank": self.rank,
-            "channels_last": self.channels_last,
+            "axis": self.axis,
+            "bias": self.down.bias is not None,
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            t = x.transpose(1, -1)
+        if self.axis != 1:
+            t = x.transpose(1, -1) if self.axis == self.rank - 1 else x.transpose(1, self.axis)
             t = t + self.up(self.dropout(self.down(t))) * self.scale
-            return t.transpose(1, -1)
+            return t.transpose(1, -1) if self.axis == self.rank - 1 else t.transpose(1, self.axis)
         return x + self.up(self.dropout(self.down(x))) * self.scale
 
     def extra_repr(self) -> str:
-        form = "tokens" if self.channels_last else "channels-first"
+        form = "tokens" if self.axis == self.rank - 1 else "channels-first" if self.axis == 1 else f"axis {self.axis}"
         return f"{form}, scale={self.scale}"

@@ -190,7 +190,7 @@ def plan(
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
         core = _without_trailing(members, by_name, consumers)
-        exits = [e for e in _exits(core, consumers) if not state[e].is_identity]
+        exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
         adapter = len(heavy) > len(exits)
         if not adapter and not (scales and len(heavy) < len(members)):
             continue  # nothing to remove: a plain layer, not an adapter region
@@ -213,10 +213,11 @@ def plan(
                 regions.append(region)
             continue
         chosen, settled = outcome
-        # what the rewrite removes: every op of the region but those that pass the source through untouched
-        # (the model's own dropout or contiguous, read outside too), and a producer fold's old layer
+        # what the rewrite removes: every op of the region but those that only move the source's values
+        # (the model's own layout ops, dropout or contiguous, which may be read outside too), and a producer
+        # fold's old layer
         removed = list(settled) + ([src] if any(f.kind == "producer" for f in chosen) else [])
-        gone = [m for m in settled if not state[m].is_identity] + removed[len(settled):]
+        gone = [m for m in settled if not _pure(state[m])] + removed[len(settled):]
         moved, why_not = _shape_redirects(src, removed, chosen, ctx, shape_reads, position, label)
         if why_not is not None:
             if adapter:
@@ -241,13 +242,22 @@ def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, posi
     replacement stays) or a layout step the fold copies; then another target
     or copied step; then the source, if it holds the same positions. A
     replacement must come before every read it takes over (a copied step sits
-    right after its original, a target's replacement right before it).
+    right after its original, a rebuilt layer right before the layer it
+    replaces, a rebuilt reader right before itself).
     Returns ``(redirects, None)``, or ``({}, reason)`` when a read would keep
     the region running.
     """
     kept_src = not any(f.kind == "producer" for f in chosen)
     targets = [f.target for f in chosen]
     copied = [name for f in chosen for name, _, perm in f.via if perm is None]
+    # where each replacement is defined: a layer rebuilt in place of one of the region's own (before it), a
+    # reader rebuilt before itself, a producer rebuilt after itself, a copied step right after its original
+    at = {name: position(name) for name in copied}
+    for f in chosen:
+        if f.kind == "producer":  # the rebuilt layer right after the old one, or the last copy laid out after it
+            at[f.target] = position(f.absorber if f.start == SOURCE else f.start) + 0.5
+        else:
+            at[f.target] = position(f.absorber if f.kind == "into" else f.target) - 0.5
     redirects = {}
     for m in gone:
         readers = shape_reads(m)
@@ -256,7 +266,7 @@ def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, posi
         sh, dt, first = ctx.shape(m), ctx.dtype(m), min(p for _, p in readers)
         own = [m] if m in targets or m in copied else []
         found = next((c for c in own + targets + copied
-                      if ctx.shape(c) == sh and ctx.dtype(c) == dt and sh is not None and position(c) < first), None)
+                      if ctx.shape(c) == sh and ctx.dtype(c) == dt and sh is not None and at[c] < first), None)
         if found is None and kept_src and sh is not None and ctx.shape(src) == sh and ctx.dtype(src) == dt:
             v, s = ctx.state.get(m), ctx.state.get(src)
             if v is not None and s is not None and ctx.ch.same_layout(v, s):
@@ -324,7 +334,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     # keeps more layers than that would leave some of the adapter's behind.
     allowed = sum(_fewest_layers(src, e, members, ctx) for e in _exits(members, ctx.consumers))
     while True:
-        exits = [e for e in _exits(folded, ctx.consumers) if not state[e].is_identity]
+        exits = [e for e in _exits(folded, ctx.consumers) if not _pure(state[e])]
         chosen, why = _assign(src, exits, folded, ctx)
         if why is None:
             into = sum(f.kind == "into" for f in chosen)

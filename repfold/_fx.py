@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import operator
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -184,16 +186,29 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fold_fx(
-    model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
-) -> tuple[fx.GraphModule, FoldReport]:
-    """Fold every adapter region of ``model``; returns a new GraphModule and the report.
+@dataclass
+class Prepared:
+    """A private, shaped copy of a model with its fold planned, before any rewrite."""
 
-    No dead-code pass runs on the user's graph: the only nodes removed are
-    those the fold itself made unread (see :func:`_remove_unread`), so in-place
-    writes, asserts and random ops whose results nobody reads stay.
+    gm: fx.GraphModule
+    ctx: FxContext
+    plan: _engine.Plan
+    report: FoldReport
+    nodes: dict[str, fx.Node]
+    effects: Effects
+    read_before: set[str]
+    live_before: set[fx.Node]
+    before: set[fx.Node]
+    by_name: dict[str, _engine.Step]
+    label: Any
+
+
+def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()) -> Prepared:
+    """Trace, shape and plan the fold of ``model``: every region found, and how each would fold.
+
+    The copy shares the caller's parameters (adapters and absorbed weights are
+    never cloned); ``fold_fx`` rewrites it, ``insert`` only reads the plan.
     """
-    # The copy shares the caller's parameters until the end: adapters and absorbed weights are never cloned.
     gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
     gm.eval()
     inline_submodules(gm)
@@ -237,10 +252,26 @@ def fold_fx(
 
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
-        shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label),
+        shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label, order),
     )
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
+    return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, before, by_name, label)
+
+
+def fold_fx(
+    model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
+) -> tuple[fx.GraphModule, FoldReport]:
+    """Fold every adapter region of ``model``; returns a new GraphModule and the report.
+
+    No dead-code pass runs on the user's graph: the only nodes removed are
+    those the fold itself made unread (see :func:`_remove_unread`), so in-place
+    writes, asserts and random ops whose results nobody reads stay.
+    """
+    p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
+    gm, ctx, plan, report, nodes, effects = p.gm, p.ctx, p.plan, p.report, p.nodes, p.effects
+    read_before, live_before, before, by_name = p.read_before, p.live_before, p.before, p.by_name
+    thaw, label = ctx.thaw, p.label
     copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
     replaced: list[tuple[fx.Node, fx.Node]] = []
     for f in plan.folds:
@@ -254,7 +285,7 @@ def fold_fx(
             else:
                 x = _replay(gm.graph, f, nodes[f.source], nodes, by_name, copies)
                 swap = {nodes[f.exit if f.kind == "sink" else by_name[f.absorber].inputs[0]]: x}
-                with gm.graph.inserting_before(nodes[f.target]):
+                with gm.graph.inserting_before(absorber):  # "into": where the layer was (the plan counts on it)
                     new = by_name[f.absorber].emit(swap, f.W, f.b)
                 new.meta = dict(absorber.meta)
             replaced.append((nodes[f.target], new))
@@ -303,9 +334,18 @@ class Effects:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.writes: dict[fx.Node, list[fx.Node]] = {}  # alias root -> the in-place ops that write it
+        self.effect_roots = {n for n in gm.graph.nodes if self.for_effect(n)}  # as the input had them
         for n in gm.graph.nodes:
             if self.mutates(n) and n.args and isinstance(n.args[0], fx.Node):
                 self.writes.setdefault(self.root(n.args[0]), []).append(n)
+            elif self.for_effect(n):  # may write any tensor it is given (MViT's wrapped ``_add_shortcut``)
+                for a in n.all_input_nodes:
+                    self.writes.setdefault(self.root(a), []).append(n)
+
+    @staticmethod
+    def for_effect(n: fx.Node) -> bool:
+        """A call whose result nobody reads: it is only there for what it does besides (a write, a check)."""
+        return n.op in ("call_function", "call_method", "call_module") and not n.users and not is_shape_read(n)
 
     def mutates(self, n: fx.Node) -> bool:
         """Whether ``n`` writes into its first argument."""
@@ -323,7 +363,7 @@ class Effects:
         return False
 
     def impure(self, n: fx.Node) -> bool:
-        if n.op == "output" or self.mutates(n):
+        if n.op == "output" or self.mutates(n) or n in self.effect_roots:
             return True
         try:
             return n.is_impure()
@@ -342,12 +382,19 @@ class Effects:
         g.add_nodes_from(self.gm.graph.nodes)
         return _graph.live(g, [n for n in self.gm.graph.nodes if self.impure(n)])
 
-    def hazard(self, n: fx.Node, label) -> str | None:
-        """Why ``n`` may not be read at another point of the graph: it is written in place."""
-        writers = self.writes.get(self.root(n))
-        if not writers:
+    def hazard(self, n: fx.Node, label, order: dict[str, int]) -> str | None:
+        """Why ``n`` may not be read later than it is now: it is written in place after it is first read.
+
+        A fold reads a region's source again where the layer it folds into
+        was (after the region's own reads), so a write in between would be
+        seen. Writes before every read (``x = act(x); x.mul_(2)``) are not.
+        """
+        writers = self.writes.get(self.root(n), [])
+        reads = [order[u.name] for u in n.users if u not in writers and not is_shape_read(u)]
+        late = [w for w in writers if reads and order[w.name] > min(reads)]
+        if not late:
             return None
-        return f"is written in place by {label(writers[0].name)}: a fold cannot move where it is read"
+        return f"is written in place by {label(late[0].name)} after it is read: a fold cannot move where it is read"
 
 
 def _name(n: fx.Node) -> str:

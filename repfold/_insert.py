@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -66,13 +68,198 @@ def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
     return value, [u for u in value.users if u not in inside]
 
 
-def _reads_as_conv(gm: fx.GraphModule, value: fx.Node, inside: list[fx.Node]) -> bool:
-    """Whether the scope consumes ``value`` with a convolution (channels at axis 1)."""
-    for n in inside:
-        if value in n.all_input_nodes and n.op == "call_module":
-            if isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd):
-                return True
-    return False
+_MIXING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "tensordot", "scaled_dot_product_attention"}
+_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    meta = _float_tensor(n) if isinstance(n, fx.Node) else None
+    return tuple(meta.shape) if meta is not None else None
+
+
+def _acts_on(gm: fx.GraphModule, n: fx.Node, rank: int) -> int | None:
+    """The axis of its first input that a weighted layer ``n`` mixes (Linear: last, conv: 1), else None."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
+            return rank - 1
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return 1
+        return None
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        if name == "linear":
+            return rank - 1
+        if name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+            return 1
+    return None
+
+
+def _moved(n: fx.Node, axis: int, before: tuple[int, ...], after: tuple[int, ...] | None) -> int | None:
+    """Where axis ``axis`` of ``n``'s first input is in ``n``'s output, or None if no longer whole or known."""
+    if after is None:
+        return None
+    name = "" if n.op == "call_module" else n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if name in _PERMUTES:
+        args = [a for a in n.args[1:] if isinstance(a, int)]
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else None
+        r = len(before)
+        if name == "permute":
+            perm = [d % r for d in (dims if dims is not None else args)]
+            return perm.index(axis) if len(perm) == r else None
+        if name == "t":
+            a, b = 0, r - 1
+        elif len(args) == 2:
+            a, b = args[0] % r, args[1] % r
+        else:
+            return None
+        if name in ("movedim", "moveaxis"):
+            order = [k for k in range(r) if k != a]
+            order.insert(b, a)
+            return order.index(axis)
+        return b if axis == a else a if axis == b else axis
+    if name in _RESHAPES:
+        lead = math.prod(before[:axis])
+        for j, size in enumerate(after):
+            if size == before[axis] and math.prod(after[:j]) == lead:
+                return j
+        return None
+    if name in _MIXING:
+        return None
+    if len(after) == len(before):  # elementwise, norms, pools, slices, cat: axes stay in place
+        return axis
+    return None
+
+
+def _evidence(gm: fx.GraphModule, value: fx.Node, down: bool, limit: int = 64) -> set[int]:
+    """Axes of ``value`` that the nearest weighted layers downstream (or upstream) act on.
+
+    Every path is followed, through layout ops (the axis moves with them) and
+    ops that keep the rank, to its first weighted layer; a path that loses
+    the axis track ends without a say.
+    """
+    shape0 = _shape(value)
+    if shape0 is None:
+        return set()
+    found: set[int] = set()
+    # a frontier of (node, its shape, value axis -> node axis)
+    todo = [(value, shape0, {a: a for a in range(len(shape0))})]
+    seen = 0
+    while todo and seen < limit:
+        node, sh, where = todo.pop(0)
+        seen += 1
+        if down:
+            for u in node.users:
+                if is_shape_read(u) or not u.args or u.args[0] is not node:
+                    continue
+                k = _acts_on(gm, u, len(sh))
+                if k is not None:
+                    found.update(a for a, b in where.items() if b == k)
+                    continue
+                after = _shape(u)
+                nxt = {a: _moved(u, b, sh, after) for a, b in where.items()}
+                nxt = {a: b for a, b in nxt.items() if b is not None}
+                if nxt:
+                    todo.append((u, after, nxt))
+        else:
+            if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+                continue
+            first = node.args[0]
+            if not isinstance(first, fx.Node) or _shape(first) is None:
+                continue
+            k = _acts_on(gm, node, len(_shape(first)))
+            if k is not None:
+                out = 1 if k == 1 else len(sh) - 1  # the layer's own output axis: conv channels, Linear features
+                found.update(a for a, b in where.items() if b == out)
+                continue
+            before = _shape(first)
+            back = {}
+            for b in range(len(before)):
+                to = _moved(node, b, before, sh)
+                for a, at in where.items():
+                    if to is not None and at == to:
+                        back[a] = b
+            if back:
+                todo.append((first, before, back))
+    return found
+
+
+def channel_axis(gm: fx.GraphModule, value: fx.Node, scope: str) -> int:
+    """The channel axis of ``value``: the one the nearest weighted layers around it act on.
+
+    The layers downstream decide (an adapter folds forward into them; MLP-Mixer's
+    token MLP reads the token axis of a value a channel MLP made); the layers
+    upstream decide where there are none downstream. Layers that disagree, or
+    none at all, leave the axis to the user (``axis=``).
+    """
+    down = _evidence(gm, value, down=True)
+    if len(down) == 1:
+        return next(iter(down))
+    up = _evidence(gm, value, down=False) if not down else set()
+    if len(up) == 1:
+        return next(iter(up))
+    rank = len(_shape(value) or ())
+    said = "; ".join(f"{where} layers act on axis {', '.join(map(str, sorted(ax)))}"
+                     for where, ax in (("downstream", down), ("upstream", up)) if ax)
+    raise ValueError(
+        f"cannot tell the channel axis of the value entering {scope!r} (rank {rank}): "
+        + (said or "no Linear or convolution acts on it nearby") + "; pass axis= (e.g. axis=1 for NCHW, -1 for tokens)"
+    )
+
+
+def _axis_for(axis, scope: str) -> int | None:
+    """The user's ``axis=`` for ``scope``: one int for all, or a dict of name patterns (None: from the graph)."""
+    if axis is None or isinstance(axis, int):
+        return axis
+    for pattern, a in axis.items():
+        if _matches(pattern, scope):
+            return a
+    return None
+
+
+HOW_TO_FOLD = (
+    "an adapter folds when it sits next to a Linear or convolution with only channel-affine ops between; "
+    "bias=False lets it fold into a zero-padded kxk convolution"
+)
+
+
+def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -> None:
+    """Plan the fold of the new adapters, with random weights as after training; warn (or, ``strict``,
+    raise) for each one that would not fold, with the reason."""
+    if not placed:
+        return
+    from ._fx import prepare
+
+    gen = torch.Generator().manual_seed(0)
+    saved = {}
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if name.startswith(PREFIX + "."):
+                saved[name] = p.detach().clone()
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.1).to(p))
+    try:
+        regions = prepare(gm, inputs).plan.regions
+    finally:
+        with torch.no_grad():
+            for name, p in gm.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+    problems = []
+    for scope, target in placed.items():
+        where = f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
+        mine = [r for r in regions if any(op.startswith(target + ".") for op in r.ops)]
+        if not mine:
+            problems.append(f"the adapter {where} forms no region the fold can find")
+        for r in mine:
+            if not r.folded:
+                problems.append(f"the adapter {where} will not fold: {r.reason}")
+    if not problems:
+        return
+    if strict:
+        raise ValueError("; ".join(problems) + f" ({HOW_TO_FOLD})")
+    for line in problems:
+        warnings.warn(f"repfold.insert: {line} ({HOW_TO_FOLD})", UserWarning, stacklevel=3)
 
 
 def insert(
@@ -87,12 +274,27 @@ def insert(
     example_inputs: tuple | torch.Tensor | None = None,
     leaf_modules=(),
     leaf_functions=(),
+    axis: int | Mapping[str, int] | None = None,
+    bias: bool = True,
+    strict: bool = False,
 ) -> fx.GraphModule:
     """Return a copy of ``model`` with an adapter on the value entering (``before``) or leaving
     (``after``) each selected module scope.
 
     A bare name matches the last part of a module path (``"attn"``), a dotted
     one the whole path with ``*`` wildcards (``"blocks.*.norm1"``).
+
+    The adapter mixes the value's channel axis, read off the graph: the axis
+    the nearest Linear or convolution around the value acts on. Where those
+    layers disagree or there are none, ``axis=`` says it (one int for every
+    adapter, or a dict from name patterns to ints). ``bias=False`` makes
+    bias-free adapters, which also fold into zero-padded k×k convolutions.
+
+    The fold of the new adapters is planned at once (with random weights, as
+    after training): every adapter that would not fold is named in a
+    ``UserWarning``, one line each with the reason, or with ``strict=True``
+    in a ``ValueError``, so that nobody trains an adapter that cannot deploy at
+    zero cost.
     """
     names = [before] if isinstance(before, str) else list(before)
     after_names = [after] if isinstance(after, str) else list(after)
@@ -117,24 +319,33 @@ def insert(
     for where, scope in chosen:
         if where == "before":
             value, readers = _entering(gm, scope)
-            conv_reads = _reads_as_conv(gm, value, readers)
         else:
             value, readers = _leaving(gm, scope)
-            conv_reads = value.op == "call_module" and isinstance(gm.get_submodule(value.target), nn.modules.conv._ConvNd)
         meta = _float_tensor(value)
-        channels_last = not conv_reads
-        width = meta.shape[-1] if channels_last else meta.shape[1]
+        rank = len(meta.shape)
+        given = _axis_for(axis, scope)
+        if given is not None and not -rank <= given < rank:
+            raise ValueError(f"axis={given} for {scope!r}: the value there has rank {rank}")
+        at = given % rank if given is not None else channel_axis(gm, value, scope)
         adapter = RepAdapter(
-            width, hidden_dim, groups, scale, dropout, rank=len(meta.shape), channels_last=channels_last
+            meta.shape[at], hidden_dim, groups, scale, dropout, rank=rank, axis=at, bias=bias
         ).to(dtype=meta.dtype, device=inputs[0].device)
         target = f"{PREFIX}.{scope.replace('.', '_')}" + ("_out" if where == "after" else "")
         gm.add_submodule(target, adapter)
-        with gm.graph.inserting_after(value):
+        # right before its first reader, not after the value: an in-place write in between (``x = act(x);
+        # x.mul_(2)``) must reach the adapter as it reached the layer
+        uses = [n for n in readers if value in n.all_input_nodes and not is_shape_read(n)]
+        if not uses:
+            raise ValueError(f"module scope {scope!r}: nothing there reads {value.name} but its shape")
+        order = {n: k for k, n in enumerate(gm.graph.nodes)}
+        with gm.graph.inserting_before(min(uses, key=order.__getitem__)):
             node = gm.graph.call_module(target, (value,))
-        for n in readers:
-            if not is_shape_read(n):
-                n.replace_input_with(value, node)
+        node.meta["tensor_meta"] = value.meta["tensor_meta"]  # an adapter keeps its input's shape and dtype
+        for n in uses:
+            n.replace_input_with(value, node)
         placed[scope if where == "before" else f"{scope}:after"] = target
+
+    _foresee(gm, inputs, placed, strict)
 
     frozen = []  # the model's own trainable parameters, frozen for adapter training; fold thaws them
     for name, p in gm.named_parameters():

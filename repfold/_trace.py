@@ -9,6 +9,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import _graph
+
 META_KEY = "repfold"
 VALUE_KEY = "repfold_value"  # node.meta key: the int / size a node computed during shape propagation
 
@@ -70,10 +72,12 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
     if timm_modules or timm_functions:
         attempts.append((tuple(leaf_modules) + timm_modules, tuple(leaf_functions) + timm_functions))
     first = None
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     for modules, functions in attempts:
         tracer = _Tracer(modules, functions)
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
+            _no_untraced_writes(model, buffers)
         except Exception as e:  # fx raises many types; all mean "not traceable"
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             at = tracer.failed_in
@@ -86,6 +90,19 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
     raise TraceError(first + "; name it in leaf_modules= or leaf_functions= to keep it whole")
 
 
+def _no_untraced_writes(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """fx runs ``self.buf.add_(1)`` on the real buffer while tracing and records nothing: the traced model
+    would silently stop updating it. Such a model is refused (the buffer is put back first)."""
+    for name, b in model.named_buffers():
+        old = before.get(name)
+        if old is None or (old.shape == b.shape and torch.equal(old, b.detach())):
+            continue
+        if old.shape == b.shape:
+            with torch.no_grad():
+                b.copy_(old)
+        raise TraceError(f"its forward writes buffer {name!r}, which fx would do once while tracing and never record")
+
+
 def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
     """Remove the placeholders fx keeps for concrete args, and the checks it hangs on them.
 
@@ -93,18 +110,14 @@ def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
     ONNX export; the values are baked into the graph either way.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
-    doomed: list[fx.Node] = []
+    flow = _graph.digraph((n, u) for n in gm.graph.nodes for u in n.users)
+    doomed: set[fx.Node] = set()
     for node, is_fixed in zip(placeholders, fixed):
         if is_fixed:
-            stack = [node]
-            while stack:
-                n = stack.pop()
-                if n not in doomed:
-                    doomed.append(n)
-                    stack.extend(n.users)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for n in sorted(doomed, key=order.__getitem__, reverse=True):
-        gm.graph.erase_node(n)
+            doomed |= {node} | _graph.descendants(flow, node)
+    for n in reversed(list(gm.graph.nodes)):
+        if n in doomed:
+            gm.graph.erase_node(n)
     gm.recompile()
 
 

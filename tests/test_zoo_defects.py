@@ -1,0 +1,364 @@
+"""Regressions for the defects models nobody here wrote exposed (issue 13), each on a small model of its own.
+
+* torchvision MViT: fx's dead-code pass deleted in-place writes whose result is unread;
+* timm BoTNet / HaloNet / LambdaNet / ResNeXt-ts: adapters on a spatial axis;
+* timm Swin-T stage 4: a shape read kept a region reported folded running;
+* timm XCiT: the ONNX fold read a whole concatenation where the layer read a token slice;
+* PEFT VeRA: a factored map scaled per channel crashed the fold, reported as bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import export, randomize_adapters, rel_err
+from torch import nn
+
+import repfold
+from repfold import _cli
+from repfold._adapters import RepAdapter
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _add_rel_pos(h: torch.Tensor) -> torch.Tensor:
+    h[:, 1:, 1:] += 0.5  # as MViT's relative positions: getitem, iadd, setitem
+    return h
+
+
+def _add_shortcut(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    h[:, 0] = h[:, 0] + s[:, 0]  # a setitem, in a function whose result MViT never reads
+    return h
+
+
+torch.fx.wrap("_add_rel_pos")
+torch.fx.wrap("_add_shortcut")
+
+
+class Effects(nn.Module):
+    """In-place writes whose results nobody reads (methods, functions, modules, setitem and ``+=`` on a
+    slice inside wrapped functions, as MViT has them), an assert and a random draw: each changes the
+    output, and none of their results is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        _add_rel_pos(h)
+        _add_shortcut(h, x * 0.5)  # (a wrapped call may write every tensor it is given: not the input)
+        g = h * 1.0
+        g.mul_(3.0)  # a method, result unread
+        torch.relu_(g)  # a function, result unread
+        self.act(g)  # a module with inplace=True, result unread
+        torch._assert(h.shape[1] == 4, "four tokens")
+        torch.rand_like(g)  # a random draw, unread: removing it would shift the next one
+        return g + torch.rand_like(g)
+
+
+def test_fold_with_nothing_to_fold_is_bitwise_equal_with_in_place_ops_asserts_and_random_ops():
+    torch.manual_seed(0)
+    model = Effects().eval()
+    x = torch.randn(2, 4, 8)
+    folded, report = repfold.fold(copy.deepcopy(model), example_inputs=(x,), return_report=True)
+    assert report.regions == []
+    reference = copy.deepcopy(model)
+    torch.manual_seed(3)
+    want = reference(x)
+    torch.manual_seed(3)
+    got = folded(x)
+    assert _same_bits(got, want)
+
+
+def test_mvit_style_in_place_writes_survive_a_fold_with_adapters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), Effects()).eval()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    model = model.double()
+    gm = repfold.insert(model, before=["1.fc"], example_inputs=x, axis=-1)
+    randomize_adapters(gm)
+    gm.eval()
+    folded, report = repfold.fold(gm, return_report=True)
+    assert [r.folded for r in report.regions] == [True]
+    torch.manual_seed(5)
+    want = copy.deepcopy(gm)(x)
+    torch.manual_seed(5)
+    got = copy.deepcopy(folded)(x)
+    torch.manual_seed(5)
+    assert rel_err(copy.deepcopy(model)(x), want) > 1e-3  # the adapter matters
+    assert rel_err(got, want) < 1e-10
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+
+
+class WrittenSource(nn.Module):
+    """An adapter (written by hand) reads ``h``, which is then written in place before the layer reads
+    the adapter: folding would have the layer read the written ``h``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.adapter = RepAdapter(8, 4, 2, rank=3)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = self.norm(x)
+        a = self.adapter(h)
+        h.mul_(2.0)
+        return self.fc(a) + h.sum(-1, keepdim=True)
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1.0)
+        return self.fc(x) + self.calls
+
+
+def test_a_buffer_written_in_forward_that_fx_cannot_record_is_refused():
+    model = Counter().eval()
+    with pytest.raises(repfold.TraceError, match="writes buffer 'calls'"):
+        repfold.fold(model, example_inputs=(torch.randn(2, 4),))
+    assert model.calls.item() == 0  # the caller's model is untouched
+
+
+def test_a_source_written_in_place_is_kept_with_the_reason():
+    torch.manual_seed(0)
+    model = WrittenSource().double().eval()
+    randomize_adapters_module(model.adapter)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert len(report.regions) == 1 and not report.regions[0].folded
+    assert "written in place" in report.regions[0].reason
+    assert torch.allclose(folded(x), model(x), rtol=0, atol=1e-12)
+
+
+def randomize_adapters_module(adapter: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(p) * 0.3)
+
+
+class ShapeOfBottleneck(nn.Module):
+    """A hand-written adapter whose bottleneck's shape is read: no value of that shape stays after a fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.down, self.up = nn.Linear(8, 3), nn.Linear(3, 8)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = self.norm(x)
+        d = self.down(h)
+        a = h + self.up(d)
+        return self.fc(a) * (d.shape[-1] / 3.0)
+
+
+def test_a_shape_read_that_would_keep_a_region_running_keeps_it_with_the_reason():
+    torch.manual_seed(0)
+    model = ShapeOfBottleneck().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert len(report.regions) == 1 and not report.regions[0].folded
+    assert "shape of" in report.regions[0].reason and "running" in report.regions[0].reason
+    assert torch.equal(folded(x), model(x))
+    assert report.params_after == report.params_before
+
+
+class WindowShape(nn.Module):
+    """An adapter on (B, H, W, C), a reshape to tokens whose shape is read (Swin's window partition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.adapter = RepAdapter(8, 4, 2, rank=4)
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        a = self.adapter(self.norm(x))
+        w = a.reshape(-1, a.shape[1] * a.shape[2], a.shape[3])
+        n = w.shape[1]
+        return self.qkv(w) / n
+
+
+def test_shape_reads_inside_a_folded_region_move_to_a_value_that_stays():
+    torch.manual_seed(0)
+    model = WindowShape().double().eval()
+    randomize_adapters_module(model.adapter)
+    x = torch.randn(2, 3, 3, 8, dtype=torch.float64)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert [r.folded for r in report.regions] == [True]
+    assert rel_err(folded(x), model(x)) < 1e-10
+    base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("adapter."))
+    assert report.params_after == base
+    assert not any(n.op == "call_module" and "adapter" in str(n.target) for n in folded.graph.nodes)
+
+
+class ChannelsFirstAttention(nn.Module):
+    """NCHW entering a scope whose first reader is not a conv (BoTNet / HaloNet's attn): an Identity, a
+    BatchNorm, an activation, then the 1x1 qkv conv."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.attn = nn.Sequential(nn.Identity(), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 3 * c, 1))
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("size", [5, 6, 7])
+def test_insert_puts_the_adapter_on_the_channel_axis_read_off_the_graph(size):
+    model = ChannelsFirstAttention().eval()
+    x = torch.randn(1, 6, size, size)
+    gm = repfold.insert(model, before="attn", example_inputs=x)
+    adapter = gm.get_submodule("repfold_adapters.attn")
+    assert adapter.axis == 1 and adapter.channels == 6
+
+
+class NoLayerNearby(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x) * 2
+
+
+def test_an_ambiguous_axis_names_the_scope_and_asks_for_axis():
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = NoLayerNearby()
+
+        def forward(self, x):
+            return self.act(x)
+
+    x = torch.randn(1, 4, 5, 6)
+    with pytest.raises(ValueError, match=r"'act'.*axis="):
+        repfold.insert(Wrap(), before="act", example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it cannot fold: no layer nearby
+        gm = repfold.insert(Wrap(), before="act", example_inputs=x, axis=1)
+    assert gm.get_submodule("repfold_adapters.act").channels == 4
+
+
+def test_insert_warns_for_an_adapter_that_will_not_fold_and_strict_refuses_it():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 9, 9)
+    with pytest.warns(UserWarning, match=r"before '2' will not fold: .*not exact at the borders"):
+        repfold.insert(model, before="2", example_inputs=x)
+    with pytest.raises(ValueError, match="not exact at the borders"):
+        repfold.insert(model, before="2", example_inputs=x, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bias-free: exact at the borders, no warning
+        gm = repfold.insert(model, before="2", example_inputs=x, bias=False, strict=True)
+    randomize_adapters(gm)
+    folded, report = repfold.fold(gm.eval(), return_report=True)
+    assert [r.folded for r in report.regions] == [True]
+    assert rel_err(folded(x), gm(x)) < 1e-5
+
+
+class ClassTokenMlp(nn.Module):
+    """XCiT's class-attention block: an MLP on the class token, a slice of a concatenation."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        x = torch.cat([self.norm(x[:, 0:1]), x[:, 1:]], dim=1)
+        cls = self.mlp(x[:, 0:1])
+        return torch.cat([cls, x[:, 1:]], dim=1) + x
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = ClassTokenMlp().eval()
+    x = torch.randn(1, 5, 8)
+    gm = repfold.insert(model, before="mlp", example_inputs=x)
+    randomize_adapters(gm)
+    gm.eval()
+    proto = export(gm, x, dynamo)
+    folded, report = repfold.fold(proto, return_report=True)
+    assert len(report.regions) == 1
+    runs = []
+    for p in (proto, folded):
+        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(runs[1], runs[0]) < 1e-5
+    if report.folded:  # the base model's own export: the exporters add constants of their own
+        assert report.params_after == sum(int(np.prod(t.dims)) for t in export(model, x, dynamo).graph.initializer)
+
+
+def test_a_zero_diagonal_scaled_per_channel_stays_zero():
+    from repfold._affine import LowRank, scale
+
+    U, V = np.ones((6, 2)), np.ones((2, 3))  # a 6x3 map: no diagonal to add to
+    M = scale(np.arange(6.0), LowRank(0.0, U, V))
+    assert np.allclose(np.asarray(M), np.arange(6.0)[:, None] * (U @ V))
+
+
+# --- the command line: a bug of ours is not bad input --------------------------------------
+
+
+def _small_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)).eval()
+    x = torch.randn(1, 4, 8)
+    gm = repfold.insert(model, before="1", example_inputs=x)
+    randomize_adapters(gm)
+    path = tmp_path / "a.onnx"
+    onnx.save(export(gm.eval(), x, False), path)
+    return path
+
+
+def test_an_internal_error_exits_3_with_one_line_naming_the_region_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from repfold import _engine
+
+    path, out = _small_model(tmp_path), tmp_path / "f.onnx"
+
+    def broken(*args, **kwargs):
+        with _engine.folding("the region at /0/LayerNormalization"):
+            raise IndexError("index 192 is out of bounds")
+
+    monkeypatch.setattr("repfold._onnx.fold_onnx", broken)
+    assert _cli.main([str(path), "-o", str(out)]) == _cli.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "internal error" in err and "repfold bug" in err and "/0/LayerNormalization" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+    assert _cli.main([str(path), "-o", str(out), "--debug"]) == _cli.EXIT_INTERNAL
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_model_onnxruntime_refuses_is_never_written(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    from repfold import _onnx
+
+    path, out = _small_model(tmp_path), tmp_path / "f.onnx"
+    real = _onnx.fold_onnx
+
+    def corrupting(model, **kwargs):
+        folded, report = real(model, **kwargs)
+        bias = next(t for t in folded.graph.initializer if len(t.dims) == 1 and "folded" in t.name)
+        bias.CopyFrom(onnx.numpy_helper.from_array(np.zeros(5, np.float32), bias.name))  # wrong width
+        return folded, report
+
+    monkeypatch.setattr(_onnx, "fold_onnx", corrupting)
+    assert _cli.main([str(path), "-o", str(out)]) == _cli.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "onnxruntime cannot load the folded model" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
