@@ -16,7 +16,10 @@ batch 1 (what shape propagation costs); the three kinds of process are
 interleaved and medians reported. The warm figure (the fourth of four calls in
 one process) is given too. Goal (issue 6): under one second on ViT-B/16.
 
-Writes benchmarks/results/fx_fold.{json,md}.
+Writes benchmarks/results/fx_fold.{json,md}, then exits non-zero when a
+region is not folded or the folded model's float32 output is more than
+``TOL`` (relative to the output's scale) from the unfolded one's, so the
+smoke run checks the fold too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 WHAT = ("fold", "deepcopy", "forward", "warm fold")
+TOL = 1e-5  # float32, relative to the output's scale
 
 
 def child(model_name: str, what: str) -> float:
@@ -122,6 +126,10 @@ def main() -> None:
         f"**{fig['fold_s']} s** ({fig['fold_s_range'][0]}–{fig['fold_s_range'][1]}) | {fig['warm_fold_s']} s "
         f"| {fig['deepcopy_s']} s | {fig['forward_b1_s']} s |\n"
     )
+    if fig["folded"] != fig["regions"] or not fig["regions"]:
+        raise SystemExit(f"fx_fold.py: {fig['folded']} of {fig['regions']} regions folded")
+    if not fig["max_rel_output_diff_f32"] <= TOL:
+        raise SystemExit(f"fx_fold.py: folded vs unfolded output {fig['max_rel_output_diff_f32']:.1e} > {TOL:.0e}")
 
 
 if __name__ == "__main__":

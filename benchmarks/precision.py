@@ -12,7 +12,10 @@ For float32, float16 and bfloat16 copies of one model with trained-like
 For each: how far the folded weights are from the exact fold (of the float64
 model), and how far the outputs are from the float64 unfolded model's, next
 to the unfolded model's own error in that dtype. The models run on the CPU
-in their dtype. Writes benchmarks/results/precision.{json,md}.
+in their dtype. Writes benchmarks/results/precision.{json,md}, then exits
+non-zero when a folded model is further from the float64 model than
+``FACTOR`` times the unfolded model in the same dtype (the fold may not add
+more error than running in that dtype does).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from repfold._adapters import RepAdapter
 
 RESULTS = Path(__file__).parent / "results"
 ABSORBER = {"attn": "qkv", "mlp": "fc1"}  # the Linear each ViT scope starts with
+FACTOR = 2.0  # repfold's folded output error may be at most this times the unfolded model's, in each dtype
 
 
 def dense_up(a: RepAdapter) -> torch.Tensor:
@@ -125,6 +129,10 @@ def main() -> None:
     (out / "precision.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "precision.md").write_text(table(rows))
     print(table(rows))
+    bad = [r for r in rows if not r["output_repfold"] <= FACTOR * r["output_unfolded"]]
+    if bad:
+        raise SystemExit("precision.py: the fold adds error: " + "; ".join(
+            f"{r['dtype']}: {r['output_repfold']:.1e} vs unfolded {r['output_unfolded']:.1e}" for r in bad))
 
 
 if __name__ == "__main__":

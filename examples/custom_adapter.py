@@ -76,7 +76,15 @@ def main() -> None:
     same = counts(folded) == counts(repfold.fold(base, example_inputs=x))
     print(f"folded operators equal the base model's: {same}; parameters: "
           f"{sum(p.numel() for p in folded.parameters()):,} (base {sum(p.numel() for p in base.parameters()):,})")
-    assert change > 1e-3 and report.regions and not report.kept and diff < 1e-5 and same
+    # explicit checks, not asserts: `python -O` would strip those
+    if not change > 1e-3:
+        raise RuntimeError(f"the adapters change the output by only {change:.1e}: nothing to fold")
+    if not report.regions or report.kept:
+        raise RuntimeError(f"not every adapter folded:\n{report}")
+    if not diff <= 1e-5:
+        raise RuntimeError(f"the folded model differs from the one with adapters by {diff:.1e}")
+    if not same:
+        raise RuntimeError("the folded model's operators are not the base model's")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{task:8s} adapters {size / 1e3:7.1f} kB -> {task}.onnx "
                   f"({(out / f'{task}.onnx').stat().st_size / 1e6:.1f} MB): base operators {same}, "
                   f"vs unfolded {diff:.1e}")
-            assert same and diff < 1e-5
+            if not same:
+                raise RuntimeError(f"{task}: the folded model's operators are not the base model's")
+            if not diff <= 1e-5:
+                raise RuntimeError(f"{task}: the folded model differs from the unfolded one by {diff:.1e}")
             outputs.append(got)
         spread = max(float(np.abs(a - b).max()) for a in outputs for b in outputs)
         print(f"the tasks' models differ by up to {spread:.2f} in their logits: each carries its own adapters")
-        assert spread > 1e-3
+        if not spread > 1e-3:
+            raise RuntimeError(f"the tasks' models differ by only {spread:.1e}: their adapters did not reach them")
 
 
 if __name__ == "__main__":

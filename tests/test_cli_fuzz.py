@@ -1,7 +1,8 @@
 """The command line on damaged input: random bytes, truncated and bit-flipped models, dangling names.
 
 Whatever the bytes, `repfold IN -o OUT` either folds (exit 0, a loadable
-model written) or refuses (exit 2, one line on stderr naming the input, no
+model written that computes what the input does, where onnxruntime runs the
+input at all) or refuses (exit 2, one line on stderr naming the input, no
 traceback, no output file, no temporary folder left behind).
 """
 
@@ -42,7 +43,8 @@ def adapted_mlp() -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
         [weight("w1", 16, 16), weight("down", 16, 2), weight("up", 2, 16), weight("w2", 16, 8)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 10: one onnxruntime runs, so the fuzz test can compare a folded model's values with the input's
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
 
@@ -73,6 +75,42 @@ damaged = st.one_of(
 )
 
 
+def outputs(model: onnx.ModelProto | bytes, feeds: dict | None = None) -> tuple[dict, list] | None:
+    """(the feeds, the outputs) of ``model`` in onnxruntime on signed random inputs (``feeds`` when given,
+    every dynamic dimension 2 otherwise), or None when onnxruntime cannot load or run it."""
+    ort = pytest.importorskip("onnxruntime")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        s = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        if feeds is None:
+            rng = np.random.default_rng(3)
+            feeds = {}
+            for i in s.get_inputs():
+                if i.type != "tensor(float)":
+                    return None
+                shape = [d if isinstance(d, int) else 2 for d in i.shape]
+                feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        return feeds, s.run(None, feeds)
+    except Exception:  # noqa: BLE001 - any failure of onnxruntime: the input does not run
+        return None
+
+
+def assert_same_outputs(data: bytes, written: onnx.ModelProto) -> None:
+    """The folded model computes what the input does (float32: 1e-5 of the output's scale), where the input runs."""
+    ran = outputs(data)
+    if ran is None:
+        return
+    feeds, want = ran
+    got = outputs(written, feeds)
+    assert got is not None, "the input runs in onnxruntime, the folded model does not"
+    assert len(got[1]) == len(want)
+    for g, w in zip(got[1], want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if not np.isfinite(w).all() or np.abs(w).max() > 1e30:
+            continue  # a flipped exponent bit overflows float32: the two orders of rounding overflow differently
+        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max(), (g, w)
+
+
 def run_cli(data: bytes) -> tuple[int, str, list[str], onnx.ModelProto | None]:
     with tempfile.TemporaryDirectory() as d:
         src, out = Path(d) / "in.onnx", Path(d) / "out.onnx"
@@ -92,6 +130,7 @@ def test_damaged_input_is_folded_or_refused_cleanly(data):
     if rc == 0:
         assert left == ["in.onnx", "out.onnx"] and written is not None
         assert len(written.graph.output) == 1
+        assert_same_outputs(data, written)
     else:
         assert rc == 2, err
         assert left == ["in.onnx"], "a refused input left files behind"
@@ -119,4 +158,6 @@ def test_the_undamaged_model_folds():
     assert rc == 0, err
     assert [n.op_type for n in written.graph.node] == ["MatMul", "Relu", "MatMul"]
     assert np.abs(ReferenceEvaluator(written).run(None, {"x": x})[0] - y).max() <= 1e-5 * np.abs(y).max()
+    assert outputs(GOOD) is not None  # the fuzz test's comparison runs on the undamaged model
+    assert_same_outputs(GOOD, written)
 

@@ -104,7 +104,10 @@ def test_plain_module_with_handwritten_adapter_folds():
             return torch.relu(self.fc(self.adapter(self.norm(x))))
 
     block = Block().double().eval()
-    torch.nn.init.normal_(block.adapter.up.weight)
+    for conv in (block.adapter.down, block.adapter.up):  # as after training: weights and biases non-zero
+        torch.nn.init.normal_(conv.weight)
+        torch.nn.init.normal_(conv.bias)
+    assert block.adapter.down.bias.abs().min() > 0 and block.adapter.up.bias.abs().min() > 0
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(block(x), torch.relu(block.fc(block.norm(x)))) > 1e-2  # the adapter matters

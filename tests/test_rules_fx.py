@@ -125,8 +125,11 @@ def test_zero_padded_conv_takes_an_unbiased_adapter():
 
 def test_dense_adapter_into_depthwise_conv_is_refused():
     model = ConvNet(Adapter(4), nn.Conv2d(4, 4, 3, groups=4))
-    _, report, _ = fold(model, image())
-    assert "would densify a depthwise conv: cost x4" in report.regions[0].reason
+    out, report, err = fold(model, image())
+    (region,) = report.regions
+    assert err < 1e-12 and not region.folded  # kept in place: the output is the adapted model's
+    assert "would densify a depthwise conv: cost x4" in region.reason
+    assert op_counts(out)["Conv2d"] == 3  # the adapter's two 1x1 convs are still there
 
 
 @pytest.mark.parametrize("dim", [1, 3])
@@ -326,10 +329,13 @@ def test_scale_only_regions_fold_when_asked():
         def forward(self, x):
             return torch.tanh(self.fc(self.norm(x) * self.scale))
 
-    _, report, _ = fold(IA3(), tokens())
+    x = tokens()
+    out, report, err = fold(IA3(), x)
     assert report.regions == []  # by default a lone scale is the model's own (LayerScale-like)
-    out, report, err = fold(IA3(), tokens(), scales=True)
-    assert err < 1e-12 and report.regions[0].folded and "mul" not in op_counts(out)
+    assert err < 1e-12 and op_counts(out)["mul"] == 1  # left as it is
+    out, report, err = fold(IA3(), x, scales=True)
+    (region,) = report.regions
+    assert err < 1e-12 and region.folded and region.into == ["fc (Linear)"] and "mul" not in op_counts(out)
 
 
 @pytest.mark.parametrize("kdim", [None, 5])
@@ -370,14 +376,17 @@ def test_tied_weights_are_not_changed_for_the_other_user():
             super().__init__()
             self.inner = inner
 
-        def forward(self, x):
-            return self.inner(x).sum() + self.inner.other(torch.tanh(x)).sum()
+        def forward(self, x):  # both users' outputs, element by element
+            return torch.cat([self.inner(x), self.inner.other(torch.tanh(x))], dim=-1)
 
     twice = Twice(model).double().eval()
     before = shared.weight.detach().clone()
-    out, report, err = fold(twice, tokens())
+    x = tokens().double()
+    out, report, err = fold(twice, x)
     assert err < 1e-12 and report.regions[0].folded
     assert torch.equal(shared.weight, before)
+    with torch.no_grad():  # the other user reads the tied weight as it was: its half of the output is unchanged
+        assert torch.equal(out(x)[..., 18:], twice(x)[..., 18:])
 
 
 def _upcast(model):
@@ -390,10 +399,11 @@ def _upcast(model):
 def test_half_precision_folds_in_float64_and_casts_once(dtype):
     half = Tokens(LinearAdapter()).eval().to(dtype)
     x = tokens()
-    ref = fold(_upcast(half), x)[0]  # the same fold, in float64 throughout
+    ref, ref_report, ref_err = fold(_upcast(half), x)  # the same fold, in float64 throughout
+    assert ref_err < 1e-12 and [r.folded for r in ref_report.regions] == [True]
     out, report = repfold.fold(half, example_inputs=x.to(dtype), return_report=True)
     (region,) = report.regions
-    assert region.folded
+    assert region.folded and region.into == ["qkv (Linear)"]
     assert out.get_submodule("qkv").weight.dtype == dtype
     got = out.get_submodule("qkv").weight.double()
     exact = ref.get_submodule("qkv").weight
@@ -402,15 +412,42 @@ def test_half_precision_folds_in_float64_and_casts_once(dtype):
         moved = [(new.double() - old).abs().max() for new, old in zip(out.qkv.parameters(), ref.qkv.parameters())]
     rounding = float(max(moved))
     assert region.dtype == str(dtype).removeprefix("torch.") and region.rounding == pytest.approx(rounding)
-    assert f"cast to {region.dtype}" in region.line()
+    assert 0 < region.rounding <= HALF_EPS[dtype] * float(exact.detach().abs().max())  # at most one rounding
+    assert f"cast to {region.dtype}: weights moved by up to {region.rounding:.1e}" in region.line()
+    with torch.no_grad():  # the folded half model is as close to the float64 one as the unfolded half model
+        want = ref(x.double())
+        unfolded, folded = rel_err(half(x.to(dtype)), want), rel_err(out(x.to(dtype)), want)
+    assert folded <= 2 * unfolded + HALF_EPS[dtype], (folded, unfolded)
 
 
-def test_functional_pad_and_roll_pass_through():
+HALF_EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # half a unit in the last place, relative
+
+
+@pytest.mark.parametrize("mode, pads", [("constant", (0, 0)), ("replicate", (1, 2)), ("circular", (2, 1)),
+                                        ("reflect", (2, 0))])
+def test_functional_pad_and_roll_pass_through(mode, pads):
+    """Tokens rolled, and padded along the sequence axis by a position-copying mode (or by zero amounts)."""
+
     class Shift(AdapterThen):
         def after(self, h):
-            h = F.pad(torch.roll(h, shifts=1, dims=1), (0, 0, 0, 0))
-            return torch.tanh(self.fc(h.reshape(10, 6).reshape(2, 5, 6)))
+            h = F.pad(torch.roll(h, shifts=1, dims=1).transpose(1, 2), pads, mode=mode).transpose(1, 2)
+            n = 5 + sum(pads)
+            return torch.tanh(self.fc(h.reshape(2 * n, 6).reshape(2, n, 6)))
 
     out, report, err = fold(Shift(), tokens())
     assert err < 1e-12 and report.regions[0].folded
-    assert op_counts(out).get("roll") == 1
+    layout = {"transpose": 2, "pad": 1} if any(pads) else {}  # a pad by zero amounts goes, with its transposes
+    assert op_counts(out) == {"LayerNorm": 1, "roll": 1, **layout, "Linear": 1, "tanh": 1}
+
+
+def test_zero_value_pad_by_a_non_zero_amount_ends_the_region():
+    """New positions of a constant pad hold 0, not the adapter's constant: the region cannot reach fc."""
+
+    class Padded(AdapterThen):
+        def after(self, h):
+            return torch.tanh(self.fc(F.pad(h, (0, 0, 1, 2))))
+
+    out, report, err = fold(Padded(), tokens())
+    (region,) = report.regions
+    assert err < 1e-12 and not region.folded
+    assert "no layer can absorb it" in region.reason and "pad" in region.reason
