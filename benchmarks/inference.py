@@ -182,10 +182,10 @@ def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: 
         n = repeats if batch == 1 else max(3, repeats // 6)  # a batch of 32 takes seconds per run on 2 cores
         x = torch.randn(batch, *x1.shape[1:], generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            eager = interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()}, n)
+            eager = interleaved({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, n)
             y = {k: m(x) for k, m in variants.items()}
         feed = {"image": x.numpy()}
-        onnx_ms = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, n)
+        onnx_ms = interleaved({k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}, n)
         y_onnx = {k: s.run(None, feed)[0] for k, s in sessions.items()}
         scale = float(y["adapted"].abs().max())
         for runtime, ms, diff in (
@@ -216,8 +216,8 @@ def table(results: dict) -> str:
     for r in (row for m in results.values() for row in m["rows"]):
         lines.append(f"| {r['model']} | {r['batch']} | {r['runtime']} | {r['base_ms']:.1f} | "
                      f"{r['adapted_ratio']:.3f} | {r['folded_ratio']:.3f} | {r['max_diff']:.1e} |")
-    lines += ["", "| model | ONNX nodes base / adapted / folded | folded operators = base | "
-              "onnxruntime-optimised nodes, base / adapted / folded (disabled, basic, extended, all) |",
+    lines += ["", ("| model | ONNX nodes base / adapted / folded | folded operators = base | "
+              "onnxruntime-optimised nodes, base / adapted / folded (disabled, basic, extended, all) |"),
               "|---|---|---|---|"]
     for name, m in results.items():
         o, lv = m["onnx_ops"], m["ort_optimised_nodes"]

@@ -106,8 +106,8 @@ def measure(model_name: str, dtypes: list[str]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | dtype | folded weights vs exact: repfold / in-dtype fold | "
-        "outputs vs float64 reference: unfolded / repfold / in-dtype fold |",
+        ("| model | dtype | folded weights vs exact: repfold / in-dtype fold | "
+        "outputs vs float64 reference: unfolded / repfold / in-dtype fold |"),
         "|---|---|---|---|",
     ]
     for r in rows:

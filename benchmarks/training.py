@@ -74,8 +74,8 @@ def table(model: str, batch: int, full: dict, ours: dict) -> str:
         f"| trainable parameters | {full['trainable']:,} | {ours['trainable']:,} | {saving('trainable')} |",
         f"| step time (median) | {full['step_s']:.2f} s | {ours['step_s']:.2f} s | {saving('step_s')} |",
         f"| peak memory (process) | {full['peak_MB']:.0f} MB | {ours['peak_MB']:.0f} MB | {saving('peak_MB')} |",
-        f"| checkpoint per task | {full['checkpoint_MB']:.1f} MB | {ours['checkpoint_MB']:.2f} MB | "
-        f"{saving('checkpoint_MB')} |",
+        (f"| checkpoint per task | {full['checkpoint_MB']:.1f} MB | {ours['checkpoint_MB']:.2f} MB | "
+        f"{saving('checkpoint_MB')} |"),
     ]) + "\n"
 
 

@@ -125,7 +125,7 @@ def _load(path: str, progress=None):
             raise UsageError(f"{path}: {e}") from None
     except UsageError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways, each bad input)
         raise UsageError(f"{path}: not a readable ONNX model ({_short(e)})") from None
     if not model.graph.node:
         raise UsageError(f"{path}: not an ONNX model (no graph nodes)")
@@ -245,7 +245,7 @@ def check(original: Path, folded: Path, feeds, rtol: float | None = None, atol: 
     def session(path: Path):
         try:
             return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (onnxruntime raises its own types)
             raise UsageError(f"onnxruntime cannot load {path.name}: {_short(e)}") from None
 
     a_sess, b_sess = session(original), session(folded)
@@ -287,7 +287,7 @@ def loads(original: Path, folded: Path, changed: bool) -> None:
         opts.log_severity_level = 3
         try:
             ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types for every refusal
+        except Exception as e:  # noqa: BLE001 (onnxruntime raises its own types for every refusal)
             return _short(e)
         return None
 
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("repfold: error: out of memory; nothing written", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as e:  # a bug of ours: one line (the traceback with --debug), and no file
+    except Exception as e:  # noqa: BLE001 (a bug of ours: one line, the traceback with --debug, no file)
         if debug:
             import traceback
 

@@ -281,7 +281,7 @@ def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, posi
 class Blocked(tuple):
     """Why a region cannot fold: ``(exit, reason, the exit's consumers outside the region)``."""
 
-    def __new__(cls, exit: str, why: str, outside: list[str]) -> Blocked:
+    def __new__(cls, exit: str, why: str, outside: list[str]) -> Blocked:  # noqa: PYI034 (a tuple subclass)
         return super().__new__(cls, (exit, why, outside))
 
 
@@ -378,8 +378,8 @@ def _assign(src, todo, folded, ctx: _Ctx):
         order = [h for h in reversed(heavy) if h in up]  # the exit's own layers, nearest first
         reasons: list[tuple[str, str]] = []
 
-        def into(layers, first=False):
-            """The first of ``layers`` that takes the exit; the others' reasons are noted (``first``: ahead)."""
+        def into(layers, e, reasons, first=False):
+            """The first of ``layers`` that takes exit ``e``; the others' reasons are noted (``first``: ahead)."""
             why, fold = [], None
             for h in layers:
                 step = by_name[h]
@@ -396,7 +396,7 @@ def _assign(src, todo, folded, ctx: _Ctx):
                 reasons.extend(why)
             return fold
 
-        def around():
+        def around(e, reasons):
             fold = _sinks(src, e, folded, ctx, reasons)
             return fold if fold is not None or len(todo) > 1 else _producer(src, e, folded, ctx, reasons)
 
@@ -406,11 +406,11 @@ def _assign(src, todo, folded, ctx: _Ctx):
         # adapter layer stays behind in the model.
         main = [h for h in order if _graph.on_every_path(region, src, e, h)]
         if main:
-            fold = into(main) or around()
+            fold = into(main, e, reasons) or around(e, reasons)
         elif _fewest_layers(src, e, folded, ctx) == 0:  # an identity path: no layer here is the model's
-            fold = around()
+            fold = around(e, reasons)
         else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape
-            fold = around() or into(order, first=True)
+            fold = around(e, reasons) or into(order, e, reasons, first=True)
         if fold is None:
             return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
         if isinstance(fold, list):
@@ -575,9 +575,8 @@ def _why_none(v: Affine, order, by_name, reasons) -> str:
     """The most telling reason no layer absorbed ``v``: a missing shape beats the rest."""
     if not isinstance(v.M, float):
         shape = v.M.shape
-        if not any(_weight_shape(by_name[h].op) == shape for h in order):
-            if not reasons:
-                return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
+        if not any(_weight_shape(by_name[h].op) == shape for h in order) and not reasons:
+            return f"it is a {shape[0]}x{shape[1]} map and no layer of the region has that shape"
         for h, r in reasons:
             if _weight_shape(by_name[h].op) == shape:
                 return r

@@ -133,7 +133,7 @@ def inline_submodules(gm: fx.GraphModule) -> None:
         sub = gm.get_submodule(node.target)
         try:
             sub_graph = fx.Tracer().trace(sub)  # a graph only: no GraphModule, no code generated
-        except Exception:  # a leaf the user or timm named: it stays whole, and opaque to folds
+        except Exception:  # noqa: BLE001, S112 (a leaf the user or timm named: it stays whole, opaque to folds)
             continue
         result, copied = _splice(graph, node, sub_graph)
         if isinstance(result, fx.Node):
@@ -367,7 +367,7 @@ class Effects:
             return True
         try:
             return n.is_impure()
-        except Exception:  # purity unknown (a call fx cannot look into): it runs
+        except Exception:  # noqa: BLE001 (purity unknown, a call fx cannot look into: it runs)
             return True
 
     def root(self, n: fx.Node) -> fx.Node:
@@ -478,7 +478,7 @@ def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, cop
                     copies[key] = graph.call_method("permute", (env[ins[0]], *perm))
                 else:
                     swap = {nodes[old]: env[new] for old, new in zip(by_name[name].inputs, ins)}
-                    copies[key] = graph.node_copy(orig, lambda a: swap.get(a, a))
+                    copies[key] = graph.node_copy(orig, lambda a, swap=swap: swap.get(a, a))
         env[name] = copies[key]
     return env[f.start]
 

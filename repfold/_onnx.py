@@ -213,7 +213,7 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int], di
     probe.ir_version = model.ir_version
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
-    except Exception:  # shape inference is a help, not a requirement
+    except Exception:  # noqa: BLE001 (shape inference is a help, not a requirement)
         inferred = light
     # values given to the inferencer as constants: their own shapes and types
     shapes = {name: v.shape for name, v in small.items()}
@@ -256,7 +256,7 @@ def _index_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                 [nh.from_array(known[i], i) for i in n.input if i])
             try:
                 (value,) = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=list(model.opset_import))).run(None, {})
-            except Exception:  # an op or attribute the reference runtime does not know: not a constant to us
+            except Exception:  # noqa: BLE001, S112 (an op the reference runtime does not know: no constant)
                 continue
             value = np.asarray(value)
             if np.issubdtype(value.dtype, np.integer):

@@ -78,7 +78,7 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _no_untraced_writes(model, buffers)
-        except Exception as e:  # fx raises many types; all mean "not traceable"
+        except Exception as e:  # noqa: BLE001 (fx raises many types; all mean "not traceable")
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             at = tracer.failed_in
             where = f" in {at} ({type(model.get_submodule(at)).__name__})" if at else ""

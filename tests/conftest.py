@@ -21,7 +21,7 @@ settings.register_profile("thorough", max_examples=500, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Small variants of real timm models: same code paths, a fraction of the cost.
-SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2)
+SMALL = {"pretrained": False, "img_size": 32, "patch_size": 8, "depth": 2}
 
 
 def make_vit(name: str = "vit_tiny_patch16_224", dtype=torch.float32, seed: int = 0) -> torch.nn.Module:

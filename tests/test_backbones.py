@@ -20,16 +20,16 @@ from repfold._onnx import op_counts as onnx_counts
 BACKBONES = {
     "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
                                        window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32),
-             dict(before=["attn", "mlp"]), 64),
+             {"before": ["attn", "mlp"]}, 64),
     "swin-after-norm1": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
                                                    window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32),
-                         dict(after=["norm1"]), 64),
-    "convnext": (lambda: timm.create_model("convnext_atto", pretrained=False), dict(before=["mlp"]), 64),
+                         {"after": ["norm1"]}, 64),
+    "convnext": (lambda: timm.create_model("convnext_atto", pretrained=False), {"before": ["mlp"]}, 64),
     "convnext-conv-mlp": (lambda: timm.create_model("convnext_atto", pretrained=False, conv_mlp=True),
-                          dict(before=["mlp"]), 64),
+                          {"before": ["mlp"]}, 64),
     "torchvision-vit": (lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
                                                                      num_heads=2, hidden_dim=32, mlp_dim=64),
-                        dict(before=["self_attention", "mlp"]), 32),
+                        {"before": ["self_attention", "mlp"]}, 32),
 }
 
 
@@ -40,20 +40,20 @@ def _timm(name: str, **kw):
 
 # More families, each in its smallest variant; adapters before the attention and MLP scopes (by their names).
 BACKBONES.update({
-    "vit": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), dict(before=["attn", "mlp"]), 32),
-    "deit": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), dict(before=["attn", "mlp"]), 32),
-    "pvt-v2": (_timm("pvt_v2_b0"), dict(before=["attn", "mlp"]), 64),
-    "twins": (_timm("twins_pcpvt_small", img_size=64, depths=(1, 1, 1, 1)), dict(before=["attn", "mlp"]), 64),
-    "poolformer": (_timm("poolformer_s12"), dict(before=["mlp"]), 64),
-    "mixer": (_timm("mixer_s16_224", img_size=32), dict(before=["mlp_tokens", "mlp_channels"]), 32),
-    "edgenext": (_timm("edgenext_xx_small"), dict(before=["mlp"]), 64),
+    "vit": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), {"before": ["attn", "mlp"]}, 32),
+    "deit": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), {"before": ["attn", "mlp"]}, 32),
+    "pvt-v2": (_timm("pvt_v2_b0"), {"before": ["attn", "mlp"]}, 64),
+    "twins": (_timm("twins_pcpvt_small", img_size=64, depths=(1, 1, 1, 1)), {"before": ["attn", "mlp"]}, 64),
+    "poolformer": (_timm("poolformer_s12"), {"before": ["mlp"]}, 64),
+    "mixer": (_timm("mixer_s16_224", img_size=32), {"before": ["mlp_tokens", "mlp_channels"]}, 32),
+    "edgenext": (_timm("edgenext_xx_small"), {"before": ["mlp"]}, 64),
     "cait": (_timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1),
-             dict(before=["attn", "mlp"]), 32),
+             {"before": ["attn", "mlp"]}, 32),
     "beit": (_timm("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
-             dict(before=["attn", "mlp"]), 32),
+             {"before": ["attn", "mlp"]}, 32),
     # MobileNetV3: before the squeeze-excite's and the head's biased 1x1 convs (fold), and before the
     # bias-free 1x1 convs of the blocks (kept in fx, see KEPT)
-    "mobilenetv3": (_timm("mobilenetv3_small_050"), dict(before=["conv_pw", "conv_reduce", "conv_head"]), 64),
+    "mobilenetv3": (_timm("mobilenetv3_small_050"), {"before": ["conv_pw", "conv_reduce", "conv_head"]}, 64),
 })
 
 # Adapters a backbone keeps, by frontend, and what every such reason says. Each is a limit of the rules,
@@ -113,7 +113,7 @@ def test_fx_fold_of_a_real_backbone(name, dtype, tol):
 def test_folded_multihead_attention_model_exports_as_its_base_does():
     """insert freezes every base weight, and a frozen nn.MultiheadAttention in eval mode takes PyTorch's
     fused path, which TorchScript cannot export; the folded model has its trainable flags back."""
-    model, gm, x = build("torchvision-vit", torch.float32)
+    _model, gm, x = build("torchvision-vit", torch.float32)
     folded, report = repfold.fold(gm, return_report=True)
     check_kept("torchvision-vit", "fx", report, gm)
     proto = export(folded, x, dynamo=False)
@@ -214,7 +214,7 @@ def test_dynamic_batch_export_folds_and_stays_dynamic(name):
     """Shape arithmetic on a dynamic batch (Swin's window partition) keeps the channel axis whole."""
     from test_cli import export
 
-    model, gm, x = build(name, torch.float32)
+    _model, gm, x = build(name, torch.float32)
     adapted = export(gm, x, {"image": {0: "batch"}})
     folded, report = repfold.fold(adapted, return_report=True)
     check_kept(name, "onnx", report, gm)

@@ -42,7 +42,7 @@ def test_fold_keeps_outputs_and_restores_base_cost(name, dtype):
 
 
 def test_fold_does_not_touch_its_input():
-    _, gm, x = adapted(MODELS[0], torch.float64)
+    _, gm, _x = adapted(MODELS[0], torch.float64)
     state = {k: v.clone() for k, v in gm.state_dict().items()}
     code = gm.code
     repfold.fold(gm)
@@ -52,7 +52,7 @@ def test_fold_does_not_touch_its_input():
 
 def test_folded_model_shares_no_tensor_with_its_input():
     """Fold borrows the input's parameters while it works; what it returns owns all of its tensors."""
-    model, gm, x = adapted(MODELS[0], torch.float64)
+    _model, gm, x = adapted(MODELS[0], torch.float64)
     fc2 = "blocks.0.mlp.fc2"
     gm.get_submodule("blocks.1.mlp.fc2").weight = gm.get_submodule(fc2).weight  # tied: must stay tied, and still be a copy
     folded = repfold.fold(gm)

@@ -71,7 +71,8 @@ def test_fold_accepts_a_path(exported, tmp_path):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "repfold", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "repfold", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          check=False)
 
 
 def test_cli_folds_checks_and_reports(exported, tmp_path):

@@ -29,7 +29,7 @@ def test_on_every_path():
 def test_fewest_heavy_layers_on_a_path():
     g = diamond()
     heavy = {"a": 1, "lora": 2}
-    cost = lambda n: heavy.get(n, 0)  # noqa: E731
+    cost = lambda n: heavy.get(n, 0)
     assert _graph.fewest(g, "src", "out", cost) == 1  # through a, not through the two-layer branch
     assert _graph.fewest(g, "src", "lora", cost) == 2
     assert _graph.fewest(g, "out", "src", cost) == 0  # no path

@@ -210,8 +210,8 @@ def architectures(draw):
         units.append(("conv", (c, c, 1, 1, 1, 0, "zeros", 1)) if layout == "cf" else ("dense", (c, c, 0, False)))
         adapters.append(("before", f"u{len(units) - 1}.layer", "fold"))
     groups = draw(st.sampled_from([1, 2]))  # every width here is even
-    kwargs = dict(hidden_dim=groups * draw(st.integers(1, 3)), groups=groups,
-                  scale=draw(st.sampled_from([0.5, 1.0, -2.0])))
+    kwargs = {"hidden_dim": groups * draw(st.integers(1, 3)), "groups": groups,
+                  "scale": draw(st.sampled_from([0.5, 1.0, -2.0]))}
     return units, c0, size, adapters, kwargs
 
 
@@ -324,7 +324,7 @@ def test_random_architectures_fold_exactly_in_fx(arch):
 @regressions
 @given(architectures())
 def test_random_architectures_fold_via_onnx(arch):
-    base, gm, x, adapters = build(arch, torch.float32)
+    base, gm, x, _adapters = build(arch, torch.float32)
     # insert froze nn.MultiheadAttention, which in eval mode then takes PyTorch's fused fast path; the
     # TorchScript exporter cannot export that, so users turn it off to export (the README says so)
     torch.backends.mha.set_fastpath_enabled(False)

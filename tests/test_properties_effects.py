@@ -191,7 +191,7 @@ def test_random_architectures_with_effects_fold_exactly_in_fx(arch, more):
 @given(architectures(), extras())
 def test_random_architectures_with_effects_fold_via_onnx(arch, more):
     ort = pytest.importorskip("onnxruntime")
-    base, gm, x, adapters = build(arch, more, torch.float32)
+    _base, gm, x, _adapters = build(arch, more, torch.float32)
     torch.backends.mha.set_fastpath_enabled(False)  # see test_properties: the exporter cannot export it
     try:
         adapted = export(copy.deepcopy(gm), x.clone(), dynamo=False)

@@ -161,7 +161,7 @@ def test_grouped_adapter_fits_a_conv_with_the_same_groups():
 
 def test_adapter_after_a_conv_folds_backward():
     model = ConvNet(Adapter(5), nn.Conv2d(4, 5, 3, padding=1), after=True)
-    out, report, err = fold(model, image())
+    _out, report, err = fold(model, image())
     assert err < 1e-12 and report.regions[0].folded
     assert report.regions[0].into == ["conv (Conv2d 3x3)"]
 
@@ -447,7 +447,7 @@ def test_zero_value_pad_by_a_non_zero_amount_ends_the_region():
         def after(self, h):
             return torch.tanh(self.fc(F.pad(h, (0, 0, 1, 2))))
 
-    out, report, err = fold(Padded(), tokens())
+    _out, report, err = fold(Padded(), tokens())
     (region,) = report.regions
     assert err < 1e-12 and not region.folded
     assert "no layer can absorb it" in region.reason and "pad" in region.reason
