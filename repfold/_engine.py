@@ -350,10 +350,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
         first = first or Blocked(*why, [c for c in ctx.consumers(e) if c not in set(folded)])
         if by_name[e].op.heavy or not adapter and not scales:
             return first
-        doomed = {e}
-        for m in folded:  # members are in topological order
-            if any(i in doomed for i in by_name[m].inputs):
-                doomed.add(m)
+        doomed = {e} | _graph.descendants(_region_graph(src, folded, ctx), e)  # e and what it feeds in the region
         folded = [m for m in folded if m not in doomed]
         if not folded:
             return first

@@ -134,21 +134,18 @@ class Net(nn.Module):
     def forward(self, x):
         hw = iter(self.hw)
         for i, kind in enumerate(self.plan):
-            if kind in ("conv", "dense", "attn"):
-                x = getattr(self, f"u{i}")(x)
-            elif kind == "cf>tok":
-                next(hw)
-                x = x.flatten(2).transpose(1, 2)
-            elif kind == "tok>cf":
-                h, w = next(hw)
-                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
-            elif kind == "cf>cl":
-                next(hw)
-                x = x.permute(0, 2, 3, 1)
-            elif kind == "cl>cf":
-                next(hw)
-                x = x.permute(0, 3, 1, 2)
+            x = getattr(self, f"u{i}")(x) if kind in ("conv", "dense", "attn") else self.relayout(kind, x, hw)
         return x
+
+    @staticmethod
+    def relayout(kind: str, x, hw):
+        """A layout change: ``hw`` yields the (H, W) each one needs."""
+        h, w = next(hw)
+        if kind == "cf>tok":
+            return x.flatten(2).transpose(1, 2)
+        if kind == "tok>cf":
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        return x.permute(0, 2, 3, 1) if kind == "cf>cl" else x.permute(0, 3, 1, 2)
 
 
 def _conv_size(n: int, k: int, stride: int, dilation: int, padding: int) -> int:

@@ -97,18 +97,8 @@ class EffectsNet(Net):
                     torch.relu_(x)
                     _bump(x)
                 mid = x if mid is None else mid
-            elif kind == "cf>tok":
-                next(hw)
-                x = x.flatten(2).transpose(1, 2)
-            elif kind == "tok>cf":
-                h, w = next(hw)
-                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
-            elif kind == "cf>cl":
-                next(hw)
-                x = x.permute(0, 2, 3, 1)
-            elif kind == "cl>cf":
-                next(hw)
-                x = x.permute(0, 3, 1, 2)
+            else:
+                x = self.relayout(kind, x, hw)
         if self.extras["twice"]:
             x = torch.tanh(self.twice(torch.tanh(self.twice(x))))
         if self.extras["buffer"]:
