@@ -56,6 +56,16 @@ class Deferred:
     stored: Callable[[], np.ndarray] | None = None  # the same values in the file's dtype (often a view)
 
 
+def torch_own(m) -> bool:
+    """Whether module ``m`` computes what its torch.nn class computes: no subclass overrides its forward
+    (timm's ``ScaledStdConv2dSame`` is an ``nn.Conv2d`` that pads and standardises its weight first)."""
+    for method in ("forward", "_conv_forward"):
+        f = getattr(type(m), method, None)
+        if f is not None and not getattr(f, "__module__", "").startswith("torch.nn.modules"):
+            return False
+    return True
+
+
 def resolve(w):
     """The array behind a weight that may be :class:`Deferred`."""
     return w.make() if isinstance(w, Deferred) else w

@@ -19,7 +19,7 @@ import numpy as np
 
 from repfold._affine import Affine, Channels, NotAffine
 
-from ._base import Match, fx_rebuild
+from ._base import Match, fx_rebuild, torch_own
 from ._torch import nn
 from .linear import _np
 
@@ -69,7 +69,7 @@ def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module":
         return None
     m = ctx.module(node)
-    if not isinstance(m, nn.MultiheadAttention):
+    if not isinstance(m, nn.MultiheadAttention) or not torch_own(m):
         return None
     ins = tuple(_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     if not all(ctx.is_tensor(i) for i in ins):

@@ -31,7 +31,7 @@ import numpy as np
 
 from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
 
-from ._base import Deferred, Match, fx_rebuild, onnx_rebuild, resolve
+from ._base import Deferred, Match, fx_rebuild, onnx_rebuild, resolve, torch_own
 from ._torch import nn
 from .linear import _is_pointwise_conv, _np, bias_for, densify_reason
 
@@ -120,7 +120,8 @@ def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module" or not node.args:
         return None
     m = ctx.module(node)
-    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_pointwise_conv(m) or not ctx.is_tensor(node.args[0]):
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not torch_own(m) or _is_pointwise_conv(m) \
+            or not ctx.is_tensor(node.args[0]):
         return None
     if m.padding == "same":
         padded = any(k > 1 for k in m.kernel_size)

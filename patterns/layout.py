@@ -28,7 +28,7 @@ import numpy as np
 
 from repfold._affine import Affine, Channels, NotAffine
 
-from ._base import Match
+from ._base import Match, torch_own
 from ._torch import F, nn, torch
 
 
@@ -217,9 +217,9 @@ def match_fx(node, ctx) -> Match | None:
         return None
     if node.op == "call_module":
         m = ctx.module(node)
-        if isinstance(m, (nn.Dropout, nn.Identity)):
+        if isinstance(m, (nn.Dropout, nn.Identity)) and torch_own(m):
             return Match(Same(), (x,), f"{node.target} ({type(m).__name__})")
-        if isinstance(m, nn.Flatten) and ctx.shape(node) is not None:
+        if isinstance(m, nn.Flatten) and torch_own(m) and ctx.shape(node) is not None:
             return Match(Reshape(ctx.shape(node)), (x,), f"{node.target} (Flatten)")
         return None
     if node.op not in ("call_method", "call_function") or not ctx.is_tensor(x):

@@ -36,7 +36,7 @@ from repfold._affine import (
     matvec,
 )
 
-from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored
+from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored, torch_own
 from ._torch import F, nn, torch
 
 
@@ -115,7 +115,7 @@ def _weight(t: torch.Tensor, shape) -> Deferred:
 
 
 def _is_pointwise_conv(m: nn.Module) -> bool:
-    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not torch_own(m):
         return False
     unpadded = m.padding in ("valid", "same") or (
         not isinstance(m.padding, str) and all(p == 0 for p in m.padding)
@@ -134,7 +134,7 @@ def match_fx(node, ctx) -> Match | None:
         rank = ctx.rank(node.args[0])
         if rank is None:
             return None
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and torch_own(m):
             op = Dense(_weight(m.weight, m.weight.shape), _np(m.bias), rank - 1)
         elif _is_pointwise_conv(m) and m.groups == 1:
             op = Dense(_weight(m.weight, (m.out_channels, m.in_channels)), _np(m.bias), 1, 1, "1x1 Conv")

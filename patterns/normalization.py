@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Match
+from ._base import Match, torch_own
 from ._torch import nn
 from .elementwise import ChannelAffine
 from .linear import _np
@@ -30,7 +30,7 @@ def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module":
         return None
     m = ctx.module(node)
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not torch_own(m) or m.running_mean is None:
         return None
     rank = ctx.rank(node.args[0])
     if rank is None or rank < 2:

@@ -362,3 +362,26 @@ def test_a_model_onnxruntime_refuses_is_never_written(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "onnxruntime cannot load the folded model" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+class StandardisedConv(nn.Conv2d):
+    """timm's ScaledStdConv2dSame in small: an nn.Conv2d whose forward pads and standardises its weight, and
+    that fx cannot trace through (it branches on a shape), so it stays whole."""
+
+    def forward(self, x):
+        if x.shape[-1] < 1:
+            raise ValueError("empty input")
+        w = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / self.weight.std(dim=(1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), w, self.bias)
+
+
+def test_a_layer_subclass_that_computes_something_else_is_not_folded_into():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.GELU(), StandardisedConv(6, 6, 3, bias=False)).double().eval()
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    gm = repfold.insert(model, before="2", example_inputs=x, bias=False, leaf_modules=(StandardisedConv,))
+    randomize_adapters(gm)
+    folded, report = repfold.fold(gm.eval(), return_report=True, leaf_modules=(StandardisedConv,))
+    assert rel_err(gm(x), model(x)) > 1e-3
+    assert len(report.regions) == 1 and not report.regions[0].folded, str(report)
+    assert rel_err(folded(x), gm(x)) < 1e-12
