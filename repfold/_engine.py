@@ -182,7 +182,7 @@ def plan(
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
-    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, _dataflow(steps))
+    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, _dataflow(steps), hazard)
     folds: list[Fold] = []
     regions: list[Region] = []
     members_of: dict[str, str] = {}
@@ -294,6 +294,8 @@ class _Ctx:
     shape: Callable[[str], tuple[int, ...] | None]
     dtype: Callable[[str], Any]
     flow: Any  # the steps' dataflow graph (networkx), edges from each input to its step
+    hazard: Callable[[str], str | None] = lambda name: None
+    inside: set[str] = field(default_factory=set)  # the ops of the region being settled
 
 
 def _dataflow(steps: Sequence[Step]):
@@ -335,6 +337,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     allowed = sum(_fewest_layers(src, e, members, ctx) for e in _exits(members, ctx.consumers))
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not _pure(state[e])]
+        ctx.inside = set(folded)
         chosen, why = _assign(src, exits, folded, ctx)
         if why is None:
             into = sum(f.kind == "into" for f in chosen)
@@ -500,7 +503,10 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
     earliest value on that path with the same layout; its producer is then a
     layout op, copied with its own inputs laid out the same way (recursively).
     So a Swin window partition before an adapter is kept, and the transposes
-    around a channels-first adapter, which cancel, are not.
+    around a channels-first adapter, which cancel, are not. A layout op of the
+    model's own that stays anyway (read outside the region too: Swin-V2's
+    window partition before a post-norm block) is read where it is, not
+    copied: an input of a copied step or ``start`` may name such a value.
     """
     by_name, state, ch = ctx.by_name, ctx.state, ctx.ch
     width = _width(state, ch, src)
@@ -527,6 +533,9 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
             w = path[k]
         if w in done:
             return done[w]
+        if _pure(state[w]) and ctx.hazard(w) is None and any(c not in ctx.inside for c in ctx.consumers(w)):
+            done[w] = w  # the model's own layout op, read outside the region too: it stays, read it
+            return w
         step = by_name[w]
         if not getattr(step.op, "layout", False):
             raise NotAffine(f"{step.label} moves positions in a way a fold cannot replay")

@@ -469,18 +469,22 @@ def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
 def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, copies) -> fx.Node:
     """Copy the fold's layout steps onto ``base`` (each right after its original); the last copy."""
     env = {_engine.SOURCE: base}
+
+    def value(k: str) -> fx.Node:  # a copied step, the base, or a value of the model's own that stays
+        return env[k] if k in env else nodes[k]
+
     for name, ins, perm in f.via:
         key = (base.name, name)
         if key not in copies:
             orig = nodes[name]
             with graph.inserting_after(orig):
                 if perm is not None:
-                    copies[key] = graph.call_method("permute", (env[ins[0]], *perm))
+                    copies[key] = graph.call_method("permute", (value(ins[0]), *perm))
                 else:
-                    swap = {nodes[old]: env[new] for old, new in zip(by_name[name].inputs, ins)}
+                    swap = {nodes[old]: value(new) for old, new in zip(by_name[name].inputs, ins)}
                     copies[key] = graph.node_copy(orig, lambda a, swap=swap: swap.get(a, a))
         env[name] = copies[key]
-    return env[f.start]
+    return value(f.start)
 
 
 def _redirect_shape_reads(plan: _engine.Plan, nodes, instead: dict[str, fx.Node], copies) -> None:

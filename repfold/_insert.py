@@ -70,6 +70,7 @@ def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
 
 _MIXING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "tensordot", "scaled_dot_product_attention"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "nansum", "nanmean"}
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
@@ -129,6 +130,13 @@ def _moved(n: fx.Node, axis: int, before: tuple[int, ...], after: tuple[int, ...
         return None
     if len(after) == len(before):  # elementwise, norms, pools, slices, cat: axes stay in place
         return axis
+    if name in _REDUCTIONS and len(after) < len(before):  # sum(dim=1) of stacked branches (SKNet)
+        dims = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (tuple, list)) else None
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = {d % len(before) for d in dims}
+        return None if axis in dims else axis - sum(d < axis for d in dims)
     return None
 
 

@@ -493,17 +493,21 @@ class _ById:
 def _replay(ctx: OnnxContext, f: _engine.Fold, base, tensors, by_name, copies):
     """Copy the fold's layout nodes onto ``base``; returns the value the absorber reads."""
     env = {_engine.SOURCE: base}
+
+    def value(k: str):  # a copied node's output, the base, or a value of the model's own that stays
+        return env[k] if k in env else tensors[k]
+
     for name, ins, perm in f.via:
         key = (base.name, name)
         if key not in copies:
             node = tensors[name].inputs[0]
             if perm is not None:
-                copies[key] = ctx.new_node("Transpose", [env[ins[0]]], {"perm": list(perm)}, like=tensors[name])
+                copies[key] = ctx.new_node("Transpose", [value(ins[0])], {"perm": list(perm)}, like=tensors[name])
             else:
-                swap = {id(tensors[old]): env[new] for old, new in zip(by_name[name].inputs, ins)}
+                swap = {id(tensors[old]): value(new) for old, new in zip(by_name[name].inputs, ins)}
                 copies[key] = ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
         env[name] = copies[key]
-    return env[f.start]
+    return value(f.start)
 
 
 def _redirect_shape_reads(plan: _engine.Plan, tensors, copies) -> None:
