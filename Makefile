@@ -9,8 +9,10 @@ STAMP  := $(VENV)/.installed
 # CPU-only machines (CPUExecutionProvider); never install it beside onnxruntime.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ORT        := onnxruntime-gpu
+# ruff pinned: a new release with new default rules cannot break `make lint`.
+RUFF       := ruff==0.17.6
 
-.PHONY: demo test test-slow fuzz bench lint clean
+.PHONY: demo test test-slow fuzz bench lint clean zoo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,11 +38,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/onnx_fold.py $(BENCH_ARGS) $(if $(BENCH_ARGS),,--json benchmarks/results/onnx_fold_vit_base_patch16_224.json)
 
+# The model zoo into benchmarks/results/zoo.{md,json}: every torchvision classification/video/segmentation
+# model and one timm model per family, through fx, TorchScript ONNX and dynamo ONNX (timm half: 60 min on 2 cores;
+# the whole list about 2-2.5 h by that rate).
+# ZOO_ARGS="--subset ci" for the ~20 models of tests/test_zoo.py; "--resume" to go on after an interruption.
+zoo: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py $(ZOO_ARGS)
+
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py tests/test_cli_fuzz.py
 
 lint: $(STAMP)
-	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check repfold patterns tests examples
+	$(BIN)/pip install --quiet $(RUFF) && $(BIN)/ruff check repfold patterns tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -351,6 +351,9 @@ def fold_onnx(
     for s in steps:
         vars(s.op).pop("W", None)
     report.regions = plan.regions
+    if not plan.folds:  # nothing to fold: the model as it came, not even re-sorted (bitwise the same run)
+        report.ops_after, report.params_after = report.ops_before, report.params_before
+        return private, report
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[str, str], gs.Variable] = {}
     made_by = {name: tensors[name].inputs[0] for name in plan.members if tensors[name].inputs}  # before the rewrite

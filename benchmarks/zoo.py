@@ -1,0 +1,1140 @@
+"""The model zoo as a standing test: repfold on models nobody on the project wrote, as a new user tries it.
+
+    python benchmarks/zoo.py                        # every model (see below); writes benchmarks/results/zoo.{md,json}
+    python benchmarks/zoo.py --subset ci            # the ~20 models of tests/test_zoo.py
+    python benchmarks/zoo.py --models resnet18,timm:botnet26t_256 --out /tmp/zoo
+    python benchmarks/zoo.py --list                 # the generated list and the models left out, with why
+    python benchmarks/zoo.py --source timm; python benchmarks/zoo.py --resume   # timm first, then the rest
+
+Which models (generated, never picked by hand)
+----------------------------------------------
+* torchvision: every model of ``torchvision.models.list_models(module=m)`` for
+  the classification, video and segmentation modules (ids ``torchvision:NAME``).
+* timm: one model per family, a family being a timm module
+  (``timm.list_modules()``, its models ``timm.list_models(module=m)``; ids
+  ``timm:NAME``). The rule that picks it: timm's own ``test_*`` configs are not
+  candidates; the model whose name holds the earliest size token of
+  ``SIZE_TOKENS`` (atto < femto < pico < ... < small; tokens are the name's
+  ``_``-separated parts, trailing digits dropped: ``xxs24`` is ``xxs``) wins; names without a size token come after all that
+  have one; ties go to the first in natural order (digit runs compared as
+  numbers, so ``resnet10t`` comes before ``resnet101``).
+* Left out, each with its reason in zoo.md: by rule ``EXCLUDE_RULES`` (float32
+  weights over 1 GB, counted on the meta device without allocating them) and
+  by name ``EXCLUDED`` (models that need inputs other than one image/clip).
+
+How each model runs
+-------------------
+* float32, eval mode, ``pretrained=False`` / ``weights=None`` (and
+  ``weights_backbone=None``), seed 0. Every parameter that starts at (nearly)
+  zero (biases, heads, LayerScale gammas, position embeddings, relative
+  position tables) is made random (biases N(0, 0.02), others N(0, 0.1)), and
+  every BatchNorm gets random running statistics, so no adapter effect is
+  hidden by a zero.
+* Input: batch 1, the smallest size of ``*_SIZES`` that builds and runs (timm:
+  ``img_size=`` is passed when the model takes it; torchvision ViT
+  ``image_size=``, MaxViT ``input_size=``, MViT ``spatial_size=`` /
+  ``temporal_size=``, set on torchvision's private ``_mvit`` for the duration
+  of the build, since the public builders fix them at 224 px, 16 frames).
+* Adapters (the harness plays the user): ``before=`` every module scope of the
+  traced graph whose last name part is attention- or MLP-like (``ATTN_MLP``
+  tokens: attn, attention, mlp, ffn, ...; not drop/norm/act/pool/proj/scale
+  parts), outermost only, and only scopes that receive exactly one float
+  tensor of rank 3 to 5. A model without such scopes is a CNN: adapters go
+  before up to 4 dense 1x1 convs and up to 4 dense kxk convs, evenly spread
+  over the graph order, with ``bias=False`` adapters when ``repfold.insert``
+  takes that keyword. ``groups=2``, retried with ``groups=1`` when a width is
+  odd. Adapter weights random (std 0.2).
+
+Paths and checks (one row per model, one cell group per path)
+-------------------------------------------------------------
+* ``fx``: ``repfold.insert`` / ``repfold.fold`` on the nn.Module;
+  ``onnx``: the TorchScript exporter (``dynamo=False``, opset 17);
+  ``dynamo``: ``torch.onnx.export(..., dynamo=True)``. ONNX protos are folded
+  with ``repfold.fold(proto, return_report=True)`` and run in onnxruntime (CPU).
+* (a) noop: the fold of the model without adapters gives bitwise equal outputs.
+* (b) with adapters: they change the output by more than ``EFFECT`` (else
+  "no effect"); every region
+  folds with float32 error <= 1e-5 of the output's max abs, or is kept with a
+  reason; operator counts of the folded model <= the base model's traced or
+  exported the same way (ONNX: ``Constant`` not counted) when everything
+  folded, else <= the model's with adapters; parameter count <= the base's
+  when everything folded (fewer happens: README, a constant scale of the
+  model's own inside a region folds too, e.g. PoolFormer's GroupNorm affine).
+  A noop fold that folds anything is reported too ("folded the model's own
+  layers"), and so is a report with no region at all for the adapters
+  inserted (one region may hold two adapters, around one conv, so fewer
+  regions than adapters is no fault by itself).
+* (c) the fold time of the model with adapters.
+* axis: each adapter's width must equal the width of the channel axis of
+  the nearest Linear/Conv/MultiheadAttention that reads its value through
+  shape-keeping ops (else the nearest that wrote it); a mismatch is a "wrong
+  axis" (``axis_check``).
+
+A path's status: ``ok``; ``wrong`` (a noop that is not bitwise, or a fold
+error over tolerance); ``crash`` (repfold raised, or its output does not run);
+``not traceable`` (torch.fx or the exporter fails on the model itself, before
+repfold); ``export failed`` (the exporter fails on repfold's graph with
+adapters); ``no adapters`` (no scope to put one). Each model runs in its own
+process with a timeout (``--timeout``), so nothing stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+SIZE_TOKENS = ("atto", "femto", "pico", "micro", "nano", "xxxs", "xxs", "xx", "xs", "xsmall",
+               "tiny", "t", "mini", "small", "s")
+MAX_WEIGHT_BYTES = 1 << 30  # float32 weights over this are left out
+
+EXCLUDE_RULES = {
+    "weights": "float32 weights over 1 GB (parameters counted on the meta device)",
+    "timm-test": "timm's test_* configs are test fixtures, never a family's pick",
+}
+# Models that need inputs other than one image (or clip); by id.
+EXCLUDED: dict[str, str] = {}
+
+TV_CLS_SIZES = (32, 64, 96, 128, 160, 224, 299)
+TV_SEG_SIZES = (32, 64, 96, 128)
+TV_VIDEO_SIZES = ((4, 32), (4, 64), (8, 64), (8, 112), (16, 112), (16, 224))  # (frames, pixels)
+TIMM_SIZES = (32, 64, 96, 128, 160, 192, 224, 256)  # then the model's pretrained_cfg input size
+# torchvision builders that take the input size (their position embeddings or partitions depend on it)
+TV_SIZE_KWARGS = {
+    "vit_": lambda s: {"image_size": s},
+    "maxvit_": lambda s: {"input_size": (s, s)},
+    "mvit_": lambda ts: {"temporal_size": ts[0], "spatial_size": (ts[1], ts[1])},  # see _tv_builder
+}
+
+ATTN_MLP = {"attn", "attention", "selfattn", "mlp", "ffn", "feedforward", "ff"}
+NOT_ATTN_MLP = {"drop", "dropout", "norm", "act", "pool", "proj", "scale", "ls", "gamma", "bias", "gate", "head"}
+MAX_CONVS = 4  # per kind (1x1, kxk) in a CNN
+TOL = 1e-5
+EFFECT = 1e-4  # the adapters must move the output by more than this (10x TOL), relative, or "no effect"
+PATHS = ("fx", "onnx", "dynamo")
+
+# The fixed subset of tests/test_zoo.py (`--subset ci`): families spread wide, small members.
+CI_SUBSET = (
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:vit_b_32",
+    "torchvision:swin_t",
+    "torchvision:convnext_tiny",
+    "torchvision:efficientnet_b0",
+    "torchvision:lraspp_mobilenet_v3_large",
+    "torchvision:r3d_18",
+    "torchvision:mvit_v2_s",
+    "timm:vit_tiny_patch16_224",
+    "timm:swin_tiny_patch4_window7_224",
+    "timm:convnext_atto",
+    "timm:resnet10t",
+    "timm:efficientnet_b0",
+    "timm:mvitv2_tiny",
+    "timm:botnet26t_256",
+    "timm:resnext26ts",
+    "timm:xcit_nano_12_p8_224",
+    "timm:pvt_v2_b0",
+    "timm:poolformer_s12",
+    "timm:levit_128s",
+)
+# Paths per CI model (all three where not listed): the dynamo exporter takes 10-60 s a model on 2 cores.
+CI_PATHS = {m: ("fx", "onnx") for m in CI_SUBSET}
+CI_PATHS.update({m: PATHS for m in ("torchvision:resnet18", "timm:vit_tiny_patch16_224")})
+# fx only: ViT-B/32's export is most of its time (88M weights), torchvision MViT's TorchScript export fails in
+# onnxruntime, timm MViT-v2's export is slow (the file stays under 5 minutes on 2 shared cores)
+CI_PATHS.update({m: ("fx",) for m in ("torchvision:vit_b_32", "torchvision:mvit_v2_s", "timm:mvitv2_tiny")})
+
+
+# ----------------------------------------------------------------------------------------------- model list
+
+def natural_key(name: str):
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def size_rank(name: str) -> int:
+    parts = {re.sub(r"\d+$", "", p) for p in name.lower().split("_")}  # xxs24 -> xxs
+    ranks = [i for i, t in enumerate(SIZE_TOKENS) if t in parts]
+    return min(ranks) if ranks else len(SIZE_TOKENS)
+
+
+def timm_families() -> list[tuple[str, str]]:
+    """(family, the model picked for it) for every timm module with models; the rule is in the docstring."""
+    import timm
+
+    out = []
+    for module in timm.list_modules():
+        names = [n for n in timm.list_models(module=module) if not n.startswith("test_")]
+        if names:
+            out.append((module, min(names, key=lambda n: (size_rank(n), natural_key(n)))))
+    return out
+
+
+def torchvision_models() -> list[tuple[str, str]]:
+    import torchvision.models as tvm
+
+    mods = {"classification": tvm, "video": tvm.video, "segmentation": tvm.segmentation}
+    return [(kind, name) for kind, mod in mods.items() for name in tvm.list_models(module=mod)]
+
+
+def model_list() -> list[dict]:
+    """Every model the zoo tries: {id, source, family}, torchvision first, then timm by family."""
+    rows = [{"id": f"torchvision:{n}", "source": "torchvision", "family": k} for k, n in torchvision_models()]
+    rows += [{"id": f"timm:{n}", "source": "timm", "family": f} for f, n in timm_families()]
+    return rows
+
+
+def resolve(name: str, listed: list[dict]) -> dict:
+    """An entry for ``name`` (an id, or a bare name: torchvision's first, then timm's)."""
+    by_id = {r["id"]: r for r in listed}
+    if name in by_id:
+        return by_id[name]
+    for prefix in ("torchvision:", "timm:"):
+        if prefix + name in by_id:
+            return by_id[prefix + name]
+    source, _, bare = name.rpartition(":")
+    import timm
+
+    if source in ("", "timm") and timm.is_model(bare):
+        return {"id": f"timm:{bare}", "source": "timm", "family": _family(f"timm:{bare}")}
+    for kind, n in torchvision_models():
+        if n == bare and source in ("", "torchvision"):
+            return {"id": f"torchvision:{n}", "source": "torchvision", "family": kind}
+    raise SystemExit(f"unknown model {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+def _tv_builder(name: str, kind: str):
+    import torchvision.models as tvm
+
+    def build(size):
+        kw = {"weights": None}
+        if kind == "segmentation":
+            kw["weights_backbone"] = None
+        for prefix, f in TV_SIZE_KWARGS.items():
+            if name.startswith(prefix):
+                kw.update(f(size))
+        if not name.startswith("mvit_"):
+            return tvm.get_model(name, **kw)
+        # torchvision's mvit_v1_b / mvit_v2_s pass spatial_size=(224, 224), temporal_size=16 to their
+        # private _mvit themselves; the sizes (position embeddings) are set there for a small clip instead
+        from torchvision.models.video import mvit
+
+        original = mvit._mvit
+        mvit._mvit = lambda **k: original(**{**k, "spatial_size": kw.pop("spatial_size"),
+                                             "temporal_size": kw.pop("temporal_size")})
+        try:
+            return tvm.get_model(name, weights=None)
+        finally:
+            mvit._mvit = original
+
+    return build
+
+
+def _input(entry: dict, size):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    if entry["family"] == "video":
+        t, s = size
+        return torch.randn(1, 3, t, s, s, generator=gen)
+    return torch.randn(1, 3, size, size, generator=gen)
+
+
+def weight_bytes(entry: dict) -> int | None:
+    """float32 bytes of the model's parameters, counted on the meta device (None when that fails)."""
+    import torch
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _make(entry, None)
+        return 4 * sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 (a model that cannot even count its weights: size unknown)
+        return None
+
+
+def _make(entry: dict, size):
+    """The model at ``size`` (None: its default)."""
+    bare = entry["id"].partition(":")[2]
+    if entry["source"] == "torchvision":
+        kind = entry["family"]
+        if size is None:
+            import torchvision.models as tvm
+
+            return tvm.get_model(bare, weights=None, **({"weights_backbone": None} if kind == "segmentation" else {}))
+        return _tv_builder(bare, kind)(size)
+    import timm
+
+    if size is None:
+        return timm.create_model(bare, pretrained=False)
+    return timm.create_model(bare, pretrained=False, img_size=size)
+
+
+def build(entry: dict):
+    """(model, x, note): the model built and run at the smallest size that works, random non-zero weights."""
+    import torch
+
+    bare = entry["id"].partition(":")[2]
+    errors = []
+    if entry["source"] == "torchvision":
+        sizes = {"video": TV_VIDEO_SIZES, "segmentation": TV_SEG_SIZES}.get(entry["family"], TV_CLS_SIZES)
+        sized = any(bare.startswith(p) for p in TV_SIZE_KWARGS)
+        fixed = None if sized else _make(entry, None)
+        candidates = [(s, (lambda s=s: _make(entry, s)) if sized else (lambda: fixed)) for s in sizes]
+    else:
+        import timm
+
+        try:
+            torch.manual_seed(0)
+            first = timm.create_model(bare, pretrained=False, img_size=TIMM_SIZES[0])
+            takes_size = True
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            first, takes_size = timm.create_model(bare, pretrained=False), False
+        cfg_size = first.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        sizes = list(TIMM_SIZES) + ([cfg_size] if cfg_size not in TIMM_SIZES else [])
+        if takes_size:
+            candidates = [(TIMM_SIZES[0], lambda: first)] + [
+                (s, lambda s=s: timm.create_model(bare, pretrained=False, img_size=s)) for s in sizes[1:]]
+        else:
+            candidates = [(s, lambda: first) for s in sizes]
+    for size, make in candidates:
+        try:
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = make().eval()
+            x = _input(entry, size)
+            with torch.no_grad():
+                model(x)
+        except Exception as e:  # noqa: BLE001 (each size that fails is noted, then the next is tried)
+            errors.append(f"{size}: {_line(e)}")
+            continue
+        randomize(model)
+        with torch.no_grad():
+            y = flat(model(x))
+        if not all(torch.isfinite(t).all() for t in y):
+            raise RuntimeError(f"non-finite output at size {size}")
+        return model, x, "x".join(map(str, x.shape))
+    raise RuntimeError("no input size works: " + "; ".join(errors[-3:]))
+
+
+def randomize(model) -> None:
+    """Random non-zero weights where a fresh model has zeros; random BatchNorm statistics."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.numel() and p.abs().max() < 1e-3:
+                std = 0.02 if name.endswith("bias") else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+def randomize_adapters(gm, std: float = 0.2, seed: int = 2) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in gm.named_parameters():
+            if n.startswith("repfold_adapters."):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def flat(y) -> list:
+    import torch
+
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in flat(v)]
+    return []
+
+
+def rel_err(got: list, ref: list) -> float:
+    """Largest absolute difference over all outputs, relative to the reference's largest magnitude."""
+    import numpy as np
+
+    if len(got) != len(ref):
+        return math.inf
+    worst, scale = 0.0, 0.0
+    for a, b in zip(got, ref):
+        a, b = np.asarray(_np(a), np.float64), np.asarray(_np(b), np.float64)
+        if a.shape != b.shape:
+            return math.inf
+        if a.size:
+            worst, scale = max(worst, float(np.abs(a - b).max())), max(scale, float(np.abs(b).max()))
+    return worst / max(scale, 1e-30)
+
+
+def bitwise(got: list, ref: list) -> bool:
+    import numpy as np
+
+    return len(got) == len(ref) and all(np.array_equal(_np(a), _np(b)) for a, b in zip(got, ref))
+
+
+def _np(t):
+    import torch
+
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t
+
+
+def _line(e: BaseException, n: int = 200) -> str:
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # no terminal colours
+    text = f"{type(e).__name__}: {msg[0] if msg else ''}".strip()
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def short(reason: str | None, n: int = 90) -> str:
+    """The why of a kept region, without the node names that make every reason unique."""
+    reason = re.sub(r"\s+", " ", reason or "?").rpartition("; ")[2]
+    reason = re.sub(r"^\S+ \([^)]*\) ", "", reason)  # "<node> (<op>) why" -> "why"
+    reason = re.sub(r"\S+ \(([^)]*)\)", r"\1", reason)  # "<node> (<op>)" -> "<op>"
+    reason = re.sub(r"is a \d+x\d+ map", "is an NxN map", reason)
+    return reason if len(reason) <= n else reason[: n - 1] + "…"
+
+
+def same_kinds(counts: dict) -> dict:
+    out = dict(counts)
+    if "transpose" in out:
+        out["permute"] = out.get("permute", 0) + out.pop("transpose")
+    return out
+
+
+def ops_within(got: dict, base: dict, ignore=("Constant",)) -> tuple[bool, str]:
+    """Whether every operator count of ``got`` is <= the base's; the excess when not."""
+    over = {k: (v, base.get(k, 0)) for k, v in got.items() if k not in ignore and v > base.get(k, 0)}
+    return not over, ", ".join(f"{k} {b}->{v}" for k, (v, b) in sorted(over.items()))
+
+
+def n_weights(proto) -> int:
+    import numpy as np
+
+    n = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+    return n
+
+
+@contextlib.contextmanager
+def quiet():
+    """No warnings or exporter chatter."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        levels = {n: logging.getLogger(n).level for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")}
+        for n in levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, lv in levels.items():
+                logging.getLogger(n).setLevel(lv)
+
+
+class Stage(Exception):
+    """A failure at a named stage; ``kind`` is the path status it gives."""
+
+    def __init__(self, kind: str, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {_line(cause)}")
+        self.kind, self.stage, self.cause = kind, stage, cause
+
+
+def at(kind: str, stage: str, fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except Exception as e:
+        raise Stage(kind, stage, e) from e
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+def _is_attn_mlp(path: str) -> bool:
+    last = path.rpartition(".")[2].lower()
+    parts = [re.sub(r"\d+$", "", p) for p in last.split("_")]
+    if "feed_forward" in last:
+        return True
+    if "self_attn" in last or "self_attention" in last:
+        return not (set(parts) & NOT_ATTN_MLP)
+    return bool(set(parts) & ATTN_MLP) and not (set(parts) & NOT_ATTN_MLP)
+
+
+def _weighted(m) -> int | None:
+    """The input width of a Linear / Conv / MultiheadAttention, else None."""
+    from torch import nn
+
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim
+    return None
+
+
+def choose_scopes(gm0) -> tuple[list[str], str, list[str]]:
+    """(scope paths, "attn/mlp" or "conv", notes) on the traced base graph (with shapes)."""
+    from torch import nn
+
+    from repfold._insert import _entering, _float_tensor, scopes
+
+    notes = []
+
+    def usable(scope):
+        try:
+            value, _ = _entering(gm0, scope)
+        except ValueError as e:
+            return str(e).partition("; ")[0].partition(") receives ")[2] or "not one input"
+        meta = _float_tensor(value)
+        if meta is None or not 3 <= len(meta.shape) <= 5:
+            return f"rank {len(meta.shape) if meta else '?'} input"
+        return None
+
+    all_scopes = scopes(gm0)
+    hits = [s for s in all_scopes if _is_attn_mlp(s)]
+    hits = [s for s in hits if not any(s.startswith(o + ".") for o in hits)]  # outermost only
+    chosen = []
+    for s in hits:
+        why = usable(s)
+        (notes.append(f"{s}: {why}") if why else chosen.append(s))
+    if hits:
+        return chosen, "attn/mlp", notes
+    convs = {"1x1": [], "kxk": []}
+    for n in gm0.graph.nodes:
+        if n.op == "call_module":
+            m = gm0.get_submodule(n.target)
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and m.in_channels >= 4:
+                kind = "1x1" if all(k == 1 for k in m.kernel_size) else "kxk"
+                if n.target not in convs[kind] and usable(n.target) is None:
+                    convs[kind].append(n.target)
+    for kind, found in convs.items():
+        k = min(MAX_CONVS, len(found))
+        picks = sorted({round(i * (len(found) - 1) / max(k - 1, 1)) for i in range(k)})
+        chosen += [found[i] for i in picks]
+    order = {s: i for i, s in enumerate(all_scopes)}
+    return sorted(chosen, key=lambda s: order.get(s, 0)), "conv", notes
+
+
+def axis_check(gm) -> tuple[int, list[str]]:
+    """(adapters checked, "wrong axis" lines): each adapter's width against the layer that reads its value.
+
+    From the adapter, follow the value through ops that keep its shape (activations, norms, adds, Identity,
+    dropout) to the first Linear / Conv / MultiheadAttention that reads it (else back to the first that
+    produced it): that layer reads the channel axis (Linear: last, Conv: 1), so its input (output) width is
+    the width the adapter must have. An adapter whose value only meets layers after a reshape is unchecked.
+    """
+    from repfold._insert import PREFIX
+
+    placed = gm.meta.get("repfold", {}).get("adapters", {})
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    wrong, checked = [], 0
+    for scope, target in placed.items():
+        node = nodes.get(target)
+        if node is None:
+            continue
+        adapter = gm.get_submodule(target)
+        want, where = _reader(gm, node, PREFIX)
+        if want is None:
+            continue
+        checked += 1
+        if adapter.channels != want:
+            wrong.append(f"{scope.removesuffix(':after')}: adapter width {adapter.channels}, {where} {want}")
+    return checked, wrong
+
+
+def _shape(n) -> tuple | None:
+    meta = n.meta.get("tensor_meta") if hasattr(n, "meta") else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _reader(gm, adapter_node, prefix):
+    """(width, what) of the nearest weighted layer that reads (else produced) the adapter's value unchanged."""
+    from repfold._trace import is_shape_read
+
+    value = adapter_node.args[0]
+    want_shape = _shape(value)
+    if want_shape is None:
+        return None, None
+
+    def layer(n):
+        if n.op == "call_module" and not str(n.target).startswith(prefix):
+            return gm.get_submodule(n.target)
+        return None
+
+    seen, frontier = {adapter_node}, list(adapter_node.users)  # forward: who reads it
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if n in seen or is_shape_read(n):
+                continue
+            seen.add(n)
+            m = layer(n)
+            if m is not None and _weighted(m) is not None:
+                return _weighted(m), f"{n.target} reads"
+            if _shape(n) == want_shape:
+                nxt.extend(n.users)
+        frontier = nxt
+    seen, frontier = set(), [value]  # backward: who made it
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if n in seen or _shape(n) != want_shape:
+                continue
+            seen.add(n)
+            m = layer(n)
+            if m is not None and _weighted(m) is not None:
+                out = getattr(m, "out_features", None) or getattr(m, "out_channels", None) or getattr(
+                    m, "embed_dim", None)
+                return out, f"{n.target} writes"
+            nxt.extend(a for a in n.all_input_nodes if a.op != "get_attr")
+        frontier = nxt
+    return None, None
+
+
+def insert_adapters(model, x, scopes_, kind):
+    """repfold.insert as a user would call it; (gm, note)."""
+    import repfold
+
+    kw = {}
+    note = []
+    if kind == "conv" and "bias" in inspect.signature(repfold.insert).parameters:
+        kw["bias"] = False
+        note.append("bias=False")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            gm = repfold.insert(model, before=scopes_, example_inputs=(x,), **kw)
+        except ValueError as e:
+            if "groups=" not in str(e):
+                raise
+            said.clear()
+            gm = repfold.insert(model, before=scopes_, example_inputs=(x,), groups=1, **kw)
+            note.append("groups=1")
+    foretold = sum("repfold.insert" in str(w.message) for w in said)
+    if foretold:  # insert's own warnings: adapters it already knows will not fold
+        note.append(f"insert warned of {foretold}")
+    return gm, note
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+def _ort(proto, x):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = s.get_inputs()
+    if len(feeds) != 1:
+        raise RuntimeError(f"{len(feeds)} graph inputs")
+    return s.run(None, {feeds[0].name: x.numpy()})
+
+
+def export(model, x, dynamo: bool):
+    import onnx
+    import torch
+
+    with quiet():
+        if dynamo:
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        return onnx.load_from_string(buf.getvalue())
+
+
+def _regions(report, res: dict) -> None:
+    res["folded"] = len(report.folded)
+    res["kept"] = len(report.kept)
+    reasons: dict[str, int] = {}
+    for r in report.kept:
+        reasons[short(r.reason)] = reasons.get(short(r.reason), 0) + 1
+    res["kept_reasons"] = reasons
+    res["kept_examples"] = list({short(r.reason): r.reason for r in report.kept}.values())[:3]
+
+
+def _noop(report, res: dict) -> None:
+    """What the fold of the model without adapters changed (it should change nothing)."""
+    if report.folded:
+        res["noop_folded"] = [r.line() for r in report.folded][:3]
+        res["noop_ops"] = {k: f"{report.ops_before.get(k, 0)}->{report.ops_after.get(k, 0)}"
+                           for k in set(report.ops_before) | set(report.ops_after)
+                           if report.ops_before.get(k, 0) != report.ops_after.get(k, 0)}
+
+
+def path_fx(model, x, y, gm, base_folded_ok=None) -> dict:
+    """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in) exact and no more operators; time."""
+    import torch
+
+    import repfold
+    from repfold._fx import n_params, op_counts
+
+    res: dict = {}
+    base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=(x,), return_report=True)
+    _noop(rep0, res)
+    with torch.no_grad():
+        y0 = at("crash", "run folded base", lambda: flat(base(x)))
+    res["noop_bitwise"] = bitwise(y0, y)
+    if not res["noop_bitwise"]:
+        res["noop_err"] = rel_err(y0, y)
+    if gm is None:
+        return res
+    with torch.no_grad():
+        ya = at("crash", "run with adapters", lambda: flat(gm(x)))
+    res["effect"] = rel_err(ya, y)
+    res["changed"] = res["effect"] > EFFECT
+    t = time.perf_counter()
+    folded, report = at("crash", "fold", repfold.fold, gm, return_report=True)
+    res["fold_s"] = time.perf_counter() - t
+    _regions(report, res)
+    with torch.no_grad():
+        yf = at("crash", "run folded", lambda: flat(folded(x)))
+    res["max_err"] = rel_err(yf, ya)
+    ref = op_counts(base) if not report.kept else report.ops_before
+    res["ops_ok"], res["ops_over"] = ops_within(same_kinds(op_counts(folded)), same_kinds(ref))
+    res["ops_vs"] = "base" if not report.kept else "with adapters"
+    if not report.kept:  # fewer is fine: a constant scale of the model's own may fold too (README)
+        res["params_delta"] = n_params(folded) - n_params(model)
+        res["params_ok"] = res["params_delta"] <= 0
+    return res
+
+
+def path_onnx(model, x, gm, dynamo: bool) -> dict:
+    import torch
+
+    import repfold
+    from repfold._onnx import op_counts
+
+    res: dict = {}
+    base = at("not traceable", "export", export, model, x, dynamo)
+    y = at("not traceable", "onnxruntime on the export", _ort, base, x)
+    folded0, rep0 = at("crash", "fold without adapters", repfold.fold, base, return_report=True)
+    _noop(rep0, res)
+    y0 = at("crash", "onnxruntime on the folded base", _ort, folded0, x)
+    res["noop_bitwise"] = bitwise(y0, y)
+    if not res["noop_bitwise"]:
+        res["noop_err"] = rel_err(y0, y)
+    if gm is None:
+        return res
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # README: a frozen MHA's fused path does not export
+    try:
+        adapted = at("export failed", "export with adapters", export, gm, x, dynamo)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    ya = at("export failed", "onnxruntime on the export with adapters", _ort, adapted, x)
+    res["effect"] = rel_err(ya, y)
+    res["changed"] = res["effect"] > EFFECT
+    t = time.perf_counter()
+    folded, report = at("crash", "fold", repfold.fold, adapted, return_report=True)
+    res["fold_s"] = time.perf_counter() - t
+    _regions(report, res)
+    yf = at("crash", "onnxruntime on the folded model", _ort, folded, x)
+    res["max_err"] = rel_err(yf, ya)
+    ref = op_counts(base) if not report.kept else op_counts(adapted)
+    res["ops_ok"], res["ops_over"] = ops_within(op_counts(folded), ref)
+    res["ops_vs"] = "base" if not report.kept else "with adapters"
+    if not report.kept:
+        res["params_delta"] = n_weights(folded) - n_weights(base)
+        res["params_ok"] = res["params_delta"] <= 0
+    return res
+
+
+def judge(res: dict) -> str:
+    """A finished path's status from its checks."""
+    # Without adapters the outputs must be bitwise the same, unless the fold found something of the
+    # model's own to fold (two heads summed: LeViT's distillation head) and said so; then within TOL.
+    if res.get("noop_bitwise") is False and (not res.get("noop_folded") or res.get("noop_err", 0) > TOL):
+        return "wrong"
+    if res.get("max_err", 0) > TOL:
+        return "wrong"
+    if "max_err" not in res and res.get("noop_bitwise") is not None and res.get("adapters") == 0:
+        return "no adapters"
+    return "ok"
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
+    """One row of the zoo: everything about ``model_id``; never raises (a crash is in the row)."""
+    import torch
+
+    source = model_id.partition(":")[0]
+    if source in ("timm", "torchvision"):
+        entry = {"id": model_id, "source": source, "family": _family(model_id)}
+    else:
+        entry = resolve(model_id, [])
+    row = {"id": entry["id"], "source": entry["source"], "family": entry["family"], "paths": {}}
+    t_model = time.perf_counter()
+
+    def save():
+        row["time_s"] = round(time.perf_counter() - t_model, 2)
+        if progress:
+            progress(row)
+
+    if entry["id"] in EXCLUDED:
+        row["excluded"] = EXCLUDED[entry["id"]]
+        return row
+    nbytes = weight_bytes(entry)
+    row["weight_mb"] = round(nbytes / 2**20, 1) if nbytes is not None else None
+    if nbytes is not None and nbytes > MAX_WEIGHT_BYTES:
+        row["excluded"] = f"{EXCLUDE_RULES['weights']}: {nbytes / 2**30:.2f} GB"
+        return row
+    try:
+        model, x, row["input"] = build(entry)
+    except Exception as e:  # noqa: BLE001 (a model timm or torchvision cannot build is a row, not a stop)
+        row["build_error"] = _line(e)
+        save()
+        return row
+    with torch.no_grad():
+        y = flat(model(x))
+    save()
+
+    # The traced base graph: the scopes to choose from, and whether torch.fx can trace the model at all.
+    from repfold._trace import shape, to_graph_module
+
+    gm, gm0 = None, None
+    try:
+        with quiet():
+            gm0 = to_graph_module(model)
+            shape(gm0, (x,))
+        row["traced"] = "fx"
+    except Exception as e:  # noqa: BLE001 (untraceable is a result)
+        row["traced"] = "failed"
+        row["trace_error"] = _line(e)
+    if gm0 is not None:
+        try:
+            chosen, kind, notes = choose_scopes(gm0)
+            row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5])
+            if chosen:
+                with quiet():
+                    gm, note = insert_adapters(model, x, chosen, kind)
+                randomize_adapters(gm)
+                gm.eval()
+                row["insert_note"] = note
+                row["axis_checked"], row["wrong_axis"] = axis_check(gm)
+        except Exception as e:  # noqa: BLE001 (an insert that fails is a result)
+            row["insert_error"] = _line(e)
+            row["insert_trace"] = traceback.format_exc(limit=-3)[-800:]
+    save()
+
+    for p in paths:
+        t = time.perf_counter()
+        try:
+            if p == "fx":
+                if gm0 is None:
+                    res = {"status": "not traceable", "error": row["trace_error"], "stage": "trace"}
+                else:
+                    with quiet():
+                        res = path_fx(model, x, y, gm)
+            else:
+                with quiet():
+                    res = path_onnx(model, x, gm, dynamo=p == "dynamo")
+            res["adapters"] = row.get("adapters", 0) if gm is not None else 0
+            res.setdefault("status", judge(res))
+            if gm is None and "insert_error" in row:
+                res["status"], res["stage"], res["error"] = "crash", "insert", row["insert_error"]
+        except Stage as e:
+            res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
+            if e.kind == "crash":
+                res["trace"] = "".join(traceback.format_exception(e.cause, limit=-4))[-1200:]
+        except Exception as e:  # noqa: BLE001 (a bug of this harness, or of torch while running a model)
+            res = {"status": "crash", "stage": "harness", "error": _line(e),
+                   "trace": traceback.format_exc(limit=-4)[-1200:]}
+        res["time_s"] = round(time.perf_counter() - t, 2)
+        row["paths"][p] = res
+        save()
+    return row
+
+
+def _family(model_id: str) -> str:
+    source, _, bare = model_id.partition(":")
+    if source == "timm":
+        import timm
+
+        for module in timm.list_modules():
+            if bare in timm.list_models(module=module):
+                return module
+        return "?"
+    for kind, n in torchvision_models():
+        if n == bare:
+            return kind
+    return "?"
+
+
+# ----------------------------------------------------------------------------------------------- problems
+
+def problems(row: dict) -> list[str]:
+    """What is wrong in a row, one short line each (empty: nothing)."""
+    out = []
+    if row.get("build_error"):
+        out.append(f"build: {row['build_error']}")
+    if row.get("timeout"):
+        out.append(f"timeout after {row['timeout']} s")
+    if row.get("died"):
+        out.append(f"process died: {row['died']}")
+    if row.get("insert_error"):
+        out.append(f"insert crash: {row['insert_error']}")
+    for w in row.get("wrong_axis") or []:
+        out.append(f"wrong axis: {w}")
+    for p, r in row.get("paths", {}).items():
+        st = r.get("status")
+        if st in ("crash", "not traceable", "export failed") and not (st == "crash" and r.get("stage") == "insert"):
+            out.append(f"{p} {st} at {r.get('stage')}: {r.get('error')}")
+        if r.get("noop_bitwise") is False and (not r.get("noop_folded") or r.get("noop_err", 1.0) > TOL):
+            out.append(f"{p} noop fold not bitwise (err {r.get('noop_err', float('nan')):.1e})")
+        if "folded" in r and r["folded"] + r["kept"] == 0 and r.get("adapters"):
+            out.append(f"{p} found no region for any of {r['adapters']} adapters (left in, unreported)")
+        if r.get("noop_folded"):
+            out.append(f"{p} fold without adapters folded the model's own layers: {r['noop_folded'][0]}")
+        if r.get("max_err", 0) > TOL:
+            out.append(f"{p} fold error {r['max_err']:.1e} > {TOL:g}")
+        if r.get("ops_ok") is False:
+            out.append(f"{p} more operators than {r.get('ops_vs', 'base')}: {r.get('ops_over')}")
+        if r.get("params_ok") is False:
+            out.append(f"{p} more parameters than base (+{r.get('params_delta')})")
+        if r.get("changed") is False:
+            out.append(f"{p} adapters had no effect on the output")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _cell(r: dict | None) -> str:
+    if not r:
+        return "–"
+    st = r.get("status", "?")
+    if st in ("not traceable", "export failed", "crash") and "max_err" not in r:
+        return f"**{st}** ({r.get('stage')}): {short(r.get('error'), 70)}"
+    bits = [st if st == "ok" else f"**{st}**"]
+    if "folded" in r:
+        kept = f"{r['kept']} kept" + (" (" + "; ".join(f"{n}× {k}" for k, n in r["kept_reasons"].items()) + ")"
+                                      if r["kept"] else "")
+        bits.append(f"{r['folded']} folded, {kept}")
+    if "folded" in r and r["folded"] + r["kept"] == 0 and r.get("adapters"):
+        bits.append("**no region found**")
+    if "max_err" in r:
+        bits.append(f"err {r['max_err']:.1e}")
+    bits.append("noop " + ("bitwise" if r.get("noop_bitwise") else "**differs**"))
+    if r.get("ops_ok") is False:
+        bits.append(f"**ops over**: {r.get('ops_over')}")
+    if r.get("params_ok") is False:
+        bits.append("**more params**")
+    if r.get("noop_folded"):
+        bits.append(f"**noop folded {len(r['noop_folded'])}**")
+    if r.get("changed") is False:
+        bits.append("**no effect**")
+    if "fold_s" in r:
+        bits.append(f"{r['fold_s']:.2f} s")
+    return ", ".join(bits)
+
+
+def summary(rows: list[dict]) -> dict:
+    tried = [r for r in rows if "excluded" not in r]
+    s = {"models listed": len(rows), "excluded": len(rows) - len(tried), "tried": len(tried),
+         "built": sum(1 for r in tried if "input" in r),
+         "fx traced": sum(1 for r in tried if r.get("traced") == "fx"),
+         "timeouts": sum(1 for r in tried if r.get("timeout")),
+         "wrong axis (models)": sum(1 for r in tried if r.get("wrong_axis"))}
+    for p in PATHS:
+        done = [r["paths"][p] for r in tried if p in r.get("paths", {})]
+        if not done:
+            continue
+        s[f"{p}: run"] = len(done)
+        for st in ("ok", "wrong", "crash", "not traceable", "export failed", "no adapters"):
+            s[f"{p}: {st}"] = sum(1 for d in done if d.get("status") == st)
+        s[f"{p}: noop not bitwise"] = sum(1 for d in done if d.get("noop_bitwise") is False)
+        s[f"{p}: ops over base"] = sum(1 for d in done if d.get("ops_ok") is False)
+        s[f"{p}: regions folded"] = sum(d.get("folded", 0) for d in done)
+        s[f"{p}: regions kept"] = sum(d.get("kept", 0) for d in done)
+    return s
+
+
+def kept_by_reason(rows: list[dict]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for p, d in r.get("paths", {}).items():
+            for why, n in d.get("kept_reasons", {}).items():
+                out.setdefault(why, {}).setdefault(p, 0)
+                out[why][p] += n
+    return out
+
+
+def write_md(rows: list[dict], path: Path, note: str = "") -> None:
+    s = summary(rows)
+    lines = ["# repfold model zoo", "",
+             "Generated by `python benchmarks/zoo.py` (`make zoo`); the rules for the model list, inputs, adapters",
+             "and checks are in the script's docstring. Paths: **fx** (`repfold.insert`/`fold` on the module),",
+             "**onnx** (TorchScript exporter, opset 17), **dynamo** (`torch.onnx.export(dynamo=True)`).",
+             "A cell: status, regions folded/kept (reasons), max fold error relative to the output's max abs,",
+             "whether the fold without adapters is bitwise, and the fold time.", ""]
+    if note:
+        lines += [note, ""]
+    total = sum(r.get("time_s", 0) for r in rows if "excluded" not in r)
+    lines += [(f"Time: {total / 60:.1f} min over {len(rows)} models (each in its own process, one at a time, "
+               f"{os.cpu_count()} CPUs, nice 19), per-model timeout as given by `--timeout`."), ""]
+    lines += ["## Summary", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
+    kept = kept_by_reason(rows)
+    if kept:
+        lines += ["### Regions kept, by reason", "", "| reason | " + " | ".join(PATHS) + " |",
+                  "|---|" + "---|" * len(PATHS)]
+        lines += [f"| {why} | " + " | ".join(str(d.get(p, 0)) for p in PATHS) + " |" for why, d in
+                  sorted(kept.items(), key=lambda kv: -sum(kv[1].values()))]
+        lines.append("")
+    bad = [(r["id"], p) for r in rows for p in problems(r)]
+    lines += ["## Problems found", ""]
+    lines += [f"* `{m}`: {p}" for m, p in bad] or ["none"]
+    lines += ["", "## Left out", "", "| rule / model | reason |", "|---|---|"]
+    lines += [f"| rule `{k}` | {v} |" for k, v in EXCLUDE_RULES.items()]
+    lines += [f"| `{k}` | {v} |" for k, v in EXCLUDED.items()]
+    lines += [f"| `{r['id']}` | {r['excluded']} |" for r in rows if "excluded" in r and r["id"] not in EXCLUDED]
+    lines += ["", "## Models", "",
+              "| model | family | input | traced | adapters | axis | fx | onnx | dynamo | time |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "excluded" in r:
+            continue
+        if "input" not in r:
+            lines.append(f"| `{r['id']}` | {r['family']} | – | **build failed**: {short(r.get('build_error'), 80)}"
+                         f"{' (timeout)' if r.get('timeout') else ''} | | | | | | {r.get('time_s', '')} |")
+            continue
+        traced = r.get("traced", "?") + (f": {short(r.get('trace_error'), 60)}" if r.get("trace_error") else "")
+        ad = f"{r.get('adapters', 0)} {r.get('scope_kind', '')}".strip()
+        if r.get("insert_error"):
+            ad += f"; **insert crash**: {short(r['insert_error'], 60)}"
+        ad += "".join(f" ({n})" for n in r.get("insert_note", []))
+        axis = (f"**wrong axis** ({len(r['wrong_axis'])})" if r.get("wrong_axis")
+                else f"ok ({r['axis_checked']})" if r.get("axis_checked") else "–")
+        cells = [_cell(r["paths"].get(p)) for p in PATHS]
+        to = f" **timeout** ({r['timeout']} s)" if r.get("timeout") else ""
+        lines.append(f"| `{r['id']}` | {r['family']} | {r['input']} | {traced} | {ad} | {axis} | "
+                     + " | ".join(cells) + f" | {r.get('time_s', '')} s{to} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def _child(model_id: str, paths: tuple, out: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+
+    def progress(row):
+        tmp = out + ".tmp"
+        Path(tmp).write_text(json.dumps(row, default=str))
+        os.replace(tmp, out)
+
+    progress(run_model(model_id, paths, progress))
+
+
+def run_in_subprocess(entry: dict, paths: tuple, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "row.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", entry["id"], "--paths", ",".join(paths),
+               "--child-out", out]
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, check=False)
+            err = proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            err, timed_out = [], True
+        row = json.loads(Path(out).read_text()) if os.path.exists(out) else {
+            "id": entry["id"], "source": entry["source"], "family": entry["family"], "paths": {}}
+        if timed_out:
+            row["timeout"] = int(timeout)
+        elif err and not row.get("paths") and "excluded" not in row:
+            row.setdefault("build_error", f"process died: {err[0][:200]}")
+        elif proc.returncode and not timed_out:
+            row["died"] = f"exit {proc.returncode}: {err[0][:200] if err else ''}"
+        row["time_s"] = round(time.perf_counter() - t, 2)
+        return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated ids (torchvision:NAME, timm:NAME) or bare names")
+    ap.add_argument("--subset", choices=["ci"], help="the fixed subset of tests/test_zoo.py")
+    ap.add_argument("--paths", default=",".join(PATHS), help="which of fx,onnx,dynamo (default: all)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for zoo.md and zoo.json")
+    ap.add_argument("--jobs", type=int, default=1, help="models at a time, each in its own process")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per model")
+    ap.add_argument("--list", action="store_true", help="print the model list and exit")
+    ap.add_argument("--source", choices=["torchvision", "timm"], help="only the models of one source")
+    ap.add_argument("--render", action="store_true", help="only write OUT/NAME.md again from OUT/NAME.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in OUT/NAME.json, run the rest")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    paths = tuple(p for p in a.paths.split(",") if p)
+    if a.child:
+        return _child(a.child, paths, a.child_out)
+    listed = model_list()
+    if a.models:
+        entries = [resolve(m.strip(), listed) for m in a.models.split(",") if m.strip()]
+    elif a.subset == "ci":
+        entries = [resolve(m, listed) for m in CI_SUBSET]
+    else:
+        entries = listed
+    if a.source:
+        entries = [e for e in entries if e["source"] == a.source]
+    if a.list:
+        for e in entries:
+            print(f"{e['id']:60s} {e['family']}" + (f"   LEFT OUT: {EXCLUDED[e['id']]}" if e["id"] in EXCLUDED else ""))
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "zoo" if not (a.models or a.subset) else f"zoo_{a.subset or 'models'}"  # zoo.md: the full list only
+    if a.render:
+        return write_md(json.loads((out / f"{stem}.json").read_text()), out / f"{stem}.md")
+    rows: dict[str, dict] = {}
+    if a.resume and (out / f"{stem}.json").exists():
+        wanted = {e["id"] for e in entries}
+        rows = {r["id"]: r for r in json.loads((out / f"{stem}.json").read_text()) if r["id"] in wanted}
+    todo = [e for e in entries if e["id"] not in rows]
+    t0 = time.perf_counter()
+
+    def one(entry):
+        row = run_in_subprocess(entry, paths, a.timeout)
+        rows[entry["id"]] = row
+        ordered = [rows[e["id"]] for e in entries if e["id"] in rows]
+        (out / f"{stem}.json").write_text(json.dumps(ordered, indent=1, default=str))
+        write_md(ordered, out / f"{stem}.md",
+                 note=f"{len(ordered)} of {len(entries)} models done." if len(ordered) < len(entries) else "")
+        probs = problems(row)
+        print(f"[{len(ordered)}/{len(entries)}] {entry['id']}: {row.get('time_s')} s, "
+              + ("; ".join(probs) if probs else row.get("excluded", "ok")), flush=True)
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        list(pool.map(one, todo))
+    print(f"wrote {out / (stem + '.md')} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
