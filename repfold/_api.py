@@ -110,7 +110,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=N
 
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        state = {k: f.get_tensor(k) for k in f}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     if any(name.startswith(PREFIX + ".") for name, _ in model.named_modules()):
         gm = to_graph_module(model)
     else:
