@@ -434,16 +434,6 @@ def ops_within(got: dict, base: dict, ignore=("Constant",)) -> tuple[bool, str]:
     return not over, ", ".join(f"{k} {b}->{v}" for k, (v, b) in sorted(over.items()))
 
 
-def n_weights(proto) -> int:
-    import numpy as np
-
-    n = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
-    return n
-
-
 @contextlib.contextmanager
 def quiet():
     """No warnings or exporter chatter."""
@@ -679,8 +669,12 @@ def _regions(report, res: dict) -> None:
     res["kept_examples"] = list({short(r.reason): r.reason for r in report.kept}.values())[:3]
 
 
-def _noop(report, res: dict) -> None:
-    """What the fold of the model without adapters changed (it should change nothing)."""
+def _noop(report, y0, y, res: dict) -> None:
+    """What the fold of the model without adapters changed (it should change nothing): ``y0`` its outputs,
+    ``y`` the model's."""
+    res["noop_bitwise"] = bitwise(y0, y)
+    if not res["noop_bitwise"]:
+        res["noop_err"] = rel_err(y0, y)
     if report.folded:
         res["noop_folded"] = [r.line() for r in report.folded][:3]
         res["noop_ops"] = {k: f"{report.ops_before.get(k, 0)}->{report.ops_after.get(k, 0)}"
@@ -697,12 +691,8 @@ def path_fx(model, x, y, gm, base_folded_ok=None) -> dict:
 
     res: dict = {}
     base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=(x,), return_report=True)
-    _noop(rep0, res)
     with torch.no_grad():
-        y0 = at("crash", "run folded base", lambda: flat(base(x)))
-    res["noop_bitwise"] = bitwise(y0, y)
-    if not res["noop_bitwise"]:
-        res["noop_err"] = rel_err(y0, y)
+        _noop(rep0, at("crash", "run folded base", lambda: flat(base(x))), y, res)
     if gm is None:
         return res
     with torch.no_grad():
@@ -729,17 +719,13 @@ def path_onnx(model, x, gm, dynamo: bool) -> dict:
     import torch
 
     import repfold
-    from repfold._onnx import op_counts
+    from repfold._onnx import n_weights, op_counts
 
     res: dict = {}
     base = at("not traceable", "export", export, model, x, dynamo)
     y = at("not traceable", "onnxruntime on the export", _ort, base, x)
     folded0, rep0 = at("crash", "fold without adapters", repfold.fold, base, return_report=True)
-    _noop(rep0, res)
-    y0 = at("crash", "onnxruntime on the folded base", _ort, folded0, x)
-    res["noop_bitwise"] = bitwise(y0, y)
-    if not res["noop_bitwise"]:
-        res["noop_err"] = rel_err(y0, y)
+    _noop(rep0, at("crash", "onnxruntime on the folded base", _ort, folded0, x), y, res)
     if gm is None:
         return res
     fast = torch.backends.mha.get_fastpath_enabled()

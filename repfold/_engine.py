@@ -121,10 +121,6 @@ class Plan:
     redirects: dict[str, str] = field(default_factory=dict)
 
 
-def _none(name: str) -> list[str]:
-    return []
-
-
 def plan(
     steps: Sequence[Step],
     consumers: Callable[[str], list[str]],
@@ -133,7 +129,7 @@ def plan(
     *,
     scales: bool = False,
     dtype: Callable[[str], Any] = lambda name: None,
-    shape_reads: Callable[[str], list[tuple[str, int]]] = _none,
+    shape_reads: Callable[[str], list[tuple[str, int]]] = lambda name: [],
     position: Callable[[str], int] = lambda name: 0,
     hazard: Callable[[str], str | None] = lambda name: None,
 ) -> Plan:
@@ -216,9 +212,9 @@ def plan(
         # what the rewrite removes: every op of the region but those that only move the source's values
         # (the model's own layout ops, dropout or contiguous, which may be read outside too), and a producer
         # fold's old layer
-        removed = list(settled) + ([src] if any(f.kind == "producer" for f in chosen) else [])
-        gone = [m for m in settled if not _pure(state[m])] + removed[len(settled):]
-        moved, why_not = _shape_redirects(src, removed, chosen, ctx, shape_reads, position, label)
+        old_layer = [src] if any(f.kind == "producer" for f in chosen) else []
+        gone = [m for m in settled if not _pure(state[m])] + old_layer
+        moved, why_not = _shape_redirects(src, settled + old_layer, chosen, ctx, shape_reads, position, label)
         if why_not is not None:
             if adapter:
                 region.reason = why_not
@@ -235,8 +231,8 @@ def plan(
     return Plan(folds, regions, members_of, redirects)
 
 
-def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, position, label):
-    """For each value of ``gone`` whose shape is read, a value of the same shape and dtype that stays.
+def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, position, label):
+    """For each value of ``removed`` whose shape is read, a value of the same shape and dtype that stays.
 
     Preferred, in order: the value itself where it is a fold's target (its
     replacement stays) or a layout step the fold copies; then another target
@@ -259,7 +255,7 @@ def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, posi
         else:
             at[f.target] = position(f.absorber if f.kind == "into" else f.target) - 0.5
     redirects = {}
-    for m in gone:
+    for m in removed:
         readers = shape_reads(m)
         if not readers:
             continue
@@ -276,6 +272,13 @@ def _shape_redirects(src, gone, chosen: list[Fold], ctx: _Ctx, shape_reads, posi
                         "that shape would stay before it after the fold: folding would leave the region running")
         redirects[m] = found
     return redirects, None
+
+
+def check_gone(plan: Plan, still_there: Callable[[str], bool], label: Callable[[str], str]) -> None:
+    """After the rewrite no op of a folded region may still run: ``still_there(name)`` asks the frontend."""
+    for name, src in plan.members.items():
+        if still_there(name):
+            raise RepfoldError(f"{label(name)} of the region at {label(src)} still runs after its fold", region=label(src))
 
 
 class Blocked(tuple):
@@ -334,7 +337,8 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     # The fewest layers a path from the source to each exit passes through: the region's own
     # (the model's) layers, which an adapter beside an identity adds nothing to. A fold that
     # keeps more layers than that would leave some of the adapter's behind.
-    allowed = sum(_fewest_layers(src, e, members, ctx) for e in _exits(members, ctx.consumers))
+    whole = _region_graph(src, members, ctx)
+    allowed = sum(_fewest_layers(whole, src, e, ctx) for e in _exits(members, ctx.consumers))
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not _pure(state[e])]
         ctx.inside = set(folded)
@@ -407,7 +411,7 @@ def _assign(src, todo, folded, ctx: _Ctx):
         main = [h for h in order if _graph.on_every_path(region, src, e, h)]
         if main:
             fold = into(main, e, reasons) or around(e, reasons)
-        elif _fewest_layers(src, e, folded, ctx) == 0:  # an identity path: no layer here is the model's
+        elif _fewest_layers(region, src, e, ctx) == 0:  # an identity path: no layer here is the model's
             fold = around(e, reasons)
         else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape
             fold = around(e, reasons) or into(order, e, reasons, first=True)
@@ -427,9 +431,9 @@ def _region_graph(src: str, members: list[str], ctx: _Ctx):
     return ctx.flow.subgraph([src, *members])
 
 
-def _fewest_layers(src: str, e: str, members: list[str], ctx: _Ctx) -> int:
-    """The fewest heavy layers on a path from ``src`` to ``e`` through the region."""
-    return _graph.fewest(_region_graph(src, members, ctx), src, e, lambda m: int(ctx.by_name[m].op.heavy))
+def _fewest_layers(region, src: str, e: str, ctx: _Ctx) -> int:
+    """The fewest heavy layers on a path from ``src`` to ``e`` through the region (its dataflow graph)."""
+    return _graph.fewest(region, src, e, lambda m: int(ctx.by_name[m].op.heavy))
 
 
 def _into(src, e, h, ctx: _Ctx) -> Fold:

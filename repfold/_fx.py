@@ -198,7 +198,6 @@ class Prepared:
     effects: Effects
     read_before: set[str]
     live_before: set[fx.Node]
-    before: set[fx.Node]
     by_name: dict[str, _engine.Step]
     label: Any
 
@@ -225,7 +224,6 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     effects = Effects(gm)
     live_before = effects.live()
-    before = set(gm.graph.nodes)
     steps = []
     for node in gm.graph.nodes:
         for rule in RULES:
@@ -256,7 +254,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     )
     report.regions = plan.regions
     by_name = {s.name: s for s in steps}
-    return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, before, by_name, label)
+    return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, by_name, label)
 
 
 def fold_fx(
@@ -270,7 +268,7 @@ def fold_fx(
     """
     p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
     gm, ctx, plan, report, nodes, effects = p.gm, p.ctx, p.plan, p.report, p.nodes, p.effects
-    read_before, live_before, before, by_name = p.read_before, p.live_before, p.before, p.by_name
+    read_before, live_before, by_name = p.read_before, p.live_before, p.by_name
     thaw, label = ctx.thaw, p.label
     copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
     replaced: list[tuple[fx.Node, fx.Node]] = []
@@ -295,8 +293,9 @@ def fold_fx(
     for old, new in replaced:
         old.replace_all_uses_with(new)
     _redirect_shape_reads(plan, nodes, instead, copies)
-    _remove_unread(gm.graph, live_before, before, effects)
-    _check_gone(gm.graph, plan, nodes, label)
+    _remove_unread(gm.graph, live_before, set(nodes.values()), effects)
+    present = set(gm.graph.nodes)
+    _engine.check_gone(plan, lambda name: nodes[name] in present, label)
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, read_before)
     own_parameters(gm, model, thaw)
@@ -319,7 +318,7 @@ _VIEWS = {
     "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "movedim", "moveaxis",
     "contiguous", "detach", "split", "chunk", "unbind", "unfold", "as_strided", "diagonal", "getitem", "type_as",
     "to", "float", "half", "double", "bfloat16", "type", "real", "imag", "view_as_real", "view_as_complex",
-    "tensor_split", "split_with_sizes", "align_as", "rename", "clone_if_needed", "data",
+    "tensor_split", "split_with_sizes",
 }
 
 
@@ -338,7 +337,7 @@ class Effects:
         for n in gm.graph.nodes:
             if self.mutates(n) and n.args and isinstance(n.args[0], fx.Node):
                 self.writes.setdefault(self.root(n.args[0]), []).append(n)
-            elif self.for_effect(n):  # may write any tensor it is given (MViT's wrapped ``_add_shortcut``)
+            elif n in self.effect_roots:  # may write any tensor it is given (MViT's wrapped ``_add_shortcut``)
                 for a in n.all_input_nodes:
                     self.writes.setdefault(self.root(a), []).append(n)
 
@@ -351,8 +350,8 @@ class Effects:
         """Whether ``n`` writes into its first argument."""
         if n.op == "call_method":
             t = n.target
-            return (t.endswith("_") and not t.startswith("_")) or t in ("__setitem__", "__iadd__", "__imul__") \
-                or bool(n.kwargs.get("inplace"))
+            dunder = t.startswith("__") and getattr(operator, t.strip("_"), None) in _INPLACE_OPERATORS  # __iadd__
+            return (t.endswith("_") and not t.startswith("_")) or dunder or bool(n.kwargs.get("inplace"))
         if n.op == "call_function":
             if n.target in _INPLACE_OPERATORS:
                 return True
@@ -438,15 +437,6 @@ def _remove_unread(graph: fx.Graph, live_before: set[fx.Node], before: set[fx.No
     for n in reversed(list(graph.nodes)):
         if n in doomed:
             graph.erase_node(n)
-
-
-def _check_gone(graph: fx.Graph, plan: _engine.Plan, nodes, label) -> None:
-    """After the rewrite no op of a folded region may still run."""
-    present = set(graph.nodes)
-    for name, src in plan.members.items():
-        if nodes[name] in present:
-            raise _engine.RepfoldError(
-                f"{label(name)} of the region at {label(src)} still runs after its fold", region=label(src))
 
 
 def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:

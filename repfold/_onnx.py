@@ -268,6 +268,15 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
 
+def n_weights(model: onnx.ModelProto) -> int:
+    """Elements in initializers and Constant nodes (exporters store buffers as either)."""
+    n = n_params(model)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
+    return n
+
+
 def n_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
@@ -375,7 +384,8 @@ def fold_onnx(
             f.W = f.b = None  # written out as initializers: the float64 copy can go
     _redirect_shape_reads(plan, tensors, copies)
     _drop_unread(graph, dead_before)
-    _check_gone(graph, plan, made_by, label)
+    present = {id(n) for n in graph.nodes}
+    _engine.check_gone(plan, lambda name: name in made_by and id(made_by[name]) in present, label)
     graph.toposort()
     _write_back(graph, protos, private.graph, read_before | ctx.added)
     report.ops_after, report.params_after = op_counts(private), n_params(private)
@@ -402,15 +412,6 @@ def _drop_unread(graph: gs.Graph, dead_before: set[int]) -> None:
     """Remove the nodes the fold left unread; nodes that were already unread in the input stay."""
     live = _live(graph)
     graph.nodes = [n for n in graph.nodes if id(n) in live or id(n) in dead_before]
-
-
-def _check_gone(graph: gs.Graph, plan: _engine.Plan, made_by: dict[str, gs.Node], label) -> None:
-    """After the rewrite no op of a folded region may still run (``made_by``: each one's node before it)."""
-    present = {id(n) for n in graph.nodes}
-    for name, src in plan.members.items():
-        if name in made_by and id(made_by[name]) in present:
-            raise _engine.RepfoldError(
-                f"{label(name)} of the region at {label(src)} still runs after its fold", region=label(src))
 
 
 def _read_names(g: onnx.GraphProto) -> set[str]:

@@ -7,7 +7,6 @@ adapters' effect reaches the output.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -15,6 +14,7 @@ from conftest import assert_base_operators, export, randomize_adapters, rel_err,
 
 import repfold
 from repfold._fx import op_counts as fx_counts
+from repfold._onnx import n_weights
 from repfold._onnx import op_counts as onnx_counts
 
 BACKBONES = {
@@ -197,16 +197,6 @@ def test_onnx_fold_of_a_real_backbone(name, dynamo):
     if not report.kept:
         assert_base_operators(onnx_counts(folded), onnx_counts(base))  # PoolFormer: GroupNorm's affine folds too
         assert n_weights(folded) <= n_weights(base)
-
-
-def n_weights(proto) -> int:
-    """Elements in initializers and Constant nodes (exporters store buffers as either)."""
-
-    n = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
-    return n
 
 
 @pytest.mark.parametrize("name", ["swin", "convnext"])
