@@ -139,10 +139,18 @@ def test_a_source_written_in_place_is_kept_with_the_reason():
     model = WrittenSource().double().eval()
     randomize_adapters_module(model.adapter)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
+    assert rel_err(model(x), without_adapter(model)(x)) > 1e-3  # the adapter matters
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert len(report.regions) == 1 and not report.regions[0].folded
     assert "written in place" in report.regions[0].reason
     assert torch.allclose(folded(x), model(x), rtol=0, atol=1e-12)
+
+
+def without_adapter(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``adapter`` is an identity: the base model."""
+    base = copy.deepcopy(model)
+    base.adapter = nn.Identity()
+    return base
 
 
 def randomize_adapters_module(adapter: nn.Module) -> None:
@@ -172,6 +180,11 @@ def test_a_shape_read_that_would_keep_a_region_running_keeps_it_with_the_reason(
     torch.manual_seed(0)
     model = ShapeOfBottleneck().double().eval()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        base.up.weight.zero_()
+        base.up.bias.zero_()
+    assert rel_err(model(x), base(x)) > 1e-3  # the hand-written adapter branch matters
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert len(report.regions) == 1 and not report.regions[0].folded
     assert "shape of" in report.regions[0].reason and "running" in report.regions[0].reason
@@ -200,6 +213,7 @@ def test_shape_reads_inside_a_folded_region_move_to_a_value_that_stays():
     model = WindowShape().double().eval()
     randomize_adapters_module(model.adapter)
     x = torch.randn(2, 3, 3, 8, dtype=torch.float64)
+    assert rel_err(model(x), without_adapter(model)(x)) > 1e-3
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert [r.folded for r in report.regions] == [True]
     assert rel_err(folded(x), model(x)) < 1e-10
@@ -264,6 +278,7 @@ def test_insert_warns_for_an_adapter_that_will_not_fold_and_strict_refuses_it():
         gm = repfold.insert(model, before="2", example_inputs=x, bias=False, strict=True)
     randomize_adapters(gm)
     folded, report = repfold.fold(gm.eval(), return_report=True)
+    assert rel_err(gm(x), model(x)) > 1e-3
     assert [r.folded for r in report.regions] == [True]
     assert rel_err(folded(x), gm(x)) < 1e-5
 
@@ -295,9 +310,10 @@ def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
     folded, report = repfold.fold(proto, return_report=True)
     assert len(report.regions) == 1
     runs = []
-    for p in (proto, folded):
+    for p in (proto, folded, export(model, x, dynamo)):
         s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
         runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(runs[0], runs[2]) > 1e-3  # the adapter matters
     assert rel_err(runs[1], runs[0]) < 1e-5
     if report.folded:  # the base model's own export: the exporters add constants of their own
         assert report.params_after == sum(int(np.prod(t.dims)) for t in export(model, x, dynamo).graph.initializer)
