@@ -5,6 +5,7 @@
     python benchmarks/zoo.py --models resnet18,timm:botnet26t_256 --out /tmp/zoo
     python benchmarks/zoo.py --list                 # the generated list and the models left out, with why
     python benchmarks/zoo.py --source timm; python benchmarks/zoo.py --resume   # timm first, then the rest
+    python benchmarks/zoo.py --resume --redo timm:tresnet_l                   # run some models again
 
 Which models (generated, never picked by hand)
 ----------------------------------------------
@@ -27,9 +28,12 @@ How each model runs
 * float32, eval mode, ``pretrained=False`` / ``weights=None`` (and
   ``weights_backbone=None``), seed 0. Every parameter that starts at (nearly)
   zero (biases, heads, LayerScale gammas, position embeddings, relative
-  position tables) is made random (biases N(0, 0.02), others N(0, 0.1)), and
-  every BatchNorm gets random running statistics, so no adapter effect is
-  hidden by a zero.
+  position tables) is made random (biases N(0, 0.02), others N(0, 0.1)), every
+  other constant parameter (norm gains, Hiera's 0.02 biases) gets noise of 10%
+  of its value, and every BatchNorm gets random running statistics, so no
+  adapter effect is hidden by a zero and no exporter shares one initializer
+  between equal tensors. This happens before the model's first call, so no
+  eval-mode cache (LeViT's attention biases) holds the weights of before.
 * Input: batch 1, the smallest size of ``*_SIZES`` that builds and runs (timm:
   ``img_size=`` is passed when the model takes it; torchvision ViT
   ``image_size=``, MaxViT ``input_size=``, MViT ``spatial_size=`` /
@@ -47,7 +51,8 @@ How each model runs
 
 Paths and checks (one row per model, one cell group per path)
 -------------------------------------------------------------
-* ``fx``: ``repfold.insert`` / ``repfold.fold`` on the nn.Module;
+* ``fx``: ``repfold.insert`` / ``repfold.fold`` on the nn.Module (traced by
+  torch.fx, or by torch.export where fx fails, as ``insert`` does itself);
   ``onnx``: the TorchScript exporter (``dynamo=False``, opset 17);
   ``dynamo``: ``torch.onnx.export(..., dynamo=True)``. ONNX protos are folded
   with ``repfold.fold(proto, return_report=True)`` and run in onnxruntime (CPU).
@@ -323,13 +328,15 @@ def build(entry: dict):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = make().eval()
+            # before the first call: eval-mode caches (LeViT's, EfficientFormer's, TinyViT's attention biases)
+            # would otherwise keep the weights of before, and eager would disagree with every trace
+            randomize(model)
             x = _input(entry, size)
             with torch.no_grad():
                 model(x)
         except Exception as e:  # noqa: BLE001 (each size that fails is noted, then the next is tried)
             errors.append(f"{size}: {_line(e)}")
             continue
-        randomize(model)
         with torch.no_grad():
             y = flat(model(x))
         if not all(torch.isfinite(t).all() for t in y):
@@ -345,9 +352,15 @@ def randomize(model) -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.is_floating_point() and p.numel() and p.abs().max() < 1e-3:
+            if not p.is_floating_point() or not p.numel():
+                continue
+            if p.abs().max() < 1e-3:
                 std = 0.02 if name.endswith("bias") else 0.1
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                # a constant (norm gains of 1, Hiera's biases of 0.02): made to vary, or an exporter would
+                # share one initializer between equal tensors, and no fold could keep that
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.abs().max())
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
@@ -812,8 +825,18 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
             shape(gm0, (x,))
         row["traced"] = "fx"
     except Exception as e:  # noqa: BLE001 (untraceable is a result)
-        row["traced"] = "failed"
         row["trace_error"] = _line(e)
+        try:  # as repfold.insert does: torch.export where torch.fx fails
+            import torch
+
+            with quiet():
+                gm0 = to_graph_module(torch.export.export(model, (x,), strict=False).module())
+                shape(gm0, (x,))
+            row["traced"] = "torch.export"
+        except Exception as e2:  # noqa: BLE001 (untraceable by both is a result)
+            gm0 = None
+            row["traced"] = "failed"
+            row["trace_error"] += f"; torch.export: {_line(e2)}"
     if gm0 is not None:
         try:
             chosen, kind, notes = choose_scopes(gm0)
@@ -837,8 +860,16 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                 if gm0 is None:
                     res = {"status": "not traceable", "error": row["trace_error"], "stage": "trace"}
                 else:
-                    with quiet():
-                        res = path_fx(model, x, y, gm)
+                    source = model if row["traced"] == "fx" else gm0
+                    if gm is not None and gm.meta.get("repfold", {}).get("trace") == "torch.export":
+                        row["insert_traced_by"] = "torch.export"
+                        if source is model:  # insert traced by torch.export: the same graph stands for the model
+                            import torch
+
+                            with quiet():
+                                source = to_graph_module(torch.export.export(model, (x,), strict=False).module())
+                    with quiet():  # an untraceable model: its exported graph stands for it (same ops as gm's)
+                        res = path_fx(source, x, y, gm)
             else:
                 with quiet():
                     res = path_onnx(model, x, gm, dynamo=p == "dynamo")
@@ -946,6 +977,8 @@ def summary(rows: list[dict]) -> dict:
     s = {"models listed": len(rows), "excluded": len(rows) - len(tried), "tried": len(tried),
          "built": sum(1 for r in tried if "input" in r),
          "fx traced": sum(1 for r in tried if r.get("traced") == "fx"),
+         "traced by torch.export (fx failed)": sum(1 for r in tried if r.get("traced") == "torch.export"),
+         "insert traced by torch.export": sum(1 for r in tried if r.get("insert_traced_by")),
          "timeouts": sum(1 for r in tried if r.get("timeout")),
          "wrong axis (models)": sum(1 for r in tried if r.get("wrong_axis"))}
     for p in PATHS:
@@ -1011,6 +1044,7 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
                          f"{' (timeout)' if r.get('timeout') else ''} | | | | | | {r.get('time_s', '')} |")
             continue
         traced = r.get("traced", "?") + (f": {short(r.get('trace_error'), 60)}" if r.get("trace_error") else "")
+        traced += "; insert: torch.export" if r.get("insert_traced_by") else ""
         ad = f"{r.get('adapters', 0)} {r.get('scope_kind', '')}".strip()
         if r.get("insert_error"):
             ad += f"; **insert crash**: {short(r['insert_error'], 60)}"
@@ -1075,6 +1109,7 @@ def main(argv=None) -> None:
     ap.add_argument("--source", choices=["torchvision", "timm"], help="only the models of one source")
     ap.add_argument("--render", action="store_true", help="only write OUT/NAME.md again from OUT/NAME.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in OUT/NAME.json, run the rest")
+    ap.add_argument("--redo", default="", help="with --resume: comma-separated ids to run again all the same")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -1102,7 +1137,9 @@ def main(argv=None) -> None:
     rows: dict[str, dict] = {}
     if a.resume and (out / f"{stem}.json").exists():
         wanted = {e["id"] for e in entries}
-        rows = {r["id"]: r for r in json.loads((out / f"{stem}.json").read_text()) if r["id"] in wanted}
+        redo = {resolve(m.strip(), listed)["id"] for m in a.redo.split(",") if m.strip()}
+        rows = {r["id"]: r for r in json.loads((out / f"{stem}.json").read_text())
+                if r["id"] in wanted and r["id"] not in redo}
     todo = [e for e in entries if e["id"] not in rows]
     t0 = time.perf_counter()
 

@@ -55,7 +55,11 @@ def fold(
         path = os.fspath(model)
         model = read_model(path)
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-    if isinstance(model, nn.Module):
+    if isinstance(model, torch.export.ExportedProgram):
+        from ._export import fold_export
+
+        out, report = fold_export(model, scales=scales)
+    elif isinstance(model, nn.Module):
         from ._fx import fold_fx
 
         if model.training:
@@ -72,7 +76,8 @@ def fold(
 
         out, report = fold_onnx(model, scales=scales, own=own)
     else:
-        raise TypeError(f"fold takes an nn.Module, an onnx.ModelProto or a path, not {type(model).__name__}")
+        raise TypeError(f"fold takes an nn.Module, a torch.export.ExportedProgram, an onnx.ModelProto or a path, "
+                        f"not {type(model).__name__}")
     log.info("%s", report)
     return (out, report) if return_report else out
 

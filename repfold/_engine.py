@@ -38,6 +38,9 @@ OUTPUT = "<output>"
 SOURCE = "<source>"
 
 
+_UNKNOWN = "the shape of its input is unknown"
+
+
 class RepfoldError(RuntimeError):
     """A failure of repfold's own (a bug), never of the user's input; ``region`` names where it happened."""
 
@@ -119,6 +122,7 @@ class Plan:
     regions: list[Region]
     members: dict[str, str]
     redirects: dict[str, str] = field(default_factory=dict)
+    unseen: list[str] = field(default_factory=list)  # layers whose input shape is unknown: no region can reach
 
 
 def plan(
@@ -162,7 +166,7 @@ def plan(
             continue
         ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
         if any(v is None for v in ins):
-            state[s.name], ended[s.name] = source(s.name), "the shape of its input is unknown"
+            state[s.name], ended[s.name] = source(s.name), _UNKNOWN
             continue
         saved = dict(ch.axis)
         try:
@@ -170,7 +174,20 @@ def plan(
                 state[s.name] = s.op.transfer(ins, ch)
         except NotAffine as e:
             ch.axis = saved
-            state[s.name], ended[s.name] = source(s.name), str(e)
+            # An input that only moves its source's values (TResNet's space-to-depth folds pixels into
+            # channels) may be a new source itself: the op then acts on its channels.
+            relaid = [i for i, v in zip(s.inputs, ins) if v.source != i and _pure(v)]
+            for i in relaid:
+                state[i] = source(i)
+            state[s.name], why = None, str(e)
+            if relaid:
+                try:
+                    with folding(s):
+                        state[s.name] = s.op.transfer([state[i] for i in s.inputs], ch)
+                except NotAffine as again:
+                    ch.axis, why = saved, str(again)
+            if state[s.name] is None:
+                state[s.name], ended[s.name] = source(s.name), why
 
     groups: dict[str, list[str]] = {}
     for s in steps:
@@ -228,7 +245,8 @@ def plan(
             region.into.append(by_name[f.absorber].label)
         members_of.update({m: src for m in gone})
         redirects.update(moved)
-    return Plan(folds, regions, members_of, redirects)
+    unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
+    return Plan(folds, regions, members_of, redirects, unseen)
 
 
 def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, position, label):

@@ -17,8 +17,17 @@ from repfold.patterns import RULES
 from repfold.patterns._base import as_numpy
 
 from . import _engine, _graph
-from ._report import FoldReport
-from ._trace import META_KEY, VALUE_KEY, example_inputs, is_shape_read, own_parameters, shape, to_graph_module
+from ._report import FoldReport, Region
+from ._trace import (
+    META_KEY,
+    VALUE_KEY,
+    example_inputs,
+    is_shape_read,
+    module_paths,
+    own_parameters,
+    shape,
+    to_graph_module,
+)
 
 
 class FxContext:
@@ -212,7 +221,9 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     gm.eval()
     inline_submodules(gm)
     shape(gm, example_inputs(model, example))  # shapes by interpreting the graph: no code is generated until the end
-    report = FoldReport("fx", ops_before=op_counts(gm), params_before=n_params(gm))
+    traced = gm.meta.get(META_KEY, {}).get("trace")  # insert's: torch.export where fx could not
+    report = FoldReport("fx" if traced in (None, "torch.fx") else f"fx, traced by {traced}",
+                        ops_before=op_counts(gm), params_before=n_params(gm))
 
     # ``insert`` froze the model's own parameters to train adapters; the folded model gets them back trainable
     # (as the model was before insert, and as an export expects: a frozen nn.MultiheadAttention takes a fused path).
@@ -241,7 +252,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
         n = nodes[name]
         if n.op == "call_module":
             return f"{n.target} ({type(ctx.module(n)).__name__})"
-        scope = next(reversed(n.meta.get("nn_module_stack", {None: None})))
+        scope = (module_paths(n) or [None])[-1]
         what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
         return f"{scope} ({what})" if scope else n.name
 
@@ -252,9 +263,26 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
         shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label, order),
     )
-    report.regions = plan.regions
+    report.regions = plan.regions + _lost_adapters(gm, plan.regions, label)
+    report.unseen = plan.unseen
     by_name = {s.name: s for s in steps}
     return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, by_name, label)
+
+
+def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
+    """A kept region for each adapter of ``repfold.insert`` that no region found holds, so that the report
+    names every adapter (one the fold cannot even see stays in the model: the report must say so)."""
+    lost = []
+    for scope, target in gm.meta.get(META_KEY, {}).get("adapters", {}).items():
+        mine = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(target + ".")]
+        if not mine or any(op.startswith(target + ".") for r in regions for op in r.ops):
+            continue
+        where = f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
+        source = next((a for a in mine[0].all_input_nodes), mine[0])
+        lost.append(Region(label(source.name), [label(n.name) for n in mine], folded=False,
+                           reason=f"the adapter {where} forms no region: no Linear or convolution next to it "
+                                  "with only channel-affine ops between"))
+    return lost
 
 
 def fold_fx(

@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import _trace
 from ._adapters import RepAdapter
-from ._trace import META_KEY, is_shape_read, shape, to_graph_module
+from ._trace import META_KEY, TraceError, is_shape_read, module_paths, shape, to_graph_module
 
 PREFIX = "repfold_adapters"
 
@@ -22,7 +22,7 @@ def scopes(gm: fx.GraphModule) -> list[str]:
     """Every module path that owns at least one node, in graph order."""
     seen: dict[str, None] = {}
     for n in gm.graph.nodes:
-        for path in n.meta.get("nn_module_stack", {}):
+        for path in module_paths(n):
             seen.setdefault(path, None)
     return list(seen)
 
@@ -40,7 +40,7 @@ def _float_tensor(n: fx.Node) -> TensorMetadata | None:
 
 def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
     """The one floating tensor that flows into ``scope`` from outside, and the nodes inside."""
-    inside = [n for n in gm.graph.nodes if scope in n.meta.get("nn_module_stack", {})]
+    inside = [n for n in gm.graph.nodes if scope in module_paths(n)]
     inside_set = set(inside)
     values: dict[fx.Node, None] = {}
     for n in inside:
@@ -58,7 +58,7 @@ def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
 
 def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
     """The one floating tensor that ``scope`` hands to the rest of the graph, and its readers there."""
-    inside = {n for n in gm.graph.nodes if scope in n.meta.get("nn_module_stack", {})}
+    inside = {n for n in gm.graph.nodes if scope in module_paths(n)}
     values = {n: None for n in gm.graph.nodes if n in inside and _float_tensor(n) is not None
               and any(u not in inside and not is_shape_read(u) for u in n.users)}
     if len(values) != 1:
@@ -270,8 +270,71 @@ def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -
         warnings.warn(f"repfold.insert: {line} ({HOW_TO_FOLD})", UserWarning, stacklevel=3)
 
 
+def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tuple[fx.GraphModule, tuple, str]:
+    """``(graph, example inputs, how it was traced)``: torch.fx first; torch.export where fx cannot trace the
+    model, or hides a selected scope's layers inside a call it keeps whole."""
+    try:
+        gm = to_graph_module(model, leaf_modules, leaf_functions)
+        inputs = _trace.example_inputs(model, example_inputs)
+        shape(gm, inputs)
+        hidden = _hidden(gm, model, patterns)
+        if hidden is None:
+            return gm, inputs, "torch.fx"
+        why = hidden
+    except (TraceError, ValueError) as e:
+        if isinstance(model, fx.GraphModule) or isinstance(e, ValueError) and not _runs(model, example_inputs):
+            raise
+        why = str(e)  # fx traced a graph that does not run as the model does (torchvision's swin3d_t)
+    inputs = _trace.example_inputs(model, example_inputs)
+    try:
+        ep = torch.export.export(model, inputs, strict=False)
+    except Exception as e:  # both tracers failed: say why for each
+        raise TraceError(f"{why}; torch.export failed too: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    gm = to_graph_module(ep.module())
+    shape(gm, inputs)
+    return gm, inputs, "torch.export"
+
+
+def _runs(model: nn.Module, example_inputs) -> bool:
+    """Whether ``model`` itself runs on the example inputs."""
+    try:
+        with torch.no_grad():
+            model(*_trace.example_inputs(model, example_inputs))
+    except Exception:  # noqa: BLE001 (any failure: the inputs do not fit the model)
+        return False
+    return True
+
+
+def _hidden(gm: fx.GraphModule, model: nn.Module, patterns) -> str | None:
+    """Why torch.fx's graph cannot hold an adapter for a selected module: a module whose path matches is not
+    in the graph (a leaf kept whole), or the weights of a Linear or convolution in it are read only by a call
+    fx keeps whole (torchvision's ``shifted_window_attention``); None if neither."""
+    if isinstance(model, fx.GraphModule):
+        return None
+    in_graph = set(scopes(gm))
+    leaves = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path, m in model.named_modules():
+        if not path or not any(_matches(p, path) for p in patterns):
+            continue
+        whole = next((leaf for leaf in leaves if path.startswith(leaf + ".")), None)
+        if path not in in_graph and whole is not None:
+            return f"torch.fx keeps {path!r} inside {whole!r}, a module it does not trace into"
+        mine = {".".join(filter(None, (path, sub, name))) for sub, layer in m.named_modules()
+                if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) for name, _ in layer.named_parameters()}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and n.target in mine and n.users and all(
+                    u.op == "call_function" and not _torch_own(u.target) for u in n.users):
+                return f"torch.fx keeps the layers of {path!r} inside {next(iter(n.users)).name}, a call it does not trace"
+    return None
+
+
+def _torch_own(f) -> bool:
+    """Whether ``f`` is torch's (an ATen op too) or Python's, not a function of the model's library."""
+    return (getattr(f, "__module__", None) or "").partition(".")[0] in ("torch", "_operator", "operator", "builtins")
+
+
 def insert(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     before: str | Sequence[str] = (),
     *,
     after: str | Sequence[str] = (),
@@ -288,6 +351,12 @@ def insert(
 ) -> fx.GraphModule:
     """Return a copy of ``model`` with an adapter on the value entering (``before``) or leaving
     (``after``) each selected module scope.
+
+    ``model`` is an ``nn.Module`` (traced with torch.fx), an ``fx.GraphModule``
+    or a ``torch.export.ExportedProgram`` (its ``module()``: ATen ops, scopes
+    from the module paths torch.export records). The result is a trainable
+    ``fx.GraphModule``; ``repfold.fold`` folds it, or the ExportedProgram
+    exported from it.
 
     A bare name matches the last part of a module path (``"attn"``), a dotted
     one the whole path with ``*`` wildcards (``"blocks.*.norm1"``).
@@ -308,9 +377,13 @@ def insert(
     after_names = [after] if isinstance(after, str) else list(after)
     if not names and not after_names:
         raise ValueError("say where the adapters go: before= and/or after= module names")
-    gm = to_graph_module(model, leaf_modules, leaf_functions)
-    inputs = _trace.example_inputs(model, example_inputs)
-    shape(gm, inputs)
+    exported = isinstance(model, torch.export.ExportedProgram)
+    if exported:  # its module(): weights under their state-dict names
+        if example_inputs is None and model.example_inputs:
+            example_inputs = model.example_inputs[0]
+        model = model.module()
+    gm, inputs, how = _traced(model, leaf_modules, leaf_functions, example_inputs, names + after_names)
+    how = "torch.export" if exported else how
     all_scopes = scopes(gm)
     chosen: dict[tuple[str, str], None] = {}
     for where, patterns in (("before", names), ("after", after_names)):
@@ -376,5 +449,6 @@ def insert(
         },
         "adapters": placed,
         "frozen": frozen,
+        "trace": how,
     }
     return gm

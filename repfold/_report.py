@@ -62,6 +62,7 @@ class FoldReport:
     ops_after: dict[str, int] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
+    unseen: list[str] = field(default_factory=list)  # layers the fold could not examine: input shape unknown
 
     @property
     def folded(self) -> list[Region]:
@@ -80,6 +81,9 @@ class FoldReport:
             f"{len(self.folded)} folded, {len(self.kept)} kept"
         )
         lines = [head] + ["  " + r.line() for r in self.regions]
+        if self.unseen:
+            lines.append(f"  not examined (input shape unknown, so no region there can be found): "
+                         f"{len(self.unseen)} layers, e.g. {', '.join(self.unseen[:3])}")
         if self.params_before:
             lines.append(f"  parameters: {self.params_before:,} -> {self.params_after:,}")
         if self.ops_before:

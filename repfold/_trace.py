@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import torch
@@ -12,6 +13,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import _graph
 
 META_KEY = "repfold"
+
+
+def module_paths(n) -> list[str]:
+    """The module paths ``n`` runs inside, outermost first (``blocks.0.attn``): the values of fx's
+    ``nn_module_stack``, whose keys torch.export spells its own way (``L__self__blocks.0.attn``)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    return [v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else k for k, v in stack.items()]
 VALUE_KEY = "repfold_value"  # node.meta key: the int / size a node computed during shape propagation
 
 
@@ -134,8 +142,10 @@ def to_graph_module(
     memo = {id(p): p for p in model.parameters()} if share_parameters else {}
     own = copy.deepcopy(model, memo)
     if isinstance(own, fx.GraphModule):
+        from ._export import as_torch
+
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
-        return own
+        return as_torch(own)  # the graph of an ExportedProgram's module(): its ATen ops as torch's
     gm = trace(own, leaf_modules, leaf_functions)
     gm.meta[META_KEY] = {}
     return gm
@@ -214,8 +224,19 @@ class _Shapes(ShapeProp):
         return result
 
 
+_META_METHODS = {"size", "dim", "new_zeros", "new_ones", "new_empty", "new_full"}
+
+
 def is_shape_read(node: fx.Node) -> bool:
-    """Reads only the shape of its input (``x.shape``, ``x.size()``, ``x.dim()``): adapters keep shapes."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("shape", "ndim", "dtype", "device")
-    return node.op == "call_method" and node.target in ("size", "dim")
+    """Reads only the shape, dtype or device of its first input (``x.shape``, ``x.size()``, ``x.dim()``,
+    ``x.new_zeros(...)``, ``torch.zeros_like(x)``), never its values: adapters keep all three."""
+    if node.op == "call_function":
+        if node.target is getattr:
+            return node.args[1] in ("shape", "ndim", "dtype", "device")
+        return node.target in _like() and len(node.all_input_nodes) == 1
+    return node.op == "call_method" and node.target in _META_METHODS and len(node.all_input_nodes) == 1
+
+
+@functools.cache
+def _like() -> set:
+    return {torch.zeros_like, torch.ones_like, torch.empty_like}

@@ -4,7 +4,9 @@
 * timm BoTNet / HaloNet / LambdaNet / ResNeXt-ts: adapters on a spatial axis;
 * timm Swin-T stage 4: a shape read kept a region reported folded running;
 * timm XCiT: the ONNX fold read a whole concatenation where the layer read a token slice;
-* PEFT VeRA: a factored map scaled per channel crashed the fold, reported as bad input.
+* PEFT VeRA: a factored map scaled per channel crashed the fold, reported as bad input;
+* timm TResNet: an adapter after the space-to-depth stem formed no region, and the report left it out;
+* timm SAM2 Hiera (TorchScript ONNX): shapes lost after a tiled position table hid every region.
 """
 
 from __future__ import annotations
@@ -401,3 +403,102 @@ def test_a_layer_subclass_that_computes_something_else_is_not_folded_into():
     assert rel_err(gm(x), model(x)) > 1e-3
     assert len(report.regions) == 1 and not report.regions[0].folded, str(report)
     assert rel_err(folded(x), gm(x)) < 1e-12
+
+
+class SpaceToDepthStem(nn.Module):
+    """TResNet's stem: pixels folded into channels by view / permute / view, then a 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).contiguous()
+        return self.conv(x.view(n, c * 4, h // 2, w // 2)).relu()
+
+
+def test_an_adapter_after_a_space_to_depth_stem_folds_into_the_conv():
+    torch.manual_seed(0)
+    model = SpaceToDepthStem().eval()
+    x = torch.randn(1, 3, 12, 12)
+    gm = repfold.insert(model, before="conv", example_inputs=x, bias=False, strict=True)
+    randomize_adapters(gm)
+    gm.eval()
+    folded, report = repfold.fold(gm, return_report=True)
+    assert rel_err(gm(x), model(x)) > 1e-3
+    assert [r.folded for r in report.regions] == [True]
+    assert rel_err(folded(x), gm(x)) < 1e-5
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_fold_after_a_space_to_depth_stem(dynamo):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = SpaceToDepthStem().eval()
+    x = torch.randn(1, 3, 12, 12)
+    gm = repfold.insert(model, before="conv", example_inputs=x, bias=False)
+    randomize_adapters(gm)
+    proto = export(gm.eval(), x, dynamo)
+    folded, report = repfold.fold(proto, return_report=True)
+    assert [r.folded for r in report.regions] == [True]
+    runs = []
+    for p in (proto, folded):
+        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(runs[1], runs[0]) < 1e-5
+    assert rel_err(runs[0], model(x)) > 1e-3
+
+
+def test_an_adapter_in_no_region_is_reported_kept(monkeypatch):
+    """An adapter the engine cannot see at all (here: every value's shape hidden from it) is still named."""
+    from repfold import _engine
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 5, 8)
+    gm = repfold.insert(model, before="2", example_inputs=x)
+    randomize_adapters(gm)
+    real = _engine.plan
+    monkeypatch.setattr(_engine, "plan", lambda steps, consumers, shape, *a, **k: real(
+        steps, consumers, lambda name: None, *a, **k))
+    folded, report = repfold.fold(gm.eval(), return_report=True)
+    assert len(report.regions) == 1 and not report.regions[0].folded
+    assert "before '2' forms no region" in report.regions[0].reason
+    assert any("down" in u for u in report.unseen) and "not examined" in str(report)
+    assert rel_err(folded(x), gm(x)) == 0
+
+
+class TiledTable(nn.Module):
+    """SAM2's Hiera: a position table tiled to the input's size (TorchScript exports the tile with If
+    nodes on shapes), then channels-last tokens into an MLP. Shape inference alone loses every shape
+    after the tile, and with it the region."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, c, 2, 2))
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        x = x + self.table.tile([1, 1, x.shape[2] // 2, x.shape[3] // 2])
+        return self.mlp(self.norm(x.permute(0, 2, 3, 1)))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_shapes_settle_through_branches_on_shapes(dynamo):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = TiledTable().eval()
+    x = torch.randn(1, 8, 4, 6)
+    gm = repfold.insert(model, before="mlp", example_inputs=x)
+    randomize_adapters(gm)
+    proto = export(gm.eval(), x, dynamo)
+    folded, report = repfold.fold(proto, return_report=True)
+    assert [r.folded for r in report.regions] == [True] and not report.unseen
+    runs = []
+    for p in (proto, folded):
+        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert rel_err(runs[0], model(x)) > 1e-3
+    assert rel_err(runs[1], runs[0]) < 1e-5

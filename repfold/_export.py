@@ -1,0 +1,184 @@
+"""The torch.export frontend: an ExportedProgram is folded as the fx graph of its ATen ops.
+
+``ep.module()`` gives the program back as a GraphModule whose weights are
+attributes again, under their state-dict names. :func:`as_torch` rewrites,
+in that copy, the ATen ops the fold rules know into the torch forms the fx
+matchers read:
+
+* a Linear or convolution whose weights no other op reads becomes a call of
+  a real ``nn.Linear`` / ``nn.ConvNd`` holding the same parameters, at the
+  path the weights had (``blocks.0.attn.qkv``), so a folded weight keeps its
+  name;
+* elementwise arithmetic, views and reshapes, permutes, slices, cat,
+  dropout and clone become the functions and methods they stand for.
+
+Both forms compute the same thing. The fold then runs on that graph as on
+any fx graph, and :func:`fold_export` exports the result again: torch's own
+exporter writes the new program and its verifier checks it, so no private
+export API is needed. An op the table does not know is left as it is: it
+ends a region, as any op the rules do not know does.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from ._report import FoldReport
+
+
+@functools.cache
+def _functions() -> dict:
+    aten = torch.ops.aten
+    return {
+        aten.add.Tensor: operator.add, aten.sub.Tensor: operator.sub, aten.mul.Tensor: operator.mul,
+        aten.div.Tensor: operator.truediv, aten.add.Scalar: operator.add, aten.sub.Scalar: operator.sub,
+        aten.mul.Scalar: operator.mul, aten.div.Scalar: operator.truediv, aten.neg.default: operator.neg,
+        aten.cat.default: torch.cat, aten.flatten.using_ints: torch.flatten, aten.dropout.default: F.dropout,
+        aten.pad.default: F.pad, aten.constant_pad_nd.default: F.pad, aten.roll.default: torch.roll,
+    }
+
+
+@functools.cache
+def _methods() -> dict:
+    aten = torch.ops.aten
+    return {
+        aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "reshape",
+        aten.permute.default: "permute", aten.transpose.int: "transpose", aten.clone.default: "clone",
+        aten.alias.default: "clone", aten.expand.default: "expand", aten.unsqueeze.default: "unsqueeze",
+        aten.squeeze.dim: "squeeze", aten.t.default: "t", aten.contiguous.default: "contiguous",
+        # reads of a value's shape, dtype and device only (Swin's attention mask: ``x.new_zeros``)
+        aten.sym_size.int: "size", aten.new_zeros.default: "new_zeros", aten.new_ones.default: "new_ones",
+        aten.new_empty.default: "new_empty",
+    }
+
+
+@functools.cache
+def _layers() -> dict:
+    aten = torch.ops.aten
+    return {aten.linear.default: 0, aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+
+
+def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite, in place, the ATen ops of ``gm`` that the fold rules know into their torch forms."""
+    aten = torch.ops.aten
+    readers: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers[n.target] = len(n.users)
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        t = n.target
+        if t in _layers():
+            if not _to_module(gm, n, _layers()[t], readers) and t is aten.linear.default:
+                n.target = F.linear  # weights read elsewhere too (tied, or one module called twice)
+        elif t in _functions() and not n.kwargs:
+            if t is aten.constant_pad_nd.default:  # (x, pad, value=0)
+                n.args = (n.args[0], n.args[1], "constant", n.args[2] if len(n.args) > 2 else 0.0)
+            n.target = _functions()[t]
+        elif t in _methods():
+            n.op, n.target = "call_method", _methods()[t]
+        elif t in (aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default):
+            n.target = getattr(torch, t.__name__.partition(".")[0])
+        elif t in (aten.slice.Tensor, aten.select.int):
+            _to_getitem(n)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _to_getitem(n: fx.Node) -> None:
+    """``aten.slice`` / ``aten.select`` as the indexing they stand for."""
+    x = n.args[0]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if val is None:
+        return
+    if n.target is torch.ops.aten.select.int:
+        dim, index = n.args[1], n.args[2]
+        key = index
+    else:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start")
+        end = n.args[3] if len(n.args) > 3 else n.kwargs.get("end")
+        step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
+        key = slice(start, end, step)
+    if any(isinstance(a, fx.Node) for a in (dim, key if not isinstance(key, slice) else key.start)):
+        return
+    dim %= val.dim()
+    n.target, n.args, n.kwargs = operator.getitem, (x, (slice(None),) * dim + (key,)), {}
+
+
+def _to_module(gm: fx.GraphModule, n: fx.Node, rank: int, readers: dict[str, int]) -> bool:
+    """A Linear / convolution call whose weights only it reads, as a call of a real layer at their path;
+    whether it became one."""
+    args = list(n.args) + [None] * (7 - len(n.args))
+    x, w, b = args[0], args[1], args[2]
+    if not all(a is None or isinstance(a, fx.Node) and a.op == "get_attr" and readers.get(a.target) == 1
+               for a in (w, b)) or w is None:
+        return False
+    path, _, wname = w.target.rpartition(".")
+    if b is not None and b.target != f"{path}.bias" or wname != "weight" or not path:
+        return False
+    holder = gm.get_submodule(path)
+    if type(holder) is not nn.Module or set(holder._parameters) != ({"weight", "bias"} if b is not None
+                                                                     else {"weight"}) \
+            or holder._buffers or holder._modules:
+        return False
+    weight = holder.weight
+    if rank == 0:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
+    else:
+        stride, padding, dilation, groups = (args[3] or 1), (args[4] if args[4] is not None else 0), \
+            (args[5] or 1), (args[6] or 1)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
+        layer = conv(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
+                     padding=padding, dilation=dilation, groups=groups, bias=b is not None, device="meta")
+    layer.weight = weight
+    if b is not None:
+        layer.bias = holder.bias
+    parent, _, last = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, last, layer)
+    n.op, n.target, n.args, n.kwargs = "call_module", path, (x,), {}
+    for a in (w, b):
+        if a is not None and not a.users:
+            gm.graph.erase_node(a)
+    return True
+
+
+def _dynamic_shapes(ep):
+    """Each user input's dims that the program keeps symbolic, as ``Dim.DYNAMIC`` (None where none are)."""
+    specs, any_dynamic = [], False
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        dims = {k: torch.export.Dim.DYNAMIC for k, d in enumerate(getattr(val, "shape", ()))
+                if not isinstance(d, int)}
+        any_dynamic |= bool(dims)
+        specs.append(dims or None)
+    return tuple(specs) if any_dynamic else None
+
+
+def fold_export(ep, *, scales: bool = False) -> tuple[torch.export.ExportedProgram, FoldReport]:
+    """Fold every adapter region of the ExportedProgram ``ep``; a new program and the report.
+
+    ``ep`` is not modified. The new program is exported from the folded
+    graph with the example inputs ``ep`` was exported with, and the same
+    dynamic dimensions.
+    """
+    from ._fx import fold_fx
+
+    args, kwargs = ep.example_inputs or ((), {})
+    if not args and not kwargs:
+        raise ValueError("this ExportedProgram has no example inputs to export the folded program with")
+    folded, report = fold_fx(ep.module(), args, scales=scales)
+    report.frontend = "torch.export"
+    with torch.no_grad():
+        out = torch.export.export(folded.eval(), args, kwargs, dynamic_shapes=_dynamic_shapes(ep), strict=False)
+    return out, report
