@@ -1,16 +1,16 @@
-"""What a rule hands the engine when it recognises a node.
+"""What a rule hands the engine when it recognises a node, and the op semantics it hands.
 
 A rule file in this package holds, for one op family:
 
-* the op's IR-free semantics: a small class with ``transfer(inputs, channels)``
-  that maps the affine states of its inputs to the state of its output (or
-  raises :class:`~repfold._affine.NotAffine` with the reason), and for heavy
-  layers ``absorb(state, channels, source_rank)`` that returns the layer's new
-  weights when it takes over a whole region;
-* ``match_fx(node, ctx)``: the torch.fx forms of the op;
+* the op's IR-free semantics: a small class that implements :class:`Op`
+  (and, for a layer that can take over a region, :class:`Layer` or
+  :class:`Absorber`; for a layout op, :class:`Layout`);
+* ``match_fx(node, ctx)``: the torch.fx forms of the op (torch.export graphs
+  reach it too, their ATen ops rewritten as torch's by ``repfold._export``);
 * ``match_onnx(node, ctx)``: the ONNX forms of the op.
 
 A matcher returns a :class:`Match` or None (the node is not in this family).
+The engine reads an op only through these protocols.
 """
 
 from __future__ import annotations
@@ -18,11 +18,56 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ._torch import fx, nn, torch
+
+if TYPE_CHECKING:
+    from repfold._affine import Affine, Channels
+
+
+class Op(Protocol):
+    """What every op tells the engine."""
+
+    heavy: bool  # a layer of its own (Linear, 1x1 conv): the ops a fold removes are counted in these
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        """The affine state of the op's output from its inputs' states; raises NotAffine with the reason."""
+
+
+class Layer(Op, Protocol):
+    """A layer that reads a region's exit and can be rebuilt to read the region's source (Linear, 1x1 conv)."""
+
+    def absorb(self, v: Affine, ch: Channels) -> tuple[Any, Any]:
+        """New ``(W, b)`` for the layer reading the source of ``v`` directly; raises NotAffine if it can't."""
+
+
+class Absorber(Op, Protocol):
+    """A layer that carries no region through but takes one on either side (a k×k or strided conv)."""
+
+    def absorb_input(self, v: Affine, ch: Channels) -> tuple[Any, Any]:
+        """New ``(W, b)`` when the region ``v`` is the layer's input."""
+
+    def absorb_output(self, v: Affine, ch: Channels) -> tuple[Any, Any]:
+        """New ``(W, b)`` when the region ``v`` (on the layer's output) goes into the layer."""
+
+
+class Layout(Op, Protocol):
+    """An op that moves values without arithmetic; a fold may replay it on the region's source.
+
+    ``layout`` is True; ``perm`` is set for a pure permutation (transposes in
+    a row merge into one); ``passes`` marks an identity replayed along with
+    the layout op before it (contiguous before a view); ``sticky`` an
+    identity only for the shapes seen (a pad by computed amounts), which a
+    fold must keep rather than drop.
+    """
+
+    layout: bool
+    perm: tuple[int, ...] | None
+    passes: bool
+    sticky: bool
 
 
 @dataclass

@@ -9,8 +9,12 @@ matchers read:
   a real ``nn.Linear`` / ``nn.ConvNd`` holding the same parameters, at the
   path the weights had (``blocks.0.attn.qkv``), so a folded weight keeps its
   name;
-* elementwise arithmetic, views and reshapes, permutes, slices, cat,
-  dropout and clone become the functions and methods they stand for.
+* elementwise arithmetic, views and reshapes, permutes, slices, cat, pads,
+  rolls, dropout, clone and same-dtype casts become the functions and
+  methods they stand for; core ATen's spellings (``addmm(b, x, t(W))``,
+  ``convolution``, ``_native_batch_norm_legit_no_training``) too;
+* the exporter's own dtype checks of casts (``_assert_tensor_metadata``) are
+  dropped: exporting again writes them for the casts that stay.
 
 Both forms compute the same thing. The fold then runs on that graph as on
 any fx graph, and :func:`fold_export` exports the result again: torch's own
@@ -75,15 +79,23 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
         if n.op != "call_function":
             continue
         t = n.target
+        if t in (aten.addmm.default, aten.mm.default, aten.convolution.default):  # core ATen's spellings
+            t = _as_layer_call(gm, n)
         if t in _layers():
             if not _to_module(gm, n, _layers()[t], readers) and t is aten.linear.default:
                 n.target = F.linear  # weights read elsewhere too (tied, or one module called twice)
+        elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            _batch_norm_module(gm, n, readers)
         elif t in _functions() and not n.kwargs:
             if t is aten.constant_pad_nd.default:  # (x, pad, value=0)
                 n.args = (n.args[0], n.args[1], "constant", n.args[2] if len(n.args) > 2 else 0.0)
             n.target = _functions()[t]
         elif t in _methods():
             n.op, n.target = "call_method", _methods()[t]
+        elif t is aten._assert_tensor_metadata.default and not n.users:
+            gm.graph.erase_node(n)  # the exporter's check of a ``.to()``: exporting again writes it where one stays
+        elif t in (aten.to.dtype, aten._to_copy.default) and _same_dtype(n):
+            n.op, n.target, n.args, n.kwargs = "call_method", "to", (n.args[0], n.meta["val"].dtype), {}
         elif t in (aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default):
             n.target = getattr(torch, t.__name__.partition(".")[0])
         elif t in (aten.slice.Tensor, aten.select.int):
@@ -91,6 +103,82 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _as_layer_call(gm: fx.GraphModule, n: fx.Node):
+    """Core ATen's ``addmm(b, x, t(W))`` / ``mm(x, t(W))`` as ``aten.linear(x, W, b)``, and its
+    ``convolution`` (not transposed) as ``aten.convNd``; the new target, or the old one if neither."""
+    aten = torch.ops.aten
+    if n.target is aten.convolution.default:
+        x, w, b, stride, padding, dilation, transposed, _, groups = n.args
+        rank = len(w.meta["val"].shape) - 2 if isinstance(w, fx.Node) and "val" in w.meta else None
+        if transposed or rank not in (1, 2, 3) or n.kwargs:
+            return n.target
+        n.target = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)[rank - 1]
+        n.args = (x, w, b, stride, padding, dilation, groups)
+        return n.target
+    b, x, wt = n.args if n.target is aten.addmm.default else (None, *n.args)
+    transposed = isinstance(wt, fx.Node) and len(wt.users) == 1 and (  # (already rewritten as a method, or not)
+        wt.target in (aten.t.default, "t") and len(wt.args) == 1
+        or wt.target in (aten.permute.default, "permute") and len(wt.args) == 2 and list(wt.args[1]) == [1, 0])
+    if n.kwargs or not transposed or not isinstance(wt.args[0], fx.Node) or wt.args[0].op != "get_attr":
+        return n.target
+    n.target, n.args = aten.linear.default, (x, wt.args[0], b)
+    gm.graph.erase_node(wt)
+    return n.target
+
+
+def _batch_norm_module(gm: fx.GraphModule, n: fx.Node, readers: dict[str, int]) -> None:
+    """An eval-mode batch norm whose statistics and affine only it reads, as a call of a real
+    ``nn.BatchNormNd`` at their path (its output node, for the tuple form, replaces the first item)."""
+    aten = torch.ops.aten
+    if n.target is aten.batch_norm.default:
+        x, w, b, mean, var, training, momentum, eps = n.args[:8]
+        out = n
+    else:
+        x, w, b, mean, var, momentum, eps = n.args
+        training = False
+        firsts = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(firsts) != len(n.users) or not firsts:
+            return
+        out = firsts[0]
+    attrs = (w, b, mean, var)
+    if training or not all(isinstance(a, fx.Node) and a.op == "get_attr" and readers.get(a.target) == 1
+                            for a in attrs) or "val" not in x.meta:
+        return
+    path = w.target.rpartition(".")[0]
+    if [a.target for a in attrs] != [f"{path}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]:
+        return
+    holder = gm.get_submodule(path)
+    if type(holder) is not nn.Module or set(holder._parameters) != {"weight", "bias"} or holder._modules:
+        return
+    rank = x.meta["val"].dim()
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
+    if cls is None:
+        return
+    layer = cls(holder.weight.shape[0], eps=eps, momentum=momentum, device="meta").eval()
+    layer.weight, layer.bias = holder.weight, holder.bias
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        if k in holder._buffers:
+            layer._buffers[k] = holder._buffers[k]
+    parent, _, last = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, last, layer)
+    with gm.graph.inserting_after(out):
+        new = gm.graph.call_module(path, (x,))
+    new.meta = dict(out.meta)
+    out.replace_all_uses_with(new)
+    for dead in [*([u for u in n.users] if out is not n else []), n, *attrs]:
+        if not dead.users:
+            gm.graph.erase_node(dead)
+
+
+def _same_dtype(n: fx.Node) -> bool:
+    """A cast to the dtype, device and layout its input has already (PEFT casts each LoRA input so)."""
+    x, val = n.args[0], n.meta.get("val")
+    src = x.meta.get("val") if isinstance(x, fx.Node) else None
+    keys = set(n.kwargs) - {"dtype", "non_blocking", "copy", "memory_format"}
+    return src is not None and val is not None and not keys and (val.dtype, val.device, val.shape) == (
+        src.dtype, src.device, src.shape)
 
 
 def _to_getitem(n: fx.Node) -> None:
@@ -181,4 +269,12 @@ def fold_export(ep, *, scales: bool = False) -> tuple[torch.export.ExportedProgr
     report.frontend = "torch.export"
     with torch.no_grad():
         out = torch.export.export(folded.eval(), args, kwargs, dynamic_shapes=_dynamic_shapes(ep), strict=False)
+    if _core(ep):  # it came decomposed (``run_decompositions()``, as ExecuTorch takes it): so does the result
+        out = out.run_decompositions()
     return out, report
+
+
+def _core(ep) -> bool:
+    """Whether every ATen op of ``ep`` is a core ATen op (a decomposed program)."""
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function" and hasattr(n.target, "tags")]
+    return bool(ops) and all(torch.Tag.core in op.tags for op in ops)

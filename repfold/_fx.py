@@ -13,10 +13,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from repfold.patterns import RULES
 from repfold.patterns._base import as_numpy
 
-from . import _engine, _graph
+from . import _driver, _engine, _graph
 from ._report import FoldReport, Region
 from ._trace import (
     META_KEY,
@@ -235,14 +234,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     effects = Effects(gm)
     live_before = effects.live()
-    steps = []
-    for node in gm.graph.nodes:
-        for rule in RULES:
-            m = rule.match_fx(node, ctx)
-            if m is not None:
-                ins = tuple(i.name for i in m.inputs)
-                steps.append(_engine.Step(node.name, m.op, ins, m.label, m.emit))
-                break
+    steps, _ = _driver.match(gm.graph.nodes, lambda rule, node: rule.match_fx(node, ctx), _name_of, _name_of)
 
     def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
         return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users
@@ -295,38 +287,11 @@ def fold_fx(
     writes, asserts and random ops whose results nobody reads stay.
     """
     p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
-    gm, ctx, plan, report, nodes, effects = p.gm, p.ctx, p.plan, p.report, p.nodes, p.effects
-    read_before, live_before, by_name = p.read_before, p.live_before, p.by_name
-    thaw, label = ctx.thaw, p.label
-    copies: dict[tuple[str, str], fx.Node] = {}  # (base, layout step) -> its replay on base
-    replaced: list[tuple[fx.Node, fx.Node]] = []
-    for f in plan.folds:
-        with _engine.folding(f):
-            absorber = nodes[f.absorber]
-            if f.kind == "producer":
-                with gm.graph.inserting_after(absorber):
-                    new = by_name[f.absorber].emit({}, f.W, f.b)
-                new.meta = dict(absorber.meta)
-                new = _replay(gm.graph, f, new, nodes, by_name, copies)
-            else:
-                x = _replay(gm.graph, f, nodes[f.source], nodes, by_name, copies)
-                swap = {nodes[f.exit if f.kind == "sink" else by_name[f.absorber].inputs[0]]: x}
-                with gm.graph.inserting_before(absorber):  # "into": where the layer was (the plan counts on it)
-                    new = by_name[f.absorber].emit(swap, f.W, f.b)
-                new.meta = dict(absorber.meta)
-            replaced.append((nodes[f.target], new))
-            f.region.note_cast(ctx.dtype(nodes[f.target]), f.W, f.b)
-    # Rewired only now: a fold's ``swap`` names the original nodes, which an earlier rewiring would hide.
-    instead = {old.name: new for old, new in replaced}
-    for old, new in replaced:
-        old.replace_all_uses_with(new)
-    _redirect_shape_reads(plan, nodes, instead, copies)
-    _remove_unread(gm.graph, live_before, set(nodes.values()), effects)
-    present = set(gm.graph.nodes)
-    _engine.check_gone(plan, lambda name: nodes[name] in present, label)
+    gm, ctx, plan, report = p.gm, p.ctx, p.plan, p.report
+    _driver.rewrite(plan, p.by_name.values(), _FxEdits(p), p.label)
     gm.delete_all_unused_submodules()
-    _drop_unread_tensors(gm, read_before)
-    own_parameters(gm, model, thaw)
+    _drop_unread_tensors(gm, p.read_before)
+    own_parameters(gm, model, ctx.thaw)
     gm.meta.get(META_KEY, {}).pop("frozen", None)
     gm.graph.lint()
     gm.recompile()
@@ -484,34 +449,61 @@ def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
         mod._buffers.pop(name, None)
 
 
-def _replay(graph: fx.Graph, f: _engine.Fold, base: fx.Node, nodes, by_name, copies) -> fx.Node:
-    """Copy the fold's layout steps onto ``base`` (each right after its original); the last copy."""
-    env = {_engine.SOURCE: base}
-
-    def value(k: str) -> fx.Node:  # a copied step, the base, or a value of the model's own that stays
-        return env[k] if k in env else nodes[k]
-
-    for name, ins, perm in f.via:
-        key = (base.name, name)
-        if key not in copies:
-            orig = nodes[name]
-            with graph.inserting_after(orig):
-                if perm is not None:
-                    copies[key] = graph.call_method("permute", (value(ins[0]), *perm))
-                else:
-                    swap = {nodes[old]: value(new) for old, new in zip(by_name[name].inputs, ins)}
-                    copies[key] = graph.node_copy(orig, lambda a, swap=swap: swap.get(a, a))
-        env[name] = copies[key]
-    return value(f.start)
+def _name_of(n: fx.Node) -> str:
+    return n.name
 
 
-def _redirect_shape_reads(plan: _engine.Plan, nodes, instead: dict[str, fx.Node], copies) -> None:
-    """Point shape reads of folded ops at the value the plan chose: a replacement, a replay or the source."""
-    for name, to in plan.redirects.items():
-        if to in instead:
-            target = instead[to]
-        else:
-            target = next((c for (_, orig), c in copies.items() if orig == to), nodes[to])
-        node = nodes[name]
+class _FxEdits:
+    """The graph edits of a fold (:class:`repfold._driver.Edits`) on an fx graph."""
+
+    def __init__(self, p: Prepared) -> None:
+        self.p, self.graph, self.nodes = p, p.gm.graph, p.nodes
+        self.replaced: list[tuple[fx.Node, fx.Node]] = []
+        self.instead: dict[str, fx.Node] = {}  # filled by commit()
+        self._present: set[fx.Node] | None = None
+
+    def value(self, name: str) -> fx.Node:
+        return self.instead.get(name) or self.nodes[name]
+
+    def swap(self, pairs) -> dict:
+        return dict(pairs)
+
+    def emit(self, step, swap, W, b, *, producer: bool) -> fx.Node:
+        old = self.nodes[step.name]
+        # "into": where the layer was (the plan counts on it); a producer's: right after it
+        with self.graph.inserting_after(old) if producer else self.graph.inserting_before(old):
+            new = step.emit(swap, W, b)
+        new.meta = dict(old.meta)
+        return new
+
+    def copy_layout(self, name: str, ins: list, perm) -> fx.Node:
+        orig = self.nodes[name]
+        with self.graph.inserting_after(orig):
+            if perm is not None:
+                return self.graph.call_method("permute", (ins[0], *perm))
+            swap = {self.nodes[old]: new for old, new in zip(self.p.by_name[name].inputs, ins)}
+            return self.graph.node_copy(orig, lambda a: swap.get(a, a))
+
+    def replace(self, target: str, new: fx.Node) -> None:
+        self.replaced.append((self.nodes[target], new))
+
+    def commit(self) -> None:
+        for old, new in self.replaced:
+            old.replace_all_uses_with(new)
+            self.instead[old.name] = new
+
+    def redirect(self, name: str, to: fx.Node) -> None:
+        node = self.nodes[name]
         for user in [u for u in node.users if is_shape_read(u)]:
-            user.replace_input_with(node, target)
+            user.replace_input_with(node, to)
+
+    def remove_unread(self) -> None:
+        _remove_unread(self.graph, self.p.live_before, set(self.nodes.values()), self.p.effects)
+
+    def present(self, name: str) -> bool:
+        if self._present is None:
+            self._present = set(self.graph.nodes)
+        return self.nodes[name] in self._present
+
+    def dtype(self, name: str):
+        return self.p.ctx.dtype(self.nodes[name])

@@ -9,9 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from repfold.patterns import RULES
-
-from . import _engine, _graph
+from . import _driver, _engine, _graph
 from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
 from ._report import FoldReport
 
@@ -416,18 +414,8 @@ def fold_onnx(
     ctx = OnnxContext(graph, private.graph, *_infer(model), pending=pending)
     tensors = graph.tensors()
 
-    steps, step_of = [], {}  # step_of: node id -> step name
-    for node in graph.nodes:
-        if id(node) in step_of:
-            continue
-        for rule in RULES:
-            m = rule.match_onnx(node, ctx)
-            if m is not None:
-                covers = m.covers or (node,)
-                name = covers[-1].outputs[0].name
-                steps.append(_engine.Step(name, m.op, tuple(v.name for v in m.inputs), m.label, m.emit))
-                step_of.update({id(c): name for c in covers})
-                break
+    steps, step_of = _driver.match(  # step_of: node id -> step name
+        graph.nodes, lambda rule, node: rule.match_onnx(node, ctx), lambda c: c.outputs[0].name, lambda v: v.name)
 
     others: dict[str, gs.Node] = {}  # consumers no rule matched, by id
 
@@ -472,29 +460,8 @@ def fold_onnx(
     if not plan.folds:  # nothing to fold: the model as it came, not even re-sorted (bitwise the same run)
         report.ops_after, report.params_after = report.ops_before, report.params_before
         return private, report
-    by_name = {s.name: s for s in steps}
-    copies: dict[tuple[str, str], gs.Variable] = {}
     made_by = {name: tensors[name].inputs[0] for name in plan.members if tensors[name].inputs}  # before the rewrite
-    for f in plan.folds:
-        with _engine.folding(f):
-            step = by_name[f.absorber]
-            if f.kind == "producer":
-                new_out = _replay(ctx, f, step.emit(_ById([]), f.W, f.b), tensors, by_name, copies)
-            else:
-                x = _replay(ctx, f, tensors[f.source], tensors, by_name, copies)
-                swap = _ById([(tensors[f.exit if f.kind == "sink" else step.inputs[0]], x)])
-                new_out = step.emit(swap, f.W, f.b)
-            target = tensors[f.target]
-            f.region.note_cast(ctx.dtype(target), f.W, f.b)
-            target.inputs.clear()
-            producer = new_out.inputs[0]
-            producer.outputs.clear()
-            producer.outputs.append(target)
-            f.W = f.b = None  # written out as initializers: the float64 copy can go
-    _redirect_shape_reads(plan, tensors, copies)
-    _drop_unread(graph, dead_before)
-    present = {id(n) for n in graph.nodes}
-    _engine.check_gone(plan, lambda name: name in made_by and id(made_by[name]) in present, label)
+    _driver.rewrite(plan, steps, _OnnxEdits(ctx, graph, tensors, steps, made_by, dead_before), label, release=True)
     graph.toposort()
     _write_back(graph, protos, private.graph, read_before | ctx.added)
     report.ops_after, report.params_after = op_counts(private), n_params(private)
@@ -593,6 +560,58 @@ def _fill_tensor(t: onnx.TensorProto, name: str, values: np.ndarray) -> None:
     t.raw_data = values.tobytes()
 
 
+class _OnnxEdits:
+    """The graph edits of a fold (:class:`repfold._driver.Edits`) on an onnx-graphsurgeon graph."""
+
+    def __init__(self, ctx: OnnxContext, graph: gs.Graph, tensors, steps, made_by, dead_before) -> None:
+        self.ctx, self.graph, self.tensors = ctx, graph, tensors
+        self.by_name = {s.name: s for s in steps}
+        self.made_by, self.dead_before = made_by, dead_before
+        self._present: set[int] | None = None
+
+    def value(self, name: str):
+        return self.tensors[name]
+
+    def swap(self, pairs) -> _ById:
+        return _ById(pairs)
+
+    def emit(self, step, swap, W, b, *, producer: bool):
+        return step.emit(swap, W, b)  # where it goes in the node list: the final toposort decides
+
+    def copy_layout(self, name: str, ins: list, perm):
+        if perm is not None:
+            return self.ctx.new_node("Transpose", [ins[0]], {"perm": list(perm)}, like=self.tensors[name])
+        node = self.tensors[name].inputs[0]
+        swap = {id(self.tensors[old]): new for old, new in zip(self.by_name[name].inputs, ins)}
+        return self.ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
+
+    def replace(self, target: str, new) -> None:
+        """The new node writes the target's own value (its name, so every reader and graph output)."""
+        var = self.tensors[target]
+        var.inputs.clear()
+        producer = new.inputs[0]
+        producer.outputs.clear()
+        producer.outputs.append(var)
+
+    def commit(self) -> None:
+        pass  # every replacement took effect at once: a new node writes the old value itself
+
+    def redirect(self, name: str, to) -> None:
+        for node in [n for n in self.tensors[name].outputs if n.op == "Shape"]:
+            node.inputs[0] = to
+
+    def remove_unread(self) -> None:
+        _drop_unread(self.graph, self.dead_before)
+
+    def present(self, name: str) -> bool:
+        if self._present is None:
+            self._present = {id(n) for n in self.graph.nodes}
+        return name in self.made_by and id(self.made_by[name]) in self._present
+
+    def dtype(self, name: str):
+        return self.ctx.dtype(self.tensors[name])
+
+
 class _ById:
     """A mapping keyed by object identity (graph-surgeon values are not hashable)."""
 
@@ -601,32 +620,3 @@ class _ById:
 
     def get(self, key, default=None):
         return self._m.get(id(key), default)
-
-
-def _replay(ctx: OnnxContext, f: _engine.Fold, base, tensors, by_name, copies):
-    """Copy the fold's layout nodes onto ``base``; returns the value the absorber reads."""
-    env = {_engine.SOURCE: base}
-
-    def value(k: str):  # a copied node's output, the base, or a value of the model's own that stays
-        return env[k] if k in env else tensors[k]
-
-    for name, ins, perm in f.via:
-        key = (base.name, name)
-        if key not in copies:
-            node = tensors[name].inputs[0]
-            if perm is not None:
-                copies[key] = ctx.new_node("Transpose", [value(ins[0])], {"perm": list(perm)}, like=tensors[name])
-            else:
-                swap = {id(tensors[old]): value(new) for old, new in zip(by_name[name].inputs, ins)}
-                copies[key] = ctx.copy_node(node, [swap.get(id(i), i) for i in node.inputs])
-        env[name] = copies[key]
-    return value(f.start)
-
-
-def _redirect_shape_reads(plan: _engine.Plan, tensors, copies) -> None:
-    """Point ``Shape`` nodes that read folded values at the value the plan chose: the replacement of a
-    fold's target (which takes the target's name), a replayed layout node, or the source."""
-    for name, to in plan.redirects.items():
-        target = next((c for (_, orig), c in copies.items() if orig == to), tensors[to])
-        for node in [n for n in tensors[name].outputs if n.op == "Shape"]:
-            node.inputs[0] = target

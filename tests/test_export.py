@@ -248,3 +248,34 @@ def test_torchvision_swin_folds_every_region_through_torch_export():
         y = gm(x)
         assert rel_err(y, model(x)) > 1e-3
         assert rel_err(folded(x), y) < 1e-5
+
+
+def test_a_decomposed_program_folds_and_stays_decomposed():
+    """``run_decompositions()`` (core ATen, what ExecuTorch takes): Linear is ``addmm(b, x, t(W))`` behind
+    views, convolutions ``aten.convolution``, batch norm the tuple-valued ``_native_batch_norm_legit``."""
+    model, x = _vit()
+    gm = _adapted(model, x)
+    folded, report = repfold.fold(torch.export.export(gm, (x,)).run_decompositions(), return_report=True)
+    assert len(report.regions) == 4 and not report.kept, str(report)
+    base = torch.export.export(model, (x,)).run_decompositions()
+    assert sorted(folded.state_dict) == sorted(base.state_dict)
+    assert "aten.addmm.default" in _aten_counts(folded) and "aten.linear.default" not in _aten_counts(folded)
+    with torch.no_grad():
+        assert rel_err(folded.module()(x), gm(x)) < 1e-5
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-ir", "core-aten"])
+def test_eval_batch_norm_in_a_program_folds_with_scales(decomposed):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(model, (x,))
+    ep = ep.run_decompositions() if decomposed else ep
+    folded, report = repfold.fold(ep, return_report=True, scales=True)
+    assert [r.into for r in report.regions] == [["0 (Conv2d 3x3)"]], str(report)
+    assert not any("batch_norm" in str(k) for k in _aten_counts(folded))
+    with torch.no_grad():
+        assert rel_err(folded.module()(x), model(x)) < 1e-5
