@@ -59,7 +59,10 @@ Paths and checks (one row per model, one cell group per path)
 * (a) noop: the fold of the model without adapters gives bitwise equal outputs.
 * (b) with adapters: they change the output by more than ``EFFECT`` (else
   "no effect"); every region
-  folds with float32 error <= 1e-5 of the output's max abs, or is kept with a
+  folds with float32 error <= 1e-5 of the output's max abs (or, where the
+  model's own float32 rounding is larger, ``NOISE_MARGIN`` times that
+  rounding: the model's float32 output against its float64 output,
+  ``f32_noise``), or is kept with a
   reason; operator counts of the folded model <= the base model's traced or
   exported the same way (ONNX: ``Constant`` not counted) when everything
   folded, else <= the model's with adapters; parameter count <= the base's
@@ -87,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import io
 import json
@@ -132,6 +136,7 @@ ATTN_MLP = {"attn", "attention", "selfattn", "mlp", "ffn", "feedforward", "ff"}
 NOT_ATTN_MLP = {"drop", "dropout", "norm", "act", "pool", "proj", "scale", "ls", "gamma", "bias", "gate", "head"}
 MAX_CONVS = 4  # per kind (1x1, kxk) in a CNN
 TOL = 1e-5
+NOISE_MARGIN = 10  # a fold error within this many times the model's own float32 rounding is rounding too
 EFFECT = 1e-4  # the adapters must move the output by more than this (10x TOL), relative, or "no effect"
 PATHS = ("fx", "onnx", "dynamo")
 
@@ -765,13 +770,21 @@ def path_onnx(model, x, gm, dynamo: bool) -> dict:
     return res
 
 
+def tolerance(res: dict) -> float:
+    """TOL, or NOISE_MARGIN times the model's own float32 rounding (its output in float32 against float64)
+    where that is larger: Swin-V2's cosine attention scales logits by up to 100 and amplifies every rounding,
+    so its float32 outputs move by ~3e-6 from any reordering of the arithmetic, folded or not."""
+    return max(TOL, NOISE_MARGIN * (res.get("f32_noise") or 0.0))
+
+
 def judge(res: dict) -> str:
     """A finished path's status from its checks."""
     # Without adapters the outputs must be bitwise the same, unless the fold found something of the
     # model's own to fold (two heads summed: LeViT's distillation head) and said so; then within TOL.
-    if res.get("noop_bitwise") is False and (not res.get("noop_folded") or res.get("noop_err", 0) > TOL):
+    tol = tolerance(res)
+    if res.get("noop_bitwise") is False and (not res.get("noop_folded") or res.get("noop_err", 0) > tol):
         return "wrong"
-    if res.get("max_err", 0) > TOL:
+    if res.get("max_err", 0) > tol:
         return "wrong"
     if "max_err" not in res and res.get("noop_bitwise") is not None and res.get("adapters") == 0:
         return "no adapters"
@@ -813,6 +826,12 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         return row
     with torch.no_grad():
         y = flat(model(x))
+    try:  # the model's own float32 rounding: its outputs against the same model in float64
+        with torch.no_grad():
+            y64 = flat(copy.deepcopy(model).double()(x.double()))
+        row["f32_noise"] = rel_err(y, y64)
+    except Exception:  # noqa: BLE001, S110 (a model that does not run in float64: TOL alone)
+        pass
     save()
 
     # The traced base graph: the scopes to choose from, and whether torch.fx can trace the model at all.
@@ -874,6 +893,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                 with quiet():
                     res = path_onnx(model, x, gm, dynamo=p == "dynamo")
             res["adapters"] = row.get("adapters", 0) if gm is not None else 0
+            res["f32_noise"] = row.get("f32_noise")
             res.setdefault("status", judge(res))
             if gm is None and "insert_error" in row:
                 res["status"], res["stage"], res["error"] = "crash", "insert", row["insert_error"]
@@ -924,14 +944,15 @@ def problems(row: dict) -> list[str]:
         st = r.get("status")
         if st in ("crash", "not traceable", "export failed") and not (st == "crash" and r.get("stage") == "insert"):
             out.append(f"{p} {st} at {r.get('stage')}: {r.get('error')}")
-        if r.get("noop_bitwise") is False and (not r.get("noop_folded") or r.get("noop_err", 1.0) > TOL):
+        tol = tolerance(r)
+        if r.get("noop_bitwise") is False and (not r.get("noop_folded") or r.get("noop_err", 1.0) > tol):
             out.append(f"{p} noop fold not bitwise (err {r.get('noop_err', float('nan')):.1e})")
         if "folded" in r and r["folded"] + r["kept"] == 0 and r.get("adapters"):
             out.append(f"{p} found no region for any of {r['adapters']} adapters (left in, unreported)")
         if r.get("noop_folded"):
             out.append(f"{p} fold without adapters folded the model's own layers: {r['noop_folded'][0]}")
-        if r.get("max_err", 0) > TOL:
-            out.append(f"{p} fold error {r['max_err']:.1e} > {TOL:g}")
+        if r.get("max_err", 0) > tol:
+            out.append(f"{p} fold error {r['max_err']:.1e} > {tol:.1e}")
         if r.get("ops_ok") is False:
             out.append(f"{p} more operators than {r.get('ops_vs', 'base')}: {r.get('ops_over')}")
         if r.get("params_ok") is False:
