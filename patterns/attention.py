@@ -65,6 +65,13 @@ def _arg(node, i: int, name: str):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
+ONNX_OPS = frozenset()  # the exporters spell attention out: MatMul, Softmax, ...
+
+
+def fx_keys() -> set:
+    return {nn.MultiheadAttention}
+
+
 def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module":
         return None

@@ -116,6 +116,13 @@ def _fx_params(m, W, b):
     return {"weight": W} if b is None else {"weight": W, "bias": b}
 
 
+ONNX_OPS = frozenset({"Conv"})
+
+
+def fx_keys() -> set:
+    return {nn.Conv1d, nn.Conv2d, nn.Conv3d}
+
+
 def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module" or not node.args:
         return None

@@ -105,6 +105,10 @@ def _combine(kind: str, args: list, consts: list, label: str) -> Match | None:
     return Match(op, (x,), label)
 
 
+def fx_keys() -> set:
+    return set(_fx_kinds())
+
+
 def match_fx(node, ctx) -> Match | None:
     if node.op not in ("call_function", "call_method"):
         return None
@@ -123,6 +127,7 @@ def match_fx(node, ctx) -> Match | None:
 # --- ONNX ------------------------------------------------------------------------------
 
 _ONNX = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Neg": "neg"}
+ONNX_OPS = frozenset(_ONNX)
 
 
 def match_onnx(node, ctx) -> Match | None:

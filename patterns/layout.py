@@ -207,6 +207,16 @@ def _name(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
+ONNX_OPS = frozenset({"Transpose", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+                      "Pad", "Slice", "Concat"})
+
+
+def fx_keys() -> set:
+    return {torch.cat, nn.Dropout, nn.Identity, nn.Flatten, *_FX_SAME_METHODS, "to", "type", F.dropout,
+            *_fx_reshapes(), "transpose", torch.transpose, "permute", torch.permute, "roll", torch.roll, F.pad,
+            operator.getitem}
+
+
 def match_fx(node, ctx) -> Match | None:
     label = f"{node.name} ({_name(node.target)})"
     x = node.args[0] if node.args else None

@@ -128,6 +128,14 @@ def _fx_params(m: nn.Module, W: np.ndarray, b: np.ndarray | None) -> dict[str, n
     return {"weight": w} if b is None else {"weight": w, "bias": b}
 
 
+ONNX_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+def fx_keys() -> set:
+    """What ``match_fx`` may match: module classes (subclasses too), functions and method names."""
+    return {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, F.linear}
+
+
 def match_fx(node, ctx) -> Match | None:
     if node.op == "call_module":
         m = ctx.module(node)

@@ -26,6 +26,13 @@ def _channel_affine(scale, shift, mean, var, eps: float, rank: int) -> ChannelAf
     return ChannelAffine(gamma.reshape(shape), beta.reshape(shape))
 
 
+ONNX_OPS = frozenset({"BatchNormalization"})
+
+
+def fx_keys() -> set:
+    return {nn.modules.batchnorm._BatchNorm}
+
+
 def match_fx(node, ctx) -> Match | None:
     if node.op != "call_module":
         return None

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from repfold.patterns import RULES
-
 from . import _engine
 
 
@@ -56,18 +54,19 @@ class Edits(Protocol):
 
 
 def match(
-    nodes: Iterable, matcher: Callable[[Any, Any], Any], out_name: Callable[[Any], str],
-    in_name: Callable[[Any], str],
+    nodes: Iterable, rules: Callable[[Any], Iterable], matcher: Callable[[Any, Any], Any],
+    out_name: Callable[[Any], str], in_name: Callable[[Any], str],
 ) -> tuple[list[_engine.Step], dict[int, str]]:
-    """The steps of ``nodes``: for each node not already covered, the first rule whose ``matcher(rule,
-    node)`` gives a match. Returns the steps and, by node id, the step that covers each matched node (an
-    ONNX MatMul and its bias Add are one step)."""
+    """The steps of ``nodes``: for each node not already covered, the first of the rules registered for its
+    op (``rules(node)``, from ``repfold.patterns``) whose ``matcher(rule, node)`` gives a match. Returns the
+    steps and, by node id, the step that covers each matched node (an ONNX MatMul and its bias Add are one
+    step)."""
     steps: list[_engine.Step] = []
     step_of: dict[int, str] = {}
     for node in nodes:
         if id(node) in step_of:
             continue
-        for rule in RULES:
+        for rule in rules(node):
             m = matcher(rule, node)
             if m is not None:
                 covers = m.covers or (node,)

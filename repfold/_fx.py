@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from repfold.patterns import fx_rules
 from repfold.patterns._base import as_numpy
 
 from . import _driver, _engine, _graph
@@ -234,7 +235,9 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     effects = Effects(gm)
     live_before = effects.live()
-    steps, _ = _driver.match(gm.graph.nodes, lambda rule, node: rule.match_fx(node, ctx), _name_of, _name_of)
+    steps, _ = _driver.match(
+        gm.graph.nodes, lambda n: fx_rules(n, ctx.module(n) if n.op == "call_module" else None),
+        lambda rule, node: rule.match_fx(node, ctx), _name_of, _name_of)
 
     def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
         return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from repfold.patterns import onnx_rules
+
 from . import _driver, _engine, _graph
 from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
 from ._report import FoldReport
@@ -415,7 +417,8 @@ def fold_onnx(
     tensors = graph.tensors()
 
     steps, step_of = _driver.match(  # step_of: node id -> step name
-        graph.nodes, lambda rule, node: rule.match_onnx(node, ctx), lambda c: c.outputs[0].name, lambda v: v.name)
+        graph.nodes, onnx_rules, lambda rule, node: rule.match_onnx(node, ctx), lambda c: c.outputs[0].name,
+        lambda v: v.name)
 
     others: dict[str, gs.Node] = {}  # consumers no rule matched, by id
 
