@@ -149,7 +149,25 @@ def plan(
     in the graph's topological order;
     ``hazard`` says why a source cannot be read anywhere but where it is read
     now (an in-place write to it), or None.
+
+    A region whose fold leaves layers of its own in place (a second adapter
+    after the first one's absorbing layer, EfficientNet-V2's projection
+    without an activation between) is planned again with the values those
+    layers read as sources of their own, so that they fold, or are reported
+    kept, as a region of their own.
     """
+    fresh: set[str] = set()
+    while True:
+        result, more = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard,
+                                  fresh)
+        if more <= fresh:
+            return result
+        fresh |= more
+
+
+def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str]):
+    """One planning pass, with the values in ``fresh`` as sources whatever they compute; returns the plan and
+    the values that layers left in place by a fold read from it (to be sources next time)."""
     by_name = {s.name: s for s in steps}
     ch = Channels()
     state: dict[str, Affine | None] = {}
@@ -161,7 +179,7 @@ def plan(
 
     lone = set() if scales else _lone_layers(steps)
     for s in steps:
-        if s.name in lone:  # no adapter region can reach it: a value of its own, no arithmetic
+        if s.name in lone or s.name in fresh:  # no adapter region can reach it / the start of one of its own
             state[s.name] = source(s.name)
             continue
         ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
@@ -200,6 +218,7 @@ def plan(
     regions: list[Region] = []
     members_of: dict[str, str] = {}
     redirects: dict[str, str] = {}
+    more: set[str] = set()
     for src, members in groups.items():
         heavy = [m for m in members if by_name[m].op.heavy]
         core = _without_trailing(members, by_name, consumers)
@@ -245,8 +264,28 @@ def plan(
             region.into.append(by_name[f.absorber].label)
         members_of.update({m: src for m in gone})
         redirects.update(moved)
+        done = set(settled)
+        left = [m for m in members if m not in done]
+        if any(by_name[m].op.heavy for m in left):  # layers the fold leaves running: a region of their own
+            more.update(_entries(left, by_name))
+            region.ops = [by_name[m].label for m in members if m in done]
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
-    return Plan(folds, regions, members_of, redirects, unseen)
+    return Plan(folds, regions, members_of, redirects, unseen), more
+
+
+def _entries(left: list[str], by_name) -> set[str]:
+    """The values the first layers of ``left`` read (layers no other layer of ``left`` feeds): where a
+    region of those layers starts."""
+    inside = set(left)
+    behind: dict[str, bool] = {}  # op -> whether a layer of ``left`` is upstream of it (or is it)
+
+    def layered(m: str) -> bool:
+        if m not in behind:
+            behind[m] = by_name[m].op.heavy or any(layered(i) for i in by_name[m].inputs if i in inside)
+        return behind[m]
+
+    return {i for m in left if by_name[m].op.heavy
+            for i in by_name[m].inputs if not (i in inside and layered(i))}
 
 
 def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, position, label):

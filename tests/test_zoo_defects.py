@@ -502,3 +502,29 @@ def test_onnx_shapes_settle_through_branches_on_shapes(dynamo):
         runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
     assert rel_err(runs[0], model(x)) > 1e-3
     assert rel_err(runs[1], runs[0]) < 1e-5
+
+
+
+def test_a_second_adapter_behind_the_first_ones_layer_folds_as_a_region_of_its_own():
+    """torchvision EfficientNet-V2: the fused MBConv's 1x1 projection and BatchNorm have no activation after
+    them, so adapters before that projection and before the next block's 3x3 conv share one affine region.
+    The first folded into the projection; the second stayed in the model, inside a region reported folded."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_v2_s(weights=None).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 32, 32)
+    scopes = ["features.2.0.block.1.0", "features.2.1.block.0.0"]
+    gm = repfold.insert(model, before=scopes, example_inputs=x, bias=False, strict=True)
+    randomize_adapters(gm, std=2.0)  # deep in a network whose head barely moves at this size
+    gm.eval()
+    folded, report = repfold.fold(gm, return_report=True)
+    assert [r.into for r in report.regions] == [[f"{s} (Conv2d{k})"] for s, k in zip(scopes, ("", " 3x3"))], str(report)
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) > 1e-3
+        assert rel_err(folded(x), gm(x)) < 1e-5
