@@ -38,3 +38,11 @@ def test_quickstart_trains_folds_and_ships(capsys):
     module = runpy.run_path(str(EXAMPLES / "quickstart.py"))  # not as __main__: a short run
     module["main"](steps=10)
     assert "same predictions as the trained model on 100%" in capsys.readouterr().out
+
+
+def test_export_pipeline_trains_folds_and_saves_a_program(tmp_path, capsys):
+    module = runpy.run_path(str(EXAMPLES / "export_pipeline.py"))  # not as __main__: a short run
+    result = module["main"](["--out", str(tmp_path)], steps=5)
+    assert result["same"] and result["err"] < 1e-5 < 1e-3 < result["moved"]
+    assert (tmp_path / "folded.pt2").exists()
+    assert "8 folded, 0 kept" in capsys.readouterr().out
