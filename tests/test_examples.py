@@ -43,6 +43,6 @@ def test_quickstart_trains_folds_and_ships(capsys):
 def test_export_pipeline_trains_folds_and_saves_a_program(tmp_path, capsys):
     module = runpy.run_path(str(EXAMPLES / "export_pipeline.py"))  # not as __main__: a short run
     result = module["main"](["--out", str(tmp_path)], steps=5)
-    assert result["same"] and result["err"] < 1e-5 < 1e-3 < result["moved"]
+    assert result["same"] and result["err"] < 1e-5 and result["moved"] > 1e-3
     assert (tmp_path / "folded.pt2").exists()
     assert "8 folded, 0 kept" in capsys.readouterr().out
