@@ -61,6 +61,10 @@ def _methods() -> dict:
     }
 
 
+# methods whose ATen keyword arguments the Tensor method takes as they are (``expand``'s ``implicit`` it does not)
+_METHOD_KWARGS = {"clone", "contiguous", "new_zeros", "new_ones", "new_empty"}
+
+
 @functools.cache
 def _layers() -> dict:
     aten = torch.ops.aten
@@ -90,7 +94,7 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
             if t is aten.constant_pad_nd.default:  # (x, pad, value=0)
                 n.args = (n.args[0], n.args[1], "constant", n.args[2] if len(n.args) > 2 else 0.0)
             n.target = _functions()[t]
-        elif t in _methods():
+        elif t in _methods() and (not n.kwargs or _methods()[t] in _METHOD_KWARGS):
             n.op, n.target = "call_method", _methods()[t]
         elif t is aten._assert_tensor_metadata.default and not n.users:
             gm.graph.erase_node(n)  # the exporter's check of a ``.to()``: exporting again writes it where one stays
@@ -196,7 +200,8 @@ def _to_getitem(n: fx.Node) -> None:
         end = n.args[3] if len(n.args) > 3 else n.kwargs.get("end")
         step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
         key = slice(start, end, step)
-    if any(isinstance(a, fx.Node) for a in (dim, key if not isinstance(key, slice) else key.start)):
+    bounds = (key.start, key.stop, key.step) if isinstance(key, slice) else (key,)
+    if any(isinstance(a, fx.Node) for a in (dim, *bounds)):  # symbolic: left to fx as the op it is
         return
     dim %= val.dim()
     n.target, n.args, n.kwargs = operator.getitem, (x, (slice(None),) * dim + (key,)), {}
