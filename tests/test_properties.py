@@ -342,6 +342,24 @@ def test_random_architectures_fold_via_onnx(arch):
     assert not second.folded and onnx_counts(again) == onnx_counts(folded), str(second)
 
 
+@settings(max_examples=max(5, settings().max_examples // 3))
+@example(ZERO_PAD_BEFORE)
+@example(ZERO_PAD_BOTH)
+@regressions
+@given(architectures())
+def test_random_architectures_fold_via_torch_export(arch):
+    """The same architectures as ExportedPrograms of their ATen ops: as exact as fx, the same regions fold."""
+    _base, gm, x, adapters = build(arch, torch.float64)
+    ep = torch.export.export(gm, (x,))
+    with torch.no_grad():
+        y = gm(x)
+        folded, report = repfold.fold(ep, return_report=True)
+        assert rel_err(folded.module()(x), y) <= 1e-9
+    check_report(report, adapters)
+    fx_report = repfold.fold(gm, example_inputs=x, return_report=True)[1]
+    assert [r.folded for r in report.regions] == [r.folded for r in fx_report.regions], f"{report}\n--- fx:\n{fx_report}"
+
+
 def run(proto, x: torch.Tensor):
     ort = pytest.importorskip("onnxruntime")
     s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
