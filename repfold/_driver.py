@@ -113,8 +113,12 @@ def rewrite(plan: _engine.Plan, steps: Iterable[_engine.Step], edits: Edits, lab
             if release:
                 f.W = f.b = None  # written out: the float64 copy can go
     edits.commit()
-    made = {name: c for (_, name), (_, c) in copies.items()}
+    targets = {f.target for f in plan.folds}
+    made: dict[str, Any] = {}
+    for (_, name), (_, c) in copies.items():
+        made.setdefault(name, c)  # the first copy of a layout step: the one the plan placed before the read
     for name, to in plan.redirects.items():
-        edits.redirect(name, made.get(to) if to in made else edits.value(to))
+        # a fold's target is read through its replacement (placed where the plan counted on), else a copy
+        edits.redirect(name, made[to] if to in made and to not in targets else edits.value(to))
     edits.remove_unread()
     _engine.check_gone(plan, edits.present, label)

@@ -204,6 +204,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
                         state[s.name] = s.op.transfer([state[i] for i in s.inputs], ch)
                 except NotAffine as again:
                     ch.axis, why = saved, str(again)
+                    for i, v in zip(s.inputs, ins):  # as they were: later readers stay in the same region
+                        if i in relaid:
+                            state[i] = v
             if state[s.name] is None:
                 state[s.name], ended[s.name] = source(s.name), why
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import warnings
 
 import torch
 from torch import fx, nn
@@ -45,6 +46,9 @@ def _functions() -> dict:
         aten.cat.default: torch.cat, aten.flatten.using_ints: torch.flatten, aten.dropout.default: F.dropout,
         aten.pad.default: F.pad, aten.constant_pad_nd.default: F.pad, aten.roll.default: torch.roll,
     }
+
+
+_SCALED = {torch.ops.aten.add.Scalar, torch.ops.aten.sub.Scalar}  # ``alpha`` is positional there
 
 
 @functools.cache
@@ -90,7 +94,7 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
                 n.target = F.linear  # weights read elsewhere too (tied, or one module called twice)
         elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             _batch_norm_module(gm, n, readers)
-        elif t in _functions() and not n.kwargs:
+        elif t in _functions() and not n.kwargs and not (t in _SCALED and len(n.args) > 2):
             if t is aten.constant_pad_nd.default:  # (x, pad, value=0)
                 n.args = (n.args[0], n.args[1], "constant", n.args[2] if len(n.args) > 2 else 0.0)
             n.target = _functions()[t]
@@ -160,7 +164,9 @@ def _batch_norm_module(gm: fx.GraphModule, n: fx.Node, readers: dict[str, int]) 
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
     if cls is None:
         return
-    layer = cls(holder.weight.shape[0], eps=eps, momentum=momentum, device="meta").eval()
+    if not {"running_mean", "running_var"} <= set(holder._buffers):
+        return
+    layer = cls(holder.weight.shape[0], eps=eps, momentum=momentum, device=holder.weight.device).eval()
     layer.weight, layer.bias = holder.weight, holder.bias
     for k in ("running_mean", "running_var", "num_batches_tracked"):
         if k in holder._buffers:
@@ -244,6 +250,23 @@ def _to_module(gm: fx.GraphModule, n: fx.Node, rank: int, readers: dict[str, int
     return True
 
 
+def training_ops(graph: fx.Graph) -> list[str]:
+    """The ops of an exported graph that behave as in training mode (dropout on, batch statistics)."""
+    aten = torch.ops.aten
+    flag = {  # op -> the position of its "training" argument (None: random whatever the mode)
+        aten.dropout.default: 2, aten.feature_dropout.default: 2, aten.native_dropout.default: 2,
+        aten.batch_norm.default: 5, aten._native_batch_norm_legit.default: 5,
+        aten._native_batch_norm_legit_functional.default: 5, aten.bernoulli.p: None, aten.bernoulli.default: None,
+    }
+    found = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in flag:
+            at = flag[n.target]
+            if at is None or len(n.args) > at and n.args[at]:
+                found.append(n.name)
+    return found
+
+
 def _dynamic_shapes(ep):
     """Each user input's dims that the program keeps symbolic, as ``Dim.DYNAMIC`` (None where none are)."""
     specs, any_dynamic = [], False
@@ -268,8 +291,14 @@ def fold_export(ep, *, scales: bool = False) -> tuple[torch.export.ExportedProgr
     from ._fx import fold_fx
 
     args, kwargs = ep.example_inputs or ((), {})
-    if not args and not kwargs:
-        raise ValueError("this ExportedProgram has no example inputs to export the folded program with")
+    if not args:
+        raise ValueError("this ExportedProgram has no positional example inputs to export the folded program with")
+    if kwargs:
+        raise ValueError("ExportedPrograms with keyword inputs are not supported yet: export with positional ones")
+    training = training_ops(ep.graph)
+    if training:
+        warnings.warn(f"repfold.fold: the program was exported in training mode ({training[0]}): its train-mode "
+                      "ops stay as they are; export the model in eval mode", UserWarning, stacklevel=3)
     folded, report = fold_fx(ep.module(), args, scales=scales)
     report.frontend = "torch.export"
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import warnings
@@ -272,7 +273,12 @@ def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -
 
 def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tuple[fx.GraphModule, tuple, str]:
     """``(graph, example inputs, how it was traced)``: torch.fx first; torch.export where fx cannot trace the
-    model, or hides a selected scope's layers inside a call it keeps whole."""
+    model, or hides a selected scope's layers inside a call it keeps whole.
+
+    torch.export records the mode it runs in, so it runs on an eval-mode copy: the model's own dropout and
+    BatchNorm are in the graph as in eval mode (the adapters, modules of their own, still train).
+    """
+    fx_graph = None
     try:
         gm = to_graph_module(model, leaf_modules, leaf_functions)
         inputs = _trace.example_inputs(model, example_inputs)
@@ -280,26 +286,35 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
         hidden = _hidden(gm, model, patterns)
         if hidden is None:
             return gm, inputs, "torch.fx"
-        why = hidden
+        why, fx_graph = hidden, gm
     except (TraceError, ValueError) as e:
         if isinstance(model, fx.GraphModule) or isinstance(e, ValueError) and not _runs(model, example_inputs):
             raise
         why = str(e)  # fx traced a graph that does not run as the model does (torchvision's swin3d_t)
     inputs = _trace.example_inputs(model, example_inputs)
     try:
-        ep = torch.export.export(model, inputs, strict=False)
+        ep = torch.export.export(_eval_copy(model), inputs, strict=False)
     except Exception as e:  # both tracers failed: say why for each
+        if fx_graph is not None:  # fx's graph still holds the adapter, only not next to the hidden layers
+            warnings.warn(f"repfold.insert: {why}, and torch.export failed on the model ({type(e).__name__}); "
+                          "the adapters go into fx's graph", UserWarning, stacklevel=3)
+            return fx_graph, inputs, "torch.fx"
         raise TraceError(f"{why}; torch.export failed too: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     gm = to_graph_module(ep.module())
     shape(gm, inputs)
     return gm, inputs, "torch.export"
 
 
+def _eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` sharing its parameters (the caller's model, and its mode, untouched)."""
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
+
+
 def _runs(model: nn.Module, example_inputs) -> bool:
-    """Whether ``model`` itself runs on the example inputs."""
+    """Whether ``model`` itself runs on the example inputs (an eval-mode copy: no statistics move)."""
     try:
         with torch.no_grad():
-            model(*_trace.example_inputs(model, example_inputs))
+            _eval_copy(model)(*_trace.example_inputs(model, example_inputs))
     except Exception:  # noqa: BLE001 (any failure: the inputs do not fit the model)
         return False
     return True
@@ -379,8 +394,15 @@ def insert(
         raise ValueError("say where the adapters go: before= and/or after= module names")
     exported = isinstance(model, torch.export.ExportedProgram)
     if exported:  # its module(): weights under their state-dict names
+        from ._export import training_ops
+
         if example_inputs is None and model.example_inputs:
             example_inputs = model.example_inputs[0]
+        training = training_ops(model.graph)
+        if training:
+            warnings.warn(f"repfold.insert: the program was exported in training mode ({training[0]}): the "
+                          "model's own dropout and batch statistics stay as they were exported; export the model "
+                          "in eval mode", UserWarning, stacklevel=2)
         model = model.module()
     gm, inputs, how = _traced(model, leaf_modules, leaf_functions, example_inputs, names + after_names)
     how = "torch.export" if exported else how

@@ -279,3 +279,37 @@ def test_eval_batch_norm_in_a_program_folds_with_scales(decomposed):
     assert not any("batch_norm" in str(k) for k in _aten_counts(folded))
     with torch.no_grad():
         assert rel_err(folded.module()(x), model(x)) < 1e-5
+
+
+class BranchyDropout(Branchy):
+    """Untraceable by fx, with a dropout of its own, handed to insert in training mode (as built)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
+
+
+def test_the_export_fallback_records_the_model_in_eval_mode_and_leaves_it_as_it_was():
+    torch.manual_seed(0)
+    model = BranchyDropout()  # training mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 8)
+    gm = repfold.insert(model, before="mlp", example_inputs=x)
+    assert gm.meta["repfold"]["trace"] == "torch.export" and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    folded = repfold.fold(gm.eval())
+    with torch.no_grad():
+        assert torch.equal(folded(x), folded(x))  # no dropout of the model's own left running
+        assert rel_err(folded(x), model.eval()(x)) < 1e-5  # the adapters start as identities
+
+
+def test_a_program_exported_in_training_mode_is_folded_with_a_warning():
+    model = BranchyDropout()
+    ep = torch.export.export(model, (torch.randn(2, 5, 8),))
+    with pytest.warns(UserWarning, match="exported in training mode"):
+        repfold.fold(ep)
+    with pytest.warns(UserWarning, match="exported in training mode"):
+        repfold.insert(ep, before="mlp")
