@@ -268,16 +268,27 @@ def training_ops(graph: fx.Graph) -> list[str]:
 
 
 def _dynamic_shapes(ep):
-    """Each user input's dims that the program keeps symbolic, as ``Dim.DYNAMIC`` (None where none are)."""
+    """The dynamic dims of each user input as ``torch.export.Dim``s with the program's ranges (one Dim per
+    symbol, so inputs that share a size still share it); None where the program has none."""
+    dims: dict = {}
     specs, any_dynamic = [], False
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
             continue
-        val = node.meta.get("val")
-        dims = {k: torch.export.Dim.DYNAMIC for k, d in enumerate(getattr(val, "shape", ()))
-                if not isinstance(d, int)}
-        any_dynamic |= bool(dims)
-        specs.append(dims or None)
+        spec = {}
+        for k, d in enumerate(getattr(node.meta.get("val"), "shape", ())):
+            if isinstance(d, int):
+                continue
+            expr = d.node.expr
+            if expr not in dims:
+                vr = ep.range_constraints.get(expr)
+                lo = int(vr.lower) if vr is not None and vr.lower.is_finite else None
+                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+                dims[expr] = torch.export.Dim(f"d{len(dims)}", min=lo, max=hi) if expr.is_symbol \
+                    else torch.export.Dim.DYNAMIC  # a derived size (2*s0): let export find it again
+            spec[k] = dims[expr]
+        any_dynamic |= bool(spec)
+        specs.append(spec or None)
     return tuple(specs) if any_dynamic else None
 
 

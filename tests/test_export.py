@@ -84,6 +84,8 @@ def test_a_dynamic_batch_stays_dynamic():
     batch = torch.export.Dim("batch", min=1, max=8)
     ep = torch.export.export(_adapted(model, x), (x,), dynamic_shapes=({0: batch},))
     folded = repfold.fold(ep)
+    ranges = [(int(r.lower), int(r.upper)) for r in folded.range_constraints.values()]
+    assert ranges == [(1, 8)]  # the program's own range, not one export would guess
     for n in (1, 3):
         xb = torch.randn(n, 3, 32, 32)
         with torch.no_grad():
