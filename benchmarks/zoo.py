@@ -700,7 +700,22 @@ def _noop(report, y0, y, res: dict) -> None:
                            if report.ops_before.get(k, 0) != report.ops_after.get(k, 0)}
 
 
-def path_fx(model, x, y, gm, base_folded_ok=None) -> dict:
+def _fold_checked(adapted, y, ya, run_stage: str, run, res: dict):
+    """Fold ``adapted`` (outputs ``ya``; the base's ``y``) and record into ``res`` the adapters' effect, the
+    fold time, its regions and the folded model's error (``run(folded)``: its outputs); the fold and report."""
+    import repfold
+
+    res["effect"] = rel_err(ya, y)
+    res["changed"] = res["effect"] > EFFECT
+    t = time.perf_counter()
+    folded, report = at("crash", "fold", repfold.fold, adapted, return_report=True)
+    res["fold_s"] = time.perf_counter() - t
+    _regions(report, res)
+    res["max_err"] = rel_err(at("crash", run_stage, run, folded), ya)
+    return folded, report
+
+
+def path_fx(model, x, y, gm) -> dict:
     """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in) exact and no more operators; time."""
     import torch
 
@@ -715,15 +730,7 @@ def path_fx(model, x, y, gm, base_folded_ok=None) -> dict:
         return res
     with torch.no_grad():
         ya = at("crash", "run with adapters", lambda: flat(gm(x)))
-    res["effect"] = rel_err(ya, y)
-    res["changed"] = res["effect"] > EFFECT
-    t = time.perf_counter()
-    folded, report = at("crash", "fold", repfold.fold, gm, return_report=True)
-    res["fold_s"] = time.perf_counter() - t
-    _regions(report, res)
-    with torch.no_grad():
-        yf = at("crash", "run folded", lambda: flat(folded(x)))
-    res["max_err"] = rel_err(yf, ya)
+    folded, report = _fold_checked(gm, y, ya, "run folded", torch.no_grad()(lambda f: flat(f(x))), res)
     ref = op_counts(base) if not report.kept else report.ops_before
     res["ops_ok"], res["ops_over"] = ops_within(same_kinds(op_counts(folded)), same_kinds(ref))
     res["ops_vs"] = "base" if not report.kept else "with adapters"
@@ -753,14 +760,7 @@ def path_onnx(model, x, gm, dynamo: bool) -> dict:
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     ya = at("export failed", "onnxruntime on the export with adapters", _ort, adapted, x)
-    res["effect"] = rel_err(ya, y)
-    res["changed"] = res["effect"] > EFFECT
-    t = time.perf_counter()
-    folded, report = at("crash", "fold", repfold.fold, adapted, return_report=True)
-    res["fold_s"] = time.perf_counter() - t
-    _regions(report, res)
-    yf = at("crash", "onnxruntime on the folded model", _ort, folded, x)
-    res["max_err"] = rel_err(yf, ya)
+    folded, report = _fold_checked(adapted, y, ya, "onnxruntime on the folded model", lambda f: _ort(f, x), res)
     ref = op_counts(base) if not report.kept else op_counts(adapted)
     res["ops_ok"], res["ops_over"] = ops_within(op_counts(folded), ref)
     res["ops_vs"] = "base" if not report.kept else "with adapters"

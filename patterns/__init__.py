@@ -30,7 +30,8 @@ def _fx_index() -> dict:
 
 @functools.cache
 def _onnx_index() -> dict[str, tuple]:
-    return {op: tuple(r for r in RULES if op in r.ONNX_OPS) for rule in RULES for op in rule.ONNX_OPS}
+    ops = set().union(*(r.ONNX_OPS for r in RULES))
+    return {op: tuple(r for r in RULES if op in r.ONNX_OPS) for op in ops}
 
 
 def fx_rules(node, module=None) -> tuple:

@@ -79,13 +79,11 @@ def _layers() -> dict:
 def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite, in place, the ATen ops of ``gm`` that the fold rules know into their torch forms."""
     aten = torch.ops.aten
-    readers: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            readers[n.target] = len(n.users)
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function":
-            continue
+    readers = {n.target: len(n.users) for n in gm.graph.nodes if n.op == "get_attr"}
+    aten_calls = [n for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "_schema")]
+    if not aten_calls:
+        return gm  # a torch.fx trace: nothing to rewrite (and no code to generate again)
+    for n in aten_calls:
         t = n.target
         if t in (aten.addmm.default, aten.mm.default, aten.convolution.default):  # core ATen's spellings
             t = _as_layer_call(gm, n)

@@ -267,15 +267,16 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
 def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
     """A kept region for each adapter of ``repfold.insert`` that no region found holds, so that the report
     names every adapter (one the fold cannot even see stays in the model: the report must say so)."""
+    from ._insert import placement  # (insert plans folds with this module: imported when used)
+
     lost = []
     for scope, target in gm.meta.get(META_KEY, {}).get("adapters", {}).items():
         mine = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(target + ".")]
         if not mine or any(op.startswith(target + ".") for r in regions for op in r.ops):
             continue
-        where = f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
         source = next((a for a in mine[0].all_input_nodes), mine[0])
         lost.append(Region(label(source.name), [label(n.name) for n in mine], folded=False,
-                           reason=f"the adapter {where} forms no region: no Linear or convolution next to it "
+                           reason=f"the adapter {placement(scope)} forms no region: no Linear or convolution next to it "
                                   "with only channel-affine ops between"))
     return lost
 

@@ -233,6 +233,11 @@ HOW_TO_FOLD = (
 )
 
 
+def placement(scope: str) -> str:
+    """Where an adapter of ``gm.meta["repfold"]["adapters"]`` sits, in words: ``before 'blocks.0.attn'``."""
+    return f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
+
+
 def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -> None:
     """Plan the fold of the new adapters, with random weights as after training; warn (or, ``strict``,
     raise) for each one that would not fold, with the reason."""
@@ -256,7 +261,7 @@ def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -
                     p.copy_(saved[name])
     problems = []
     for scope, target in placed.items():
-        where = f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
+        where = placement(scope)
         mine = [r for r in regions if any(op.startswith(target + ".") for op in r.ops)]
         if not mine:
             problems.append(f"the adapter {where} forms no region the fold can find")
@@ -279,19 +284,18 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
     BatchNorm are in the graph as in eval mode (the adapters, modules of their own, still train).
     """
     fx_graph = None
+    inputs = _trace.example_inputs(model, example_inputs)
     try:
         gm = to_graph_module(model, leaf_modules, leaf_functions)
-        inputs = _trace.example_inputs(model, example_inputs)
         shape(gm, inputs)
         hidden = _hidden(gm, model, patterns)
         if hidden is None:
             return gm, inputs, "torch.fx"
         why, fx_graph = hidden, gm
     except (TraceError, ValueError) as e:
-        if isinstance(model, fx.GraphModule) or isinstance(e, ValueError) and not _runs(model, example_inputs):
+        if isinstance(model, fx.GraphModule) or isinstance(e, ValueError) and not _runs(model, inputs):
             raise
         why = str(e)  # fx traced a graph that does not run as the model does (torchvision's swin3d_t)
-    inputs = _trace.example_inputs(model, example_inputs)
     try:
         ep = torch.export.export(_eval_copy(model), inputs, strict=False)
     except Exception as e:  # both tracers failed: say why for each
@@ -310,11 +314,11 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
 
 
-def _runs(model: nn.Module, example_inputs) -> bool:
-    """Whether ``model`` itself runs on the example inputs (an eval-mode copy: no statistics move)."""
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` itself runs on ``inputs`` (an eval-mode copy: no statistics move)."""
     try:
         with torch.no_grad():
-            _eval_copy(model)(*_trace.example_inputs(model, example_inputs))
+            _eval_copy(model)(*inputs)
     except Exception:  # noqa: BLE001 (any failure: the inputs do not fit the model)
         return False
     return True

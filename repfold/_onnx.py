@@ -195,41 +195,19 @@ def _stored_values(var: gs.Constant) -> np.ndarray:
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int], dict[str, np.ndarray]]:
-    """Shape (ints, names of dynamic dims, None) and element type of every value inference can tell.
+    """Shape (ints, names of dynamic dims, None) and element type of every value inference can tell, and
+    the small values known without running the model.
 
     Initializers are handed to the inferencer as typed inputs, so it sees
     their shapes but not their bytes (fast, and fine for models over 2 GB).
+    Where inference stops short (a Python ``if`` on shapes, a Mod in a
+    window's padding: SAM2's Hiera), one more pass in graph order settles
+    each node's shapes from its inputs' and the small values known by then.
     """
-    small = _index_constants(model)  # pad amounts and the like: given as values, so shapes come out static
-    shapes, dtypes = _infer_with(model, small)
-    # Where inference stopped short (a Python ``if`` on shapes, a Mod in a window's padding: SAM2's Hiera),
-    # one pass in graph order with shapes and small values settled node by node
-    inputs = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.HasField("dim_param")}
-    if any(_unsettled(shapes.get(o), inputs) for n in model.graph.node for o in n.output if o and o not in small):
-        small = _index_constants(model, shapes, dtypes, inputs)
-    return shapes, dtypes, small
-
-
-def _unsettled(dims, inputs: set[str]) -> bool:
-    """A shape inference left unknown, or with a dimension named by the inferencer, not by the model."""
-    return dims is None or any(d is None or isinstance(d, str) and d not in inputs for d in dims)
-
-
-def _infer_with(model: onnx.ModelProto, small: dict[str, np.ndarray]) -> tuple[dict[str, tuple], dict[str, int]]:
     g = model.graph
-    nodes = []
-    for n in g.node:
-        if n.output and all(o in small for o in n.output):
-            continue
-        if n.op_type == "If" and n.input[0] in small:  # the branch taken, inlined: its shapes flow on
-            branch = next(a.g for a in n.attribute if a.name == ("then_branch" if small[n.input[0]].all()
-                                                                  else "else_branch"))
-            nodes += [*branch.node, *(onnx.helper.make_node("Identity", [b.name], [o])
-                                      for b, o in zip(branch.output, n.output))]
-            continue
-        nodes.append(n)
+    small = _index_constants(model)  # pad amounts and the like: given as values, so shapes come out static
     light = onnx.helper.make_graph(
-        nodes,
+        [n for n in g.node if not (n.output and all(o in small for o in n.output))],
         g.name,
         [*g.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
                      for t in g.initializer if t.name not in small)],
@@ -254,11 +232,20 @@ def _infer_with(model: onnx.ModelProto, small: dict[str, np.ndarray]) -> tuple[d
                 d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
                 for d in t.shape.dim
             )
-    return shapes, dtypes
+    inputs = {d.dim_param for v in g.input for d in v.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    if any(_unsettled(shapes.get(o), inputs) for n in g.node for o in n.output if o and o not in small):
+        small = _index_constants(model, shapes, dtypes, inputs, known=small)
+    return shapes, dtypes, small
+
+
+def _unsettled(dims, inputs: set[str]) -> bool:
+    """A shape inference left unknown, or with a dimension named by the inferencer, not by the model."""
+    return dims is None or any(d is None or isinstance(d, str) and d not in inputs for d in dims)
 
 
 def _index_constants(
-    model: onnx.ModelProto, shapes: dict | None = None, dtypes: dict | None = None, inputs: set[str] = frozenset()
+    model: onnx.ModelProto, shapes: dict | None = None, dtypes: dict | None = None, inputs: set[str] = frozenset(),
+    known: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Small values known without running the model, by name: initializers and Constant nodes (and
     Identity of them), and the integer index arithmetic on them that exporters emit (a reflect pad's
@@ -268,14 +255,16 @@ def _index_constants(
     With ``shapes`` and ``dtypes`` (inferred), also the Shape and Size of values whose shape is static,
     and the branch taken by an If whose condition is known; and each node whose output shape inference
     left unsettled is inferred again on its own, with the values known by then (``shapes`` and
-    ``dtypes`` are updated in place).
+    ``dtypes`` are updated in place); ``known``: the values of an earlier pass to start from.
     """
     import onnx.numpy_helper as nh
 
-    g, known = model.graph, {}
-    for t in g.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _EVALUATE_LIMIT:
-            known[t.name] = nh.to_array(t)
+    g = model.graph
+    if known is None:
+        known = {t.name: nh.to_array(t) for t in g.initializer
+                 if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _EVALUATE_LIMIT}
+    else:
+        known = dict(known)  # an earlier pass's values: only what shapes tell now is new
     opsets = list(model.opset_import)
 
     def visit(n: onnx.NodeProto) -> None:
@@ -289,6 +278,8 @@ def _index_constants(
                     known[o] = known[b.name]
                 if shapes.get(b.name) is not None:
                     shapes[o], dtypes[o] = shapes[b.name], dtypes.get(b.name)
+            return
+        if n.output and all(o in known for o in n.output):
             return
         value = _evaluate(n, known, shapes, opsets)
         if value is not None:

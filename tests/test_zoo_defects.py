@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 from conftest import export, randomize_adapters, rel_err
+from test_cli import run
 from torch import nn
 
 import repfold
@@ -301,7 +302,7 @@ class ClassTokenMlp(nn.Module):
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = ClassTokenMlp().eval()
     x = torch.randn(1, 5, 8)
@@ -311,10 +312,7 @@ def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
     proto = export(gm, x, dynamo)
     folded, report = repfold.fold(proto, return_report=True)
     assert len(report.regions) == 1
-    runs = []
-    for p in (proto, folded, export(model, x, dynamo)):
-        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    runs = [run(p, x.numpy()) for p in (proto, folded, export(model, x, dynamo))]
     assert rel_err(runs[0], runs[2]) > 1e-3  # the adapter matters
     assert rel_err(runs[1], runs[0]) < 1e-5
     if report.folded:  # the base model's own export: the exporters add constants of their own
@@ -434,7 +432,7 @@ def test_an_adapter_after_a_space_to_depth_stem_folds_into_the_conv():
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_fold_after_a_space_to_depth_stem(dynamo):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = SpaceToDepthStem().eval()
     x = torch.randn(1, 3, 12, 12)
@@ -443,10 +441,7 @@ def test_onnx_fold_after_a_space_to_depth_stem(dynamo):
     proto = export(gm.eval(), x, dynamo)
     folded, report = repfold.fold(proto, return_report=True)
     assert [r.folded for r in report.regions] == [True]
-    runs = []
-    for p in (proto, folded):
-        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    runs = [run(p, x.numpy()) for p in (proto, folded)]
     assert rel_err(runs[1], runs[0]) < 1e-5
     assert rel_err(runs[0], model(x)) > 1e-3
 
@@ -487,7 +482,7 @@ class TiledTable(nn.Module):
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_shapes_settle_through_branches_on_shapes(dynamo):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = TiledTable().eval()
     x = torch.randn(1, 8, 4, 6)
@@ -496,10 +491,7 @@ def test_onnx_shapes_settle_through_branches_on_shapes(dynamo):
     proto = export(gm.eval(), x, dynamo)
     folded, report = repfold.fold(proto, return_report=True)
     assert [r.folded for r in report.regions] == [True] and not report.unseen
-    runs = []
-    for p in (proto, folded):
-        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-        runs.append(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    runs = [run(p, x.numpy()) for p in (proto, folded)]
     assert rel_err(runs[0], model(x)) > 1e-3
     assert rel_err(runs[1], runs[0]) < 1e-5
 
