@@ -461,6 +461,7 @@ def test_an_adapter_in_no_region_is_reported_kept(monkeypatch):
     assert len(report.regions) == 1 and not report.regions[0].folded
     assert "before '2' forms no region" in report.regions[0].reason
     assert any("down" in u for u in report.unseen) and "not examined" in str(report)
+    assert rel_err(gm(x), model(x)) > 1e-3  # the adapter left in place matters: the report must name it
     assert rel_err(folded(x), gm(x)) == 0
 
 
