@@ -52,6 +52,7 @@ class Dense:
     axis: int
     groups: int = 1
     kind: str = "Linear"
+    computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW): an adapter's, not stored
 
     heavy = True
 
@@ -159,22 +160,29 @@ def match_fx(node, ctx) -> Match | None:
         rank = ctx.rank(x)
         if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
             return None
-        return Match(Dense(w, b, rank - 1), (x,), f"{node.name} (F.linear)", emit=_fx_linear_emit(node, ctx))
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        op = Dense(w, b, rank - 1, computed=weight.op != "get_attr")
+        return Match(op, (x,), f"{node.name} (F.linear)", emit=_fx_linear_emit(node, ctx))
     return None
 
 
 def _fx_linear_emit(node, ctx):
-    """``emit`` for ``F.linear(x, weight, bias)`` whose weights are get_attr tensors: new ones, same call."""
+    """``emit`` for ``F.linear(x, weight, bias)`` whose weights are constants: new ones, same call."""
     weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
 
     def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
         x = swap.get(node.args[0], node.args[0])
-        w = ctx.new_param(weight.target, W, weight)
-        bn = None if b is None else ctx.new_param(bias.target, b, bias)
+        w = ctx.new_param(_hint(weight), W, weight)
+        bn = None if b is None else ctx.new_param(_hint(bias), b, bias)
         return ctx.graph.call_function(F.linear, (x, w, bn))
 
     return emit
+
+
+def _hint(node) -> str:
+    """A name for the new tensor that replaces ``node``'s: its path, or the name of the op computing it."""
+    return node.target if node.op == "get_attr" else node.name
 
 
 # --- ONNX ------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ def _onnx_emit(nodes, ctx, kind: str):
         elif kind == "Gemm":
             w = cast(W, dtype, transpose=not first.attrs.get("transB", 0))
         else:  # Conv: back to (out, in/groups, 1, ...)
-            w = cast(collapse_groups(W, first.attrs.get("group", 1)), dtype).reshape(weight.shape)
+            w = cast(collapse_groups(W, first.attrs.get("group", 1)), dtype).reshape(ctx.value_shape(weight))
         ins = [new_input, ctx.new_const(weight, w)]
         if kind != "MatMul" and b is not None:
             ins.append(ctx.new_const(first.inputs[2], b))
@@ -219,7 +227,8 @@ def match_onnx(node, ctx) -> Match | None:
             bv = ctx.const(other)
             if bv is not None and bv.size == W.shape[0] and bv.shape[-1] == W.shape[0] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
-        return Match(Dense(W, b, rank - 1), (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
+        op = Dense(W, b, rank - 1, computed=ctx.computed(w))
+        return Match(op, (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
@@ -228,7 +237,8 @@ def match_onnx(node, ctx) -> Match | None:
         C = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
         if W is None or len(W.shape) != 2 or (len(node.inputs) > 2 and (C is None or C.size != W.shape[0])):
             return None
-        return Match(Dense(W, None if C is None else C.reshape(-1), 1), (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
+        op = Dense(W, None if C is None else C.reshape(-1), 1, computed=ctx.computed(node.inputs[1]))
+        return Match(op, (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
     if op == "Conv":
         w = ctx.weight(node.inputs[1])
         a = node.attrs

@@ -473,8 +473,9 @@ def _assign(src, todo, folded, ctx: _Ctx):
             fold = into(main, e, reasons) or around(e, reasons)
         elif _fewest_layers(region, src, e, ctx) == 0:  # an identity path: no layer here is the model's
             fold = around(e, reasons)
-        else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape
-            fold = around(e, reasons) or into(order, e, reasons, first=True)
+        else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape whose weight is stored
+            stored_first = sorted(order, key=lambda h: bool(getattr(by_name[h].op, "computed", False)))
+            fold = around(e, reasons) or into(stored_first, e, reasons, first=True)
         if fold is None:
             return chosen, (e, "no layer can absorb it: " + _why_none(state[e], order, by_name, reasons))
         if isinstance(fold, list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections import Counter
@@ -67,28 +68,43 @@ class FxContext:
         return self.rank(arg) is not None
 
     def const(self, arg) -> np.ndarray | float | None:
-        """The value of a constant argument (a number or a get_attr tensor), else None."""
+        """The float64 value of a constant argument, else None: a number, a get_attr tensor, or a value
+        computed from such tensors alone (a weight-only subgraph: PEFT's LoHa ``ΔW``, BEiT's concatenated
+        qkv bias), evaluated in float64 (see :class:`WeightOnly`)."""
         if isinstance(arg, (int, float)) and not isinstance(arg, bool):
             return float(arg)
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            value = _get_attr(self.gm, arg.target)
+        if isinstance(arg, fx.Node) and arg.op != "placeholder":
+            value = self.weights.value(arg)
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 return value.detach().to(torch.float64).cpu().numpy()
         return None
 
-    def new_param(self, hint: str, value: np.ndarray, like: fx.Node) -> fx.Node:
-        """Register ``value`` as a new parameter (dtype and device of ``like``'s tensor); its get_attr node.
+    @functools.cached_property
+    def weights(self) -> WeightOnly:
+        return WeightOnly(self.gm)
 
-        The name is ``hint`` made unique, so a tensor others still read is never replaced.
+    def new_param(self, hint: str, value: np.ndarray, like: fx.Node) -> fx.Node:
+        """Register ``value`` as a new parameter (dtype, device and shape of the tensor ``like`` gives);
+        its get_attr node.
+
+        The name is ``hint`` made unique, so a tensor others still read is never replaced. ``like`` is a
+        get_attr node or a weight-only value (whose dtype is the one the model computed it in).
         """
-        ref = _get_attr(self.gm, like.target)
+        if like.op == "get_attr":
+            ref = _get_attr(self.gm, like.target)
+            trainable = self.trainable(ref)
+        else:
+            roots = self.weights.roots(like)
+            ref = torch.empty(self.shape(like), dtype=self.dtype(like),
+                              device=roots[0].device if roots else None)
+            trainable = any(self.trainable(r) for r in roots)
         t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
         base, i = hint.replace(".", "_") + "_folded", 0
         name = base
         while hasattr(self.gm, name):
             i += 1
             name = f"{base}_{i}"
-        self.gm.register_parameter(name, nn.Parameter(t, requires_grad=self.trainable(ref)))
+        self.gm.register_parameter(name, nn.Parameter(t, requires_grad=trainable))
         return self.graph.get_attr(name)
 
     def replace_module(self, node: fx.Node, new: nn.Module) -> str:
@@ -101,6 +117,121 @@ class FxContext:
                 i += 1
         _set(self.gm, target, new)
         return target
+
+
+# Functions that make a tensor from nothing but numbers (OFT's identity matrix): a weight-only value may use them.
+_MAKERS = {"eye", "zeros", "ones", "full", "arange", "tensor", "linspace", "scalar_tensor"}
+# Draws and writes: never part of a weight-only value.
+_RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "normal_",
+           "bernoulli", "multinomial", "poisson", "dropout", "native_dropout", "feature_dropout", "alpha_dropout",
+           "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_"}
+_TO_DOUBLE = {"float", "half", "bfloat16"}  # casting methods, kept in float64 while a weight is evaluated
+
+
+class WeightOnly:
+    """The values of an fx graph computed from its tensors alone, with no graph input upstream, and their
+    float64 values on demand.
+
+    A fold reads such a value as the constant it is (PEFT's LoHa ``ΔW = (A₁B₁)⊙(A₂B₂)``, OFT's Cayley
+    rotation, DoRA's weight norm, BEiT's ``cat(q_bias, 0, v_bias)``): every tensor it starts from is taken
+    in float64 and every floating cast on the way stays float64, so the value is cast once, when the fold
+    writes it into a layer. Nothing in the graph changes unless a fold uses the value; the subgraph then
+    goes with the other ops the fold made unread. Random draws, in-place writes and calls of modules are
+    never part of one.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.private_writes: set[fx.Node] = set()  # in-place ops that act as pure ones (FourierFT's index_put_)
+        written = set()  # values a write may change (but one that only the write reads): never constants
+        for n in gm.graph.nodes:
+            if Effects.mutates_node(gm, n) and n.args and isinstance(n.args[0], fx.Node) \
+                    and not self._only_written(n.args[0]):
+                root = n.args[0]
+                while root.args and isinstance(root.args[0], fx.Node) and (
+                        _name(root) in _VIEWS or Effects.mutates_node(gm, root)):
+                    root = root.args[0]
+                written.add(root)
+        self.members: set[fx.Node] = set()
+        for n in gm.graph.nodes:
+            if n not in written and self._pure_call(n, [i in self.members for i in n.all_input_nodes]):
+                self.members.add(n)
+        self._values: dict[fx.Node, Any] = {}
+
+    def _pure_call(self, n: fx.Node, inputs: list[bool]) -> bool:
+        if n.op == "get_attr":
+            return isinstance(_get_attr(self.gm, n.target), torch.Tensor)
+        if n.op not in ("call_function", "call_method") or not all(inputs) or not n.users:
+            return False
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "").partition(".")[0]
+        if name in _RANDOM:
+            return False
+        if Effects.mutates_node(self.gm, n):
+            # a write into a value made here that nothing else reads: a pure op by another name
+            if not self._only_written(n.args[0]):
+                return False
+            self.private_writes.add(n)
+        if not inputs:  # no tensor in: only a maker of constant tensors
+            return n.op == "call_function" and name in _MAKERS
+        return True
+
+    @staticmethod
+    def _only_written(x) -> bool:
+        """``x`` is made here (not a module tensor, not a view of one) and its one reader writes into it."""
+        return isinstance(x, fx.Node) and x.op != "get_attr" and len(x.users) == 1 and _name(x) not in _VIEWS
+
+    def roots(self, n: fx.Node) -> list[torch.Tensor]:
+        """The module tensors the weight-only value ``n`` is computed from."""
+        seen, todo, out = set(), [n], []
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m.op == "get_attr":
+                out.append(_get_attr(self.gm, m.target))
+            todo.extend(m.all_input_nodes)
+        return out
+
+    def value(self, n: fx.Node):
+        """The float64 value of weight-only ``n`` (None when ``n`` is not one, or cannot be evaluated)."""
+        if n not in self.members:
+            return None
+        if n not in self._values:
+            order = [m for m in self.gm.graph.nodes if m in self.members and m not in self._values]
+            need = {n}
+            for m in reversed(order):  # only the nodes ``n`` depends on
+                if m in need:
+                    need.update(m.all_input_nodes)
+            for m in order:
+                if m in need:
+                    self._values[m] = self._evaluate(m)
+        return self._values[n]
+
+    def _evaluate(self, n: fx.Node):
+        if n.op == "get_attr":  # a copy: an op of the subgraph may write into its input
+            t = _get_attr(self.gm, n.target).detach()
+            return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
+        if any(self._values.get(i) is None for i in n.all_input_nodes):
+            return None
+        args = fx.node.map_aggregate(fx.node.map_arg(n.args, self._values.get), _double)
+        kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, self._values.get), _double)
+        try:
+            with torch.no_grad():
+                if n.op == "call_method":
+                    method = "double" if n.target in _TO_DOUBLE else n.target
+                    out = getattr(args[0], method)(*args[1:], **kwargs)
+                else:
+                    out = n.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 (not computable here, in float64 say: not a constant to the fold)
+            return None
+        # a maker's default dtype (float32 zeros) joins the float64 values it is combined with
+        return out.double() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
+def _double(a):
+    """A floating dtype argument as float64 (``.to(torch.float32)`` of a weight stays float64)."""
+    return torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a
 
 
 def _get_attr(gm: nn.Module, target: str):
@@ -233,10 +364,10 @@ def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_module
     read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
-    effects = Effects(gm)
+    effects = Effects(gm, ctx.weights.private_writes)
     live_before = effects.live()
-    steps, _ = _driver.match(
-        gm.graph.nodes, lambda n: fx_rules(n, ctx.module(n) if n.op == "call_module" else None),
+    steps, _ = _driver.match(  # weight-only values are constants to the rules, never ops of a region
+        [n for n in gm.graph.nodes if n not in ctx.weights.members], lambda n: fx_rules(n, ctx.module(n) if n.op == "call_module" else None),
         lambda rule, node: rule.match_fx(node, ctx), _name_of, _name_of)
 
     def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
@@ -327,8 +458,9 @@ class Effects:
     graph than where it was read before.
     """
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, private: set[fx.Node] = frozenset()) -> None:
         self.gm = gm
+        self.private = private  # writes into a value nothing else reads (:class:`WeightOnly`): no effect
         self.writes: dict[fx.Node, list[fx.Node]] = {}  # alias root -> the in-place ops that write it
         self.effect_roots = {n for n in gm.graph.nodes if self.for_effect(n)}  # as the input had them
         for n in gm.graph.nodes:
@@ -345,6 +477,11 @@ class Effects:
 
     def mutates(self, n: fx.Node) -> bool:
         """Whether ``n`` writes into its first argument."""
+        return self.mutates_node(self.gm, n)
+
+    @staticmethod
+    def mutates_node(gm: fx.GraphModule, n: fx.Node) -> bool:
+        """Whether ``n`` of ``gm``'s graph writes into its first argument."""
         if n.op == "call_method":
             t = n.target
             dunder = t.startswith("__") and getattr(operator, t.strip("_"), None) in _INPLACE_OPERATORS  # __iadd__
@@ -352,13 +489,15 @@ class Effects:
         if n.op == "call_function":
             if n.target in _INPLACE_OPERATORS:
                 return True
-            name = getattr(n.target, "__name__", "")
+            name = getattr(n.target, "__name__", "").partition(".")[0]  # ATen's overloads: index_put_.default
             return (name.endswith("_") and not name.startswith("_")) or _inplace_flag(n)
         if n.op == "call_module":
-            return getattr(self.gm.get_submodule(n.target), "inplace", False) is True
+            return getattr(gm.get_submodule(n.target), "inplace", False) is True
         return False
 
     def impure(self, n: fx.Node) -> bool:
+        if n in self.private:
+            return False
         if n.op == "output" or self.mutates(n) or n in self.effect_roots:
             return True
         try:

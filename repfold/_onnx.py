@@ -25,6 +25,95 @@ _INDEX_ARITHMETIC = {
     "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Where",
 }
 _EVALUATE_LIMIT = 4096  # elements in all inputs: never weights
+# Never part of a weight-only value: draws, and ops that hold graphs of their own.
+_NOT_CONSTANT = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+                 "Dropout", "If", "Loop", "Scan", "SequenceMap"}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+class WeightOnly:
+    """The values of an ONNX graph computed from initializers and constants alone, and their float64 values
+    on demand.
+
+    A fold reads such a value as the constant it is (PEFT's LoHa ``ΔW``, VeRA's scaled shared matrices,
+    the Householder product of HRA, as an exporter left them): each node is run by onnx's reference
+    runtime on float64 inputs, with every cast to a floating type made a cast to double, so the value is
+    cast once, when the fold writes it into a layer. Nothing changes unless a fold uses the value; its
+    nodes then go with the other ops the fold made unread.
+    """
+
+    def __init__(self, graph: gs.Graph, proto: onnx.GraphProto, opsets) -> None:
+        self.members: set[int] = set()  # ids of the nodes computing weight-only values
+        self.names: set[str] = set()
+        for node in graph.nodes:  # topologically sorted
+            if node.domain not in ("", "ai.onnx", None) or node.op in _NOT_CONSTANT or not node.outputs:
+                continue
+            if (node.inputs or node.op == "Constant") and all(
+                    isinstance(i, gs.Constant) or not i.name or i.name in self.names for i in node.inputs):
+                self.members.add(id(node))
+                self.names.update(o.name for o in node.outputs)
+        self.proto, self.opsets = proto, opsets
+        self._tensors = graph.tensors()
+        self._values: dict[str, np.ndarray | None] = {}
+        self._made_by: dict[str, onnx.NodeProto] | None = None
+
+    def value(self, var, read) -> np.ndarray | None:
+        """The value of weight-only ``var`` (float64 if floating; None if it is not one or cannot be
+        evaluated); ``read(constant)`` gives an initializer's stored values."""
+        if var.name not in self.names:
+            return None
+        if self._made_by is None:
+            self._made_by = {o: n for n in self.proto.node for o in n.output if o}
+        order, seen, todo = [], set(), [var.name]
+        while todo:  # the nodes ``var`` depends on, not yet evaluated
+            name = todo.pop()
+            n = self._made_by.get(name)
+            if name in self._values or n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            order.append(n)
+            todo.extend(i for i in n.input if i)
+        index = {id(n): k for k, n in enumerate(self.proto.node)} if order else {}
+        for n in sorted(order, key=lambda n: index[id(n)]):
+            self._run(n, read)
+        return self._values.get(var.name)
+
+    def _run(self, n: onnx.NodeProto, read) -> None:
+        import onnx.numpy_helper as nh
+        from onnx.reference import ReferenceEvaluator
+
+        ins = {}
+        for i in n.input:
+            if not i:
+                continue
+            if i not in self._values:  # an initializer
+                t = self._tensors.get(i)
+                self._values[i] = _double(read(t)) if isinstance(t, gs.Constant) else None
+            ins[i] = self._values[i]
+        if any(v is None for v in ins.values()):
+            self._values.update(dict.fromkeys(n.output))
+            return
+        node = onnx.NodeProto()
+        node.CopyFrom(n)
+        for a in node.attribute:  # casts to floats and float-typed makers: float64
+            if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in _FLOATS:
+                a.i = onnx.TensorProto.DOUBLE
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _FLOATS:
+                a.t.CopyFrom(nh.from_array(_double(nh.to_array(a.t)), a.t.name))
+        one = onnx.helper.make_graph(
+            [node], "one", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                for o in n.output if o],
+            [nh.from_array(v, name) for name, v in ins.items()])
+        try:
+            outs = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=self.opsets)).run(None, {})
+        except Exception:  # noqa: BLE001 (an op the reference runtime does not know: not a constant to the fold)
+            outs = [None] * len([o for o in n.output if o])
+        self._values.update({o: None if v is None else _double(np.asarray(v))
+                             for o, v in zip([o for o in n.output if o], outs)})
+
+
+def _double(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
 
 
 class OnnxContext:
@@ -32,7 +121,7 @@ class OnnxContext:
 
     def __init__(
         self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int],
-        known: dict[str, np.ndarray], pending: dict[str, np.ndarray] | None = None,
+        known: dict[str, np.ndarray], pending: dict[str, np.ndarray] | None = None, opsets=(),
     ) -> None:
         self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
         self.known = known  # small constants and the integer index arithmetic on them, by value name
@@ -42,6 +131,7 @@ class OnnxContext:
         self.names = set(graph.tensors())
         self.names.update(n.name for n in graph.nodes)
         self._float64: dict[int, np.ndarray | None] = {}
+        self.weights = WeightOnly(graph, proto, list(opsets))
 
     def rank(self, var) -> int | None:
         if isinstance(var, gs.Constant):
@@ -93,6 +183,7 @@ class OnnxContext:
     def release(self) -> None:
         """Drop the float64 weights and computed values kept for matching."""
         self._float64.clear()
+        self.weights._values.clear()
 
     def weight(self, var, transform=None):
         """A float constant as a :class:`~repfold.patterns._base.Deferred` float64 array, else None.
@@ -125,9 +216,20 @@ class OnnxContext:
                 return np.asarray(value.values) if isinstance(value, gs.Constant) else None
             if producer.op == "Identity":
                 return self.raw_const(producer.inputs[0])
-            if producer.op in _INDEX_ARITHMETIC:
-                return self.known.get(var.name)
-        return None
+            if producer.op in _INDEX_ARITHMETIC and var.name in self.known:
+                return self.known[var.name]
+        return self.weights.value(var, _stored_values)
+
+    def value_shape(self, var) -> tuple[int, ...]:
+        """The shape of constant ``var`` (an initializer's without loading it; a computed one's value's)."""
+        return tuple(var.shape) if isinstance(var, gs.Constant) else self.raw_const(var).shape
+
+    def computed(self, var) -> bool:
+        """Whether ``var`` is a weight-only value computed by ops (PEFT's LoHa ``ΔW``), not a stored one."""
+        if isinstance(var, gs.Constant) or var.name not in self.weights.names:
+            return False
+        producer = var.inputs[0] if len(var.inputs) == 1 else None
+        return producer is None or producer.op not in ("Constant", "Identity") or self.computed(producer.inputs[0])
 
     def used(self, var) -> bool:
         return bool(var.outputs) or id(var) in self.outputs
@@ -404,11 +506,11 @@ def fold_onnx(
     graph.toposort()
     live = _live(graph)
     dead_before = {id(n) for n in graph.nodes if id(n) not in live}
-    ctx = OnnxContext(graph, private.graph, *_infer(model), pending=pending)
+    ctx = OnnxContext(graph, private.graph, *_infer(model), pending=pending, opsets=model.opset_import)
     tensors = graph.tensors()
 
-    steps, step_of = _driver.match(  # step_of: node id -> step name
-        graph.nodes, onnx_rules, lambda rule, node: rule.match_onnx(node, ctx), lambda c: c.outputs[0].name,
+    steps, step_of = _driver.match(  # step_of: node id -> step name; weight-only values are constants, not ops
+        [n for n in graph.nodes if id(n) not in ctx.weights.members], onnx_rules, lambda rule, node: rule.match_onnx(node, ctx), lambda c: c.outputs[0].name,
         lambda v: v.name)
 
     others: dict[str, gs.Node] = {}  # consumers no rule matched, by id

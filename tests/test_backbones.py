@@ -61,9 +61,6 @@ BACKBONES.update({
 KEPT = {
     # class attention reads the class token alone (a slice of the tokens)
     "cait": ({"fx": 1, "onnx": 1}, "no layer can absorb it"),
-    # fx: the attention calls F.linear with a bias concatenated at run time (q, zeros, v); the ONNX
-    # exporter makes it a constant, and there all four fold
-    "beit": ({"fx": 2, "onnx": 0}, "no layer can absorb it"),
     # fx: every conv_pw is followed by BatchNorm and has no bias for the adapter's constant; the ONNX
     # exporter fuses BatchNorm into the conv, and there the convs whose region is a plain chain fold.
     # The 9 squeeze-excite conv_reduce and the conv_head have biases: they fold in both.
@@ -106,8 +103,9 @@ def test_fx_fold_of_a_real_backbone(name, dtype, tol):
     assert rel_err(y_adapted, y_base) > 1e-3, "the adapters must change the output"
     assert rel_err(y_folded, y_adapted) < tol
     check_kept(name, "fx", report, gm)
-    if not report.kept:
-        assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+    if not report.kept:  # the base model's operators, or fewer (BEiT's run-time qkv bias is a constant now)
+        got, base = same_kinds(fx_counts(folded)), same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+        assert all(n <= base.get(k, 0) for k, n in got.items()), (got, base)
 
 
 def test_folded_multihead_attention_model_exports_as_its_base_does():

@@ -1,0 +1,211 @@
+"""Every PEFT adapter type that PEFT can merge, folded by repfold on each path, against ``merge_and_unload``.
+
+    python benchmarks/peft_matrix.py                    # writes benchmarks/results/peft.{md,json}
+    python benchmarks/peft_matrix.py --types lora,loha --paths export --out /tmp/peft
+
+Models: a small timm ViT (Linear targets ``qkv``, ``attn.proj``, ``fc1``,
+``fc2``) and a small timm ResNet (Conv targets: its 1×1 and 3×3 convs), random
+initialisation, every adapter weight random and non-zero (as if trained: PEFT
+starts most adapters at zero effect). Paths: ``export`` (``torch.export`` then
+``repfold.fold(ep)``), ``onnx`` (TorchScript exporter), ``dynamo`` (dynamo
+exporter), each folded with ``repfold.fold`` and compared with the PEFT model
+itself. A cell reads ``folded/regions`` and the error, or the reason the first
+kept region gives, and whether the folded model's operator counts equal those
+of the same export of ``merge_and_unload``'s model (``=merged``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import repfold
+
+VIT_TARGETS = ["qkv", "attn.proj", "fc1", "fc2"]
+CONV_TARGETS = ["conv1", "conv2", "conv3"]  # ResNet bottleneck: 1×1, 3×3, 1×1
+
+
+def configs(peft) -> dict:
+    """Type name -> (config for the ViT, config for the ResNet or None where PEFT has no Conv form)."""
+    c = {
+        "lora": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t),
+        "dora": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, use_dora=True),
+        "loha": lambda t: peft.LoHaConfig(r=4, alpha=8, target_modules=t),
+        "lokr": lambda t: peft.LoKrConfig(r=4, alpha=8, target_modules=t),
+        "oft": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t),
+        "boft": lambda t: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, target_modules=t),
+        "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=[m for m in t if m in ("fc2", "conv3")]),
+        "vera": lambda t: peft.VeraConfig(r=4, target_modules=t),
+        "hra": lambda t: peft.HRAConfig(r=4, target_modules=t),
+        "fourierft": lambda t: peft.FourierFTConfig(n_frequency=64, target_modules=t),
+    }
+    conv = {"lora", "dora", "loha", "lokr", "oft", "boft", "ia3", "hra"}
+    return {k: (f, k in conv) for k, f in c.items()}
+
+
+def vit():
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    return m, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def resnet():
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet26", pretrained=False).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m, torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def adapt(peft, model, config):
+    adapted = peft.get_peft_model(copy.deepcopy(model), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)  # as if trained
+    return adapted.eval()
+
+
+def rel_err(a, b) -> float:
+    a, b = (torch.as_tensor(np.asarray(t)).to(torch.float64) for t in (a, b))
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def onnx_export(model, x, dynamo: bool):
+    import onnx
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        return onnx.load_from_string(buf.getvalue())
+
+
+def ort(proto, x):
+    import onnxruntime
+
+    s = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+def onnx_ops(proto) -> Counter:
+    return Counter(n.op_type for n in proto.graph.node if n.op_type not in ("Constant", "Identity", "Dropout"))
+
+
+def aten_ops(ep) -> Counter:
+    return Counter(str(n.target) for n in ep.graph.nodes
+                   if n.op == "call_function" and "dropout" not in str(n.target) and "alias" not in str(n.target))
+
+
+def summary(report) -> dict:
+    kept = [r for r in report.regions if not r.folded]
+    return {"regions": len(report.regions), "folded": len(report.folded),
+            "reason": kept[0].reason if kept else None}
+
+
+def one_path(path: str, adapted, merged, x, y) -> dict:
+    if path == "export":
+        ep = torch.export.export(adapted, (x,))
+        folded, report = repfold.fold(ep, return_report=True)
+        got = folded.module()(x)
+        same = aten_ops(folded) == aten_ops(torch.export.export(merged, (x,)))
+    else:
+        proto = onnx_export(adapted, x, dynamo=path == "dynamo")
+        folded, report = repfold.fold(proto, return_report=True)
+        got = ort(folded, x)
+        same = onnx_ops(folded) == onnx_ops(onnx_export(merged, x, dynamo=path == "dynamo"))
+    return {**summary(report), "err": rel_err(got, y), "ops_equal_merged": same}
+
+
+def run(types, paths, out: Path) -> list[dict]:
+    import peft
+
+    rows = []
+    for name, (make, has_conv) in configs(peft).items():
+        if types and name not in types:
+            continue
+        for model_name, (model, x), targets in (("vit", vit(), VIT_TARGETS), ("resnet", resnet(), CONV_TARGETS)):
+            if model_name == "resnet" and not has_conv:
+                continue
+            row = {"type": name, "model": model_name}
+            try:
+                adapted = adapt(peft, model, make(targets))
+                merged = copy.deepcopy(adapted).merge_and_unload().eval()
+                with torch.no_grad():
+                    adapted(x)
+            except Exception as e:  # noqa: BLE001 (PEFT's own refusal, recorded)
+                row["error"] = f"PEFT: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(row)
+                continue
+            with torch.no_grad():
+                y = adapted(x)
+                row["effect"] = rel_err(y, model(x))
+                row["merge_err"] = rel_err(merged(x), y)
+                for path in paths:
+                    t = time.perf_counter()
+                    try:
+                        row[path] = one_path(path, adapted, merged, x, y)
+                    except Exception as e:  # noqa: BLE001 (recorded per cell)
+                        row[path] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+                    row[path]["s"] = round(time.perf_counter() - t, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peft.json").write_text(json.dumps(rows, indent=1))
+    (out / "peft.md").write_text(table(rows, paths))
+    return rows
+
+
+def cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if "error" in r:
+        return "error: " + r["error"]
+    if r["regions"] == 0:
+        return "no region"
+    s = f"{r['folded']}/{r['regions']}, {r['err']:.1e}" + (", =merged" if r["ops_equal_merged"] else "")
+    return s + (f"; kept: {r['reason']}" if r["reason"] else "")
+
+
+def table(rows: list[dict], paths) -> str:
+    lines = ["| type | model | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
+    for r in rows:
+        cells = [r.get("error", "")] * len(paths) if "error" in r else [cell(r.get(p)) for p in paths]
+        lines.append(f"| {r['type']} | {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--types", default="")
+    p.add_argument("--paths", default="export,onnx,dynamo")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = p.parse_args(argv)
+    run([t for t in a.types.split(",") if t], a.paths.split(","), Path(a.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
