@@ -65,15 +65,18 @@ class Conv:
 
     def absorb_input(self, v: Affine, ch: Channels, slots=(0,)) -> tuple[np.ndarray, np.ndarray | None]:
         v = ch.require(v, 1, f"a {self.desc} conv")
-        D = self.dense
-        cin = D.shape[1]
-        if isinstance(v.M, float):
-            Wn = D * v.M
+        cin = self.W.shape[1] * self.groups
+        d = _diagonal(v.M, cin)
+        if d is not None:  # a per-channel scale (BatchNorm, SSF): each input channel's taps, no dense detour
+            per_in = self.W.shape[1]
+            rows = np.repeat(d.reshape(self.groups, per_in), self.W.shape[0] // self.groups, axis=0)
+            grouped = self.W * rows.reshape(rows.shape + (1,) * (self.W.ndim - 2))
+            D = None
         elif v.M.shape != (cin, cin):
             raise NotAffine(f"needs a {cin}x{cin} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
         else:
-            Wn = np.einsum("oj...,ji->oi...", D, v.M)
-        grouped = collapse_groups(Wn, self.groups)
+            D = self.dense
+            grouped = collapse_groups(np.einsum("oj...,ji->oi...", D, v.M), self.groups)
         if grouped is None:
             raise NotAffine(densify_reason(self.groups, cin))
         c = np.full(cin, v.c) if isinstance(v.c, float) else v.c
@@ -84,24 +87,38 @@ class Conv:
                 "a constant before a zero-padded conv is not exact at the borders "
                 "(the padding reads 0, not the constant)"
             )
+        D = self.dense if D is None else D
         bias = bias_for(D.sum(axis=tuple(range(2, D.ndim))) @ c, self.b, D.shape[0], "the conv")
         return grouped, bias if self.b is None else self.b + bias
 
     def absorb_output(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
         v = ch.require(v, 1, f"a {self.desc} conv")
-        D = self.dense
-        out = D.shape[0]
-        if isinstance(v.M, float):
-            Wn, Mb = D * v.M, None if self.b is None else self.b * v.M
+        out = self.W.shape[0]
+        d = _diagonal(v.M, out)
+        if d is not None:  # a per-channel scale (BatchNorm after the conv): scale each output channel's filter
+            grouped = self.W * d.reshape((out,) + (1,) * (self.W.ndim - 1))
+            Mb = None if self.b is None else d * self.b
         elif v.M.shape != (out, out):
             raise NotAffine(f"needs a {out}x{out} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
         else:
-            Wn, Mb = np.einsum("po,o...->p...", v.M, D), None if self.b is None else v.M @ self.b
-        grouped = collapse_groups(Wn, self.groups)
+            D = self.dense
+            grouped = collapse_groups(np.einsum("po,o...->p...", v.M, D), self.groups)
+            Mb = None if self.b is None else v.M @ self.b
         if grouped is None:
-            raise NotAffine(densify_reason(self.groups, D.shape[1]))
+            raise NotAffine(densify_reason(self.groups, self.W.shape[1] * self.groups))
         c = bias_for(v.c, self.b, out, "the conv")
         return grouped, None if c is None else (c if Mb is None else Mb + c)
+
+
+def _diagonal(M, n: int) -> np.ndarray | None:
+    """The diagonal of ``M`` (a scaled identity as a float, or an n×n array) when it has nothing else."""
+    if isinstance(M, float):
+        return np.full(n, M)
+    M = np.asarray(M)
+    if M.shape != (n, n):
+        return None
+    d = np.diagonal(M)
+    return d.copy() if np.count_nonzero(M) == np.count_nonzero(d) else None
 
 
 def _desc(kernel, stride) -> str:

@@ -17,6 +17,7 @@ operator in ONNX).
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,7 +135,7 @@ ONNX_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 
 def fx_keys() -> set:
     """What ``match_fx`` may match: module classes (subclasses too), functions and method names."""
-    return {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, F.linear}
+    return {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, F.linear, torch.matmul, operator.matmul}
 
 
 def match_fx(node, ctx) -> Match | None:
@@ -153,6 +154,15 @@ def match_fx(node, ctx) -> Match | None:
         else:
             return None
         return Match(op, (node.args[0],), f"{node.target} ({type(m).__name__})", emit=fx_rebuild(node, ctx, _fx_params))
+    if node.op == "call_function" and node.target in (torch.matmul, operator.matmul) and len(node.args) == 2 \
+            and not node.kwargs:
+        # ``x @ R`` with a constant 2-D ``R`` (BOFT's rotation of its input): a Linear with weight ``Rᵀ``
+        x, r = node.args
+        R, rank = ctx.const(r), ctx.rank(x)
+        if not isinstance(R, np.ndarray) or R.ndim != 2 or rank is None or rank < 2 or ctx.const(x) is not None:
+            return None
+        op = Dense(np.ascontiguousarray(R.T), None, rank - 1, computed=r.op != "get_attr")
+        return Match(op, (x,), f"{node.name} (matmul)", emit=_fx_matmul_emit(node, ctx))
     if node.op == "call_function" and node.target is F.linear:
         x, w = node.args[0], ctx.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -175,6 +185,20 @@ def _fx_linear_emit(node, ctx):
         x = swap.get(node.args[0], node.args[0])
         w = ctx.new_param(_hint(weight), W, weight)
         bn = None if b is None else ctx.new_param(_hint(bias), b, bias)
+        return ctx.graph.call_function(F.linear, (x, w, bn))
+
+    return emit
+
+
+def _fx_matmul_emit(node, ctx):
+    """``emit`` for ``x @ R``: ``F.linear(x, W')`` with the new (out, in) weight, as cheap."""
+    x0, r = node.args
+
+    def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
+        x = swap.get(x0, x0)
+        shape = tuple(reversed(ctx.shape(r)))
+        w = ctx.new_param(_hint(r), W, r, shape=shape)
+        bn = None if b is None else ctx.new_param(_hint(r) + "_bias", b, r, shape=(shape[0],))
         return ctx.graph.call_function(F.linear, (x, w, bn))
 
     return emit

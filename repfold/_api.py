@@ -24,7 +24,7 @@ def fold(
     model: Model,
     *,
     example_inputs=None,
-    scales: bool = False,
+    scales: bool = True,
     leaf_modules=(),
     leaf_functions=(),
     return_report: bool = False,
@@ -40,9 +40,11 @@ def fold(
 
     ``example_inputs`` shapes the fx graph; it defaults to the shapes
     ``insert`` recorded, then to timm's ``pretrained_cfg['input_size']``.
-    ``scales=True`` also folds regions made only of per-channel scales and
-    shifts (SSF, IA3, LayerScale, eval-mode BatchNorm) into a neighbouring
-    layer; by default those are taken as the model's own and left alone.
+    Regions made only of per-channel scales and shifts (SSF, IA3, LayerScale,
+    eval-mode BatchNorm) fold too, into a neighbouring layer, wherever that is
+    exact: so the folded model may have fewer operators than the model had
+    before its adapters, never more. ``scales=False`` takes those as the
+    model's own and leaves them alone (folding only regions with layers).
     ``leaf_modules`` (classes) and ``leaf_functions`` are kept whole when
     tracing a model torch.fx cannot trace through.
     """

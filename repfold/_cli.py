@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="absolute tolerance of --check (default by dtype: 1e-6 for float32)")
     p.add_argument("--report", metavar="FILE.json", help="write every region, folded or kept with its reason, as JSON")
     p.add_argument("--dry-run", action="store_true", help="show what would fold; write no model")
-    p.add_argument("--scales", action="store_true", help="also fold lone per-channel scales and shifts (SSF, IA3)")
+    p.add_argument("--no-scales", dest="scales", action="store_false",
+                   help="leave lone per-channel scales and shifts (SSF, IA3, LayerScale, BatchNorm) alone")
+    p.add_argument("--scales", dest="scales", action="store_true", help=argparse.SUPPRESS)  # the default, kept
     p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                    help="store weights next to the output (auto: when the input did or the model is over 2 GB)")
     p.add_argument("--overwrite", action="store_true", help="allow -o to be the input file")

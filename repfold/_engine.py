@@ -131,7 +131,7 @@ def plan(
     shape: Callable[[str], tuple[int, ...] | None],
     label: Callable[[str], str],
     *,
-    scales: bool = False,
+    scales: bool = True,
     dtype: Callable[[str], Any] = lambda name: None,
     shape_reads: Callable[[str], list[tuple[str, int]]] = lambda name: [],
     position: Callable[[str], int] = lambda name: 0,
@@ -222,15 +222,22 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     members_of: dict[str, str] = {}
     redirects: dict[str, str] = {}
     more: set[str] = set()
-    for src, members in groups.items():
+    absorbers: set[str] = set()  # layers a fold of this plan rebuilds: one fold each
+
+    def is_adapter(members: list[str]) -> tuple[bool, list[str], list[str]]:
         heavy = [m for m in members if by_name[m].op.heavy]
         core = _without_trailing(members, by_name, consumers)
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
-        adapter = len(heavy) > len(exits)
-        if not adapter and not (scales and len(heavy) < len(members)):
-            continue  # nothing to remove: a plain layer, not an adapter region
-        region = Region(label(src), [by_name[m].label for m in members], folded=False)
-        if adapter and not scales:  # the cheap ops after the region stay as they are: the model's own
+        return len(heavy) > len(exits), heavy, core
+
+    kinds = {src: is_adapter(members) for src, members in groups.items()}
+    # adapter regions first: a layer a scale region could also fold into goes to the adapter
+    for src, members in sorted(groups.items(), key=lambda kv: not kinds[kv[0]][0]):
+        adapter, heavy, core = kinds[src]
+        if not adapter and not (scales and any(_scales(m, by_name, state) for m in members)):
+            continue  # nothing to remove: a plain layer (or the source only moved), not an adapter region
+        region = Region(label(src), [by_name[m].label for m in members], folded=False, scale=not adapter)
+        if adapter:  # the cheap ops after the region stay as they are: the model's own
             members = core
         why_not = hazard(src)
         outcome = None
@@ -248,6 +255,13 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
                 regions.append(region)
             continue
         chosen, settled = outcome
+        taken = [f.absorber for f in chosen if f.absorber in absorbers]
+        if taken:  # a layer rebuilt for another region already (a scale region and an adapter on one conv)
+            if adapter:
+                region.reason = f"{by_name[taken[0]].label} takes another region's fold already"
+                regions.append(region)
+            continue
+        absorbers.update(f.absorber for f in chosen)
         # what the rewrite removes: every op of the region but those that only move the source's values
         # (the model's own layout ops, dropout or contiguous, which may be read outside too), and a producer
         # fold's old layer
@@ -409,7 +423,8 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             heavy = sum(by_name[m].op.heavy for m in folded)
             if into > allowed:
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
-            elif heavy > into or (scales and len(folded) > kept):
+            elif heavy > into or (scales and chosen and len(folded) > kept
+                                  and any(_scales(m, by_name, state) for m in folded)):
                 return chosen, folded
             else:
                 why = (exits or folded)[0], "folding it would remove no layer"
@@ -628,6 +643,15 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
 
     start = build(target)
     return via, start
+
+
+def _scales(m: str, by_name, state) -> bool:
+    """Step ``m`` is no layer and changes the map it reads (a scale, a shift, a sum), not only its layout."""
+    step = by_name[m]
+    if step.op.heavy or not step.inputs:
+        return False
+    v, u = state[m], state.get(step.inputs[0])
+    return u is None or v.M is not u.M or v.c is not u.c or len(step.inputs) > 1 and not _pure(v)
 
 
 def _pure(v: Affine) -> bool:

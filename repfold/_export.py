@@ -45,6 +45,7 @@ def _functions() -> dict:
         aten.mul.Scalar: operator.mul, aten.div.Scalar: operator.truediv, aten.neg.default: operator.neg,
         aten.cat.default: torch.cat, aten.flatten.using_ints: torch.flatten, aten.dropout.default: F.dropout,
         aten.pad.default: F.pad, aten.constant_pad_nd.default: F.pad, aten.roll.default: torch.roll,
+        aten.matmul.default: torch.matmul,
     }
 
 
@@ -290,7 +291,7 @@ def _dynamic_shapes(ep):
     return tuple(specs) if any_dynamic else None
 
 
-def fold_export(ep, *, scales: bool = False) -> tuple[torch.export.ExportedProgram, FoldReport]:
+def fold_export(ep, *, scales: bool = True) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold every adapter region of the ExportedProgram ``ep``; a new program and the report.
 
     ``ep`` is not modified. The new program is exported from the folded

@@ -83,19 +83,19 @@ class FxContext:
     def weights(self) -> WeightOnly:
         return WeightOnly(self.gm)
 
-    def new_param(self, hint: str, value: np.ndarray, like: fx.Node) -> fx.Node:
+    def new_param(self, hint: str, value: np.ndarray, like: fx.Node, shape=None) -> fx.Node:
         """Register ``value`` as a new parameter (dtype, device and shape of the tensor ``like`` gives);
         its get_attr node.
 
         The name is ``hint`` made unique, so a tensor others still read is never replaced. ``like`` is a
         get_attr node or a weight-only value (whose dtype is the one the model computed it in).
         """
-        if like.op == "get_attr":
+        if like.op == "get_attr" and shape is None:
             ref = _get_attr(self.gm, like.target)
             trainable = self.trainable(ref)
-        else:
+        else:  # ``shape`` (where it is not ``like``'s), ``like``'s dtype and device
             roots = self.weights.roots(like)
-            ref = torch.empty(self.shape(like), dtype=self.dtype(like),
+            ref = torch.empty(shape or self.shape(like), dtype=self.dtype(like),
                               device=roots[0].device if roots else None)
             trainable = any(self.trainable(r) for r in roots)
         t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
@@ -342,7 +342,7 @@ class Prepared:
     label: Any
 
 
-def prepare(model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()) -> Prepared:
+def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=()) -> Prepared:
     """Trace, shape and plan the fold of ``model``: every region found, and how each would fold.
 
     The copy shares the caller's parameters (adapters and absorbed weights are
@@ -413,7 +413,7 @@ def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
 
 
 def fold_fx(
-    model: nn.Module, example=None, *, scales: bool = False, leaf_modules=(), leaf_functions=()
+    model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=()
 ) -> tuple[fx.GraphModule, FoldReport]:
     """Fold every adapter region of ``model``; returns a new GraphModule and the report.
 

@@ -483,7 +483,7 @@ def n_params(model: onnx.ModelProto) -> int:
 
 
 def fold_onnx(
-    model: onnx.ModelProto, *, scales: bool = False, own: bool = False, pending: dict | None = None
+    model: onnx.ModelProto, *, scales: bool = True, own: bool = False, pending: dict | None = None
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every adapter region of an ONNX model.
 

@@ -18,6 +18,7 @@ class Region:
     reason: str | None = None
     dtype: str | None = None
     rounding: float | None = None
+    scale: bool = False  # per-channel scales and shifts only, no layer (BatchNorm, LayerScale, SSF, IA3)
 
     def line(self) -> str:
         what = f"folded into {', '.join(self.into)}" if self.folded else f"kept: {self.reason}"
@@ -72,14 +73,24 @@ class FoldReport:
     def kept(self) -> list[Region]:
         return [r for r in self.regions if not r.folded]
 
+    @property
+    def layered(self) -> list[Region]:
+        """The regions with layers of their own (adapters): not only per-channel scales and shifts."""
+        return [r for r in self.regions if not r.scale]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        layered = self.layered
         head = (
-            f"repfold ({self.frontend}): {len(self.regions)} adapter regions, "
-            f"{len(self.folded)} folded, {len(self.kept)} kept"
+            f"repfold ({self.frontend}): {len(layered)} adapter regions, "
+            f"{sum(r.folded for r in layered)} folded, {len(self.kept)} kept"
         )
+        scales = [r for r in self.folded if r.scale]
+        if scales:  # (a scale region is reported only when it folds: otherwise it is the model's, as it was)
+            head += (f"; {len(scales)} regions of per-channel scales and shifts only folded too (SSF, IA3, "
+                     "LayerScale, BatchNorm, an exporter's constant): fewer operators than without adapters")
         lines = [head] + ["  " + r.line() for r in self.regions]
         if self.unseen:
             lines.append(f"  not examined (input shape unknown, so no region there can be found): "

