@@ -224,16 +224,16 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     more: set[str] = set()
     absorbers: set[str] = set()  # layers a fold of this plan rebuilds: one fold each
 
-    def is_adapter(members: list[str]) -> tuple[bool, list[str], list[str]]:
-        heavy = [m for m in members if by_name[m].op.heavy]
+    def is_adapter(members: list[str]) -> tuple[bool, list[str]]:
+        heavy = sum(by_name[m].op.heavy for m in members)
         core = _without_trailing(members, by_name, consumers)
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
-        return len(heavy) > len(exits), heavy, core
+        return heavy > len(exits), core
 
     kinds = {src: is_adapter(members) for src, members in groups.items()}
     # adapter regions first: a layer a scale region could also fold into goes to the adapter
     for src, members in sorted(groups.items(), key=lambda kv: not kinds[kv[0]][0]):
-        adapter, heavy, core = kinds[src]
+        adapter, core = kinds[src]
         if not adapter and not (scales and any(_scales(m, by_name, state) for m in members)):
             continue  # nothing to remove: a plain layer (or the source only moved), not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False, scale=not adapter)
