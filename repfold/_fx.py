@@ -161,6 +161,8 @@ class WeightOnly:
     def _pure_call(self, n: fx.Node, inputs: list[bool]) -> bool:
         if n.op == "get_attr":
             return isinstance(_get_attr(self.gm, n.target), torch.Tensor)
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "dtype" and _dtype_of(n.args[0]):
+            return True  # ``x.dtype`` (PEFT casts its ΔW to the input's): known from the trace
         if n.op not in ("call_function", "call_method") or not all(inputs) or not n.users:
             return False
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "").partition(".")[0]
@@ -209,6 +211,8 @@ class WeightOnly:
         return self._values[n]
 
     def _evaluate(self, n: fx.Node):
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "dtype":
+            return _dtype_of(n.args[0])
         if n.op == "get_attr":  # a copy: an op of the subgraph may write into its input
             t = _get_attr(self.gm, n.target).detach()
             return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
@@ -227,6 +231,12 @@ class WeightOnly:
             return None
         # a maker's default dtype (float32 zeros) joins the float64 values it is combined with
         return out.double() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
+def _dtype_of(n):
+    """The dtype shape propagation recorded for node ``n``, or None."""
+    meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+    return meta.dtype if isinstance(meta, TensorMetadata) else None
 
 
 def _double(a):

@@ -452,3 +452,47 @@ def test_zero_value_pad_by_a_non_zero_amount_ends_the_region():
     (region,) = report.regions
     assert err < 1e-12 and not region.folded
     assert "no layer can absorb it" in region.reason and "pad" in region.reason
+
+
+class _HadamardDelta(nn.Module):
+    """A LoHa-style layer: ``W x + ((A₁B₁) ⊙ (A₂B₂)) x``, its ΔW computed at run time from parameters alone
+    (cast to the input's dtype, as PEFT writes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(6, 5)
+        gen = torch.Generator().manual_seed(4)
+        self.A, self.B = (nn.Parameter(torch.randn(2, *s, generator=gen)) for s in ((5, 2), (2, 6)))
+
+    def forward(self, x):
+        delta = ((self.A[0] @ self.B[0]) * (self.A[1] @ self.B[1])).to(x.dtype)
+        return torch.tanh(self.base(x) + F.linear(x, delta))
+
+
+def test_a_weight_computed_from_parameters_is_evaluated_and_its_subgraph_goes():
+    out, report, err = fold(_HadamardDelta(), tokens())
+    (region,) = report.regions
+    assert err < 1e-12 and region.folded and region.into == ["base (Linear)"], str(report)  # the stored layer
+    counts = op_counts(out)
+    assert "matmul" not in counts and "mul" not in counts and "linear" not in counts, counts
+    assert sum(p.numel() for p in out.parameters()) == 6 * 5 + 5
+    assert "to" not in counts  # the cast went with the subgraph
+
+
+class _WrittenDelta(nn.Module):
+    """A ΔW built by writing into a fresh tensor that is read again afterwards: not a constant to the fold
+    (only a write whose result is the only reader of the tensor is taken as a pure op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.A = nn.Linear(6, 5), nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        delta = torch.zeros(5, 6, dtype=x.dtype)
+        delta.narrow(1, 0, 3).copy_(self.A[:, :3])
+        return torch.tanh(self.base(x) + F.linear(x, delta))
+
+
+def test_a_weight_written_in_place_is_not_taken_for_a_constant():
+    out, report, err = fold(_WrittenDelta(), tokens())
+    assert err < 1e-12 and not report.folded, str(report)  # left as it is: exact
