@@ -494,5 +494,5 @@ class _WrittenDelta(nn.Module):
 
 
 def test_a_weight_written_in_place_is_not_taken_for_a_constant():
-    out, report, err = fold(_WrittenDelta(), tokens())
+    _, report, err = fold(_WrittenDelta(), tokens())
     assert err < 1e-12 and not report.folded, str(report)  # left as it is: exact
