@@ -695,6 +695,10 @@ def _noop(report, y0, y, res: dict) -> None:
         res["noop_err"] = rel_err(y0, y)
     if report.folded:
         res["noop_folded"] = [r.line() for r in report.folded][:3]
+        # the model's own BatchNorm / LayerScale / constants fold by default (scale regions): a problem is
+        # only a region with layers folded in a model without adapters
+        res["noop_layered"] = [r.line() for r in report.folded if not r.scale][:3]
+        res["noop_scales"] = sum(r.scale for r in report.folded)
         res["noop_ops"] = {k: f"{report.ops_before.get(k, 0)}->{report.ops_after.get(k, 0)}"
                            for k in set(report.ops_before) | set(report.ops_after)
                            if report.ops_before.get(k, 0) != report.ops_after.get(k, 0)}
@@ -949,8 +953,9 @@ def problems(row: dict) -> list[str]:
             out.append(f"{p} noop fold not bitwise (err {r.get('noop_err', float('nan')):.1e})")
         if "folded" in r and r["folded"] + r["kept"] == 0 and r.get("adapters"):
             out.append(f"{p} found no region for any of {r['adapters']} adapters (left in, unreported)")
-        if r.get("noop_folded"):
-            out.append(f"{p} fold without adapters folded the model's own layers: {r['noop_folded'][0]}")
+        if r.get("noop_layered", r.get("noop_folded")):
+            out.append(f"{p} fold without adapters folded the model's own layers: "
+                       f"{r.get('noop_layered', r.get('noop_folded'))[0]}")
         if r.get("max_err", 0) > tol:
             out.append(f"{p} fold error {r['max_err']:.1e} > {tol:.1e}")
         if r.get("ops_ok") is False:
