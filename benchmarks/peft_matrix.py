@@ -20,19 +20,17 @@ region gives.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from zoo import _ort
+from zoo import export as onnx_export  # (this folder: the zoo's exporter, quiet)
 
 import repfold
 
@@ -94,24 +92,8 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def onnx_export(model, x, dynamo: bool):
-    import onnx
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if dynamo:
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
-        return onnx.load_from_string(buf.getvalue())
-
-
 def ort(proto, x):
-    import onnxruntime
-
-    s = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    return _ort(proto, x)[0]
 
 
 def onnx_ops(proto) -> Counter:

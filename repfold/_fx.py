@@ -147,15 +147,13 @@ class WeightOnly:
         for n in gm.graph.nodes:
             if Effects.mutates_node(gm, n) and n.args and isinstance(n.args[0], fx.Node) \
                     and not self._only_written(n.args[0]):
-                root = n.args[0]
-                while root.args and isinstance(root.args[0], fx.Node) and (
-                        _name(root) in _VIEWS or Effects.mutates_node(gm, root)):
-                    root = root.args[0]
-                written.add(root)
+                written.add(Effects.root_of(gm, n.args[0]))
         self.members: set[fx.Node] = set()
-        for n in gm.graph.nodes:
+        self._position: dict[fx.Node, int] = {}
+        for k, n in enumerate(gm.graph.nodes):
             if n not in written and self._pure_call(n, [i in self.members for i in n.all_input_nodes]):
                 self.members.add(n)
+                self._position[n] = k
         self._values: dict[fx.Node, Any] = {}
 
     def _pure_call(self, n: fx.Node, inputs: list[bool]) -> bool:
@@ -200,14 +198,14 @@ class WeightOnly:
         if n not in self.members:
             return None
         if n not in self._values:
-            order = [m for m in self.gm.graph.nodes if m in self.members and m not in self._values]
-            need = {n}
-            for m in reversed(order):  # only the nodes ``n`` depends on
-                if m in need:
-                    need.update(m.all_input_nodes)
-            for m in order:
-                if m in need:
-                    self._values[m] = self._evaluate(m)
+            need, todo = set(), [n]
+            while todo:  # the nodes ``n`` depends on, not yet evaluated
+                m = todo.pop()
+                if m in self.members and m not in need and m not in self._values:
+                    need.add(m)
+                    todo.extend(m.all_input_nodes)
+            for m in sorted(need, key=self._position.__getitem__):
+                self._values[m] = self._evaluate(m)
         return self._values[n]
 
     def _evaluate(self, n: fx.Node):
@@ -517,7 +515,12 @@ class Effects:
 
     def root(self, n: fx.Node) -> fx.Node:
         """The value whose memory ``n`` may share, through views and in-place writes."""
-        while n.args and isinstance(n.args[0], fx.Node) and (_name(n) in _VIEWS or self.mutates(n)):
+        return self.root_of(self.gm, n)
+
+    @classmethod
+    def root_of(cls, gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+        """:meth:`root` of node ``n`` of ``gm``'s graph."""
+        while n.args and isinstance(n.args[0], fx.Node) and (_name(n) in _VIEWS or cls.mutates_node(gm, n)):
             n = n.args[0]
         return n
 

@@ -55,7 +55,7 @@ class WeightOnly:
         self.proto, self.opsets = proto, opsets
         self._tensors = graph.tensors()
         self._values: dict[str, np.ndarray | None] = {}
-        self._made_by: dict[str, onnx.NodeProto] | None = None
+        self._made_by: dict[str, tuple[int, onnx.NodeProto]] | None = None  # output -> (place, node)
 
     def value(self, var, read) -> np.ndarray | None:
         """The value of weight-only ``var`` (float64 if floating; None if it is not one or cannot be
@@ -63,24 +63,21 @@ class WeightOnly:
         if var.name not in self.names:
             return None
         if self._made_by is None:
-            self._made_by = {o: n for n in self.proto.node for o in n.output if o}
-        order, seen, todo = [], set(), [var.name]
+            self._made_by = {o: (k, n) for k, n in enumerate(self.proto.node) for o in n.output if o}
+        need, todo = {}, [var.name]
         while todo:  # the nodes ``var`` depends on, not yet evaluated
             name = todo.pop()
-            n = self._made_by.get(name)
-            if name in self._values or n is None or id(n) in seen:
+            made = self._made_by.get(name)
+            if name in self._values or made is None or made[0] in need:
                 continue
-            seen.add(id(n))
-            order.append(n)
-            todo.extend(i for i in n.input if i)
-        index = {id(n): k for k, n in enumerate(self.proto.node)} if order else {}
-        for n in sorted(order, key=lambda n: index[id(n)]):
-            self._run(n, read)
+            need[made[0]] = made[1]
+            todo.extend(i for i in made[1].input if i)
+        for k in sorted(need):
+            self._run(need[k], read)
         return self._values.get(var.name)
 
     def _run(self, n: onnx.NodeProto, read) -> None:
         import onnx.numpy_helper as nh
-        from onnx.reference import ReferenceEvaluator
 
         ins = {}
         for i in n.input:
@@ -100,20 +97,29 @@ class WeightOnly:
                 a.i = onnx.TensorProto.DOUBLE
             elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _FLOATS:
                 a.t.CopyFrom(nh.from_array(_double(nh.to_array(a.t)), a.t.name))
-        one = onnx.helper.make_graph(
-            [node], "one", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-                                for o in n.output if o],
-            [nh.from_array(v, name) for name, v in ins.items()])
-        try:
-            outs = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=self.opsets)).run(None, {})
-        except Exception:  # noqa: BLE001 (an op the reference runtime does not know: not a constant to the fold)
-            outs = [None] * len([o for o in n.output if o])
-        self._values.update({o: None if v is None else _double(np.asarray(v))
-                             for o, v in zip([o for o in n.output if o], outs)})
+        outs = _run_node(node, ins, self.opsets)
+        named = [o for o in n.output if o]
+        self._values.update({o: None if v is None else _double(v) for o, v in zip(named, outs or [None] * len(named))})
 
 
 def _double(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+
+
+def _run_node(n: onnx.NodeProto, inputs: dict[str, np.ndarray], opsets) -> list[np.ndarray] | None:
+    """``n``'s outputs, run alone by onnx's reference runtime on ``inputs`` (by name); None if it cannot."""
+    import onnx.numpy_helper as nh
+    from onnx.reference import ReferenceEvaluator
+
+    one = onnx.helper.make_graph(
+        [n], "one", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                         for o in n.output if o],
+        [nh.from_array(v, name) for name, v in inputs.items()])
+    try:
+        return [np.asarray(v) for v in ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=opsets)).run(
+            None, {})]
+    except Exception:  # noqa: BLE001 (an op the reference runtime does not know: no value)
+        return None
 
 
 class OnnxContext:
@@ -400,7 +406,6 @@ def _index_constants(
 def _evaluate(n: onnx.NodeProto, known: dict, shapes: dict | None, opsets) -> np.ndarray | None:
     """The value of ``n``'s single output if it is small index arithmetic on known values, else None."""
     import onnx.numpy_helper as nh
-    from onnx.reference import ReferenceEvaluator
 
     if n.domain not in ("", "ai.onnx") or len(n.output) != 1:
         return None
@@ -420,14 +425,10 @@ def _evaluate(n: onnx.NodeProto, known: dict, shapes: dict | None, opsets) -> np
     if n.op_type not in _INDEX_ARITHMETIC or not n.input or not all(i in known or not i for i in n.input) \
             or sum(known[i].size for i in n.input if i) > _EVALUATE_LIMIT:
         return None
-    one = onnx.helper.make_graph(
-        [n], "one", [], [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.UNDEFINED, None)],
-        [nh.from_array(known[i], i) for i in n.input if i])
-    try:
-        (value,) = ReferenceEvaluator(onnx.helper.make_model(one, opset_imports=opsets)).run(None, {})
-    except Exception:  # noqa: BLE001 (an op the reference runtime does not know: no constant)
+    outs = _run_node(n, {i: known[i] for i in n.input if i}, opsets)
+    if outs is None:
         return None
-    value = np.asarray(value)
+    (value,) = outs
     integral = np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_
     return value if integral and value.size <= _EVALUATE_LIMIT else None
 

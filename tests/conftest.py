@@ -48,6 +48,21 @@ def randomize_adapters(gm: torch.nn.Module, std: float = 0.2, seed: int = 2) -> 
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def fold_checked(gm, model, x, std: float = 0.2, tol: float = 1e-5):
+    """Random adapter weights, as after training; ``gm``'s fold, once the adapters are seen to change the
+    output and the fold to keep it (within ``tol``)."""
+    import repfold
+
+    randomize_adapters(gm, std=std)
+    gm.eval()
+    folded, report = repfold.fold(gm, return_report=True)
+    with torch.no_grad():
+        y = gm(x)
+        assert rel_err(y, model(x)) > 1e-3
+        assert rel_err(folded(x), y) < tol
+    return folded, report
+
+
 def rel_err(a, b) -> float:
     """Largest absolute difference, relative to the reference's largest magnitude."""
     a = torch.as_tensor(a).detach().to(torch.float64)

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from conftest import fold_checked, randomize_adapters, rel_err
 from torch import nn
 
 import repfold
@@ -30,19 +30,6 @@ def _adapted(model, x, **kw):
     gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x, **kw)
     randomize_adapters(gm)
     return gm.eval()
-
-
-def _fold_checked(gm, model, x, std: float = 0.2):
-    """Random adapter weights, as after training; ``gm``'s fold, once the adapters are seen to change the
-    output and the fold to keep it."""
-    randomize_adapters(gm, std=std)
-    gm.eval()
-    folded, report = repfold.fold(gm, return_report=True)
-    with torch.no_grad():
-        y = gm(x)
-        assert rel_err(y, model(x)) > 1e-3
-        assert rel_err(folded(x), y) < 1e-5
-    return folded, report
 
 
 def _aten_counts(ep) -> Counter:
@@ -141,7 +128,7 @@ def test_insert_takes_an_exported_program_with_module_paths_as_scopes():
     ep = torch.export.export(model, (x,))
     gm = repfold.insert(ep, before=["attn", "mlp"])  # example inputs: the program's own
     assert sorted(gm.meta["repfold"]["adapters"]) == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
-    _folded, report = _fold_checked(gm, model, x)
+    _folded, report = fold_checked(gm, model, x)
     assert len(report.regions) == 4 and not report.kept, str(report)
     assert all(r.source.startswith("blocks.") for r in report.regions)  # not torch.export's L__self__ keys
 
@@ -231,7 +218,7 @@ def test_insert_falls_back_to_torch_export_and_says_so(cls, scope):
     x = torch.randn(2, 5, 8)
     gm = repfold.insert(model, before=scope, example_inputs=x, strict=True)
     assert gm.meta["repfold"]["trace"] == "torch.export"
-    _folded, report = _fold_checked(gm, model, x)
+    _folded, report = fold_checked(gm, model, x)
     assert report.frontend == "fx, traced by torch.export" and [r.folded for r in report.regions] == [True]
 
 
@@ -243,7 +230,7 @@ def test_torchvision_swin_folds_every_region_through_torch_export():
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
     assert gm.meta["repfold"]["trace"] == "torch.export"
-    _folded, report = _fold_checked(gm, model, x, std=0.05)
+    _folded, report = fold_checked(gm, model, x, std=0.05)
     assert len(report.regions) == 24 and not report.kept, str(report)
     assert report.params_after == sum(p.numel() for p in model.parameters())
 
