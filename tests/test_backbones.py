@@ -258,10 +258,10 @@ def test_full_size_backbone(name):
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
     gm = repfold.insert(model, before=where, example_inputs=x)
     folded, report = fold_checked(gm, model, x, std=0.05, tol=1e-4)
-    assert len(report.regions) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)
+    assert len(report.layered) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)
     assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
     adapted, base = export(gm, x, False), export(model, x, False)
     folded_onnx, report = repfold.fold(adapted, return_report=True)
-    assert len(report.regions) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)
+    assert len(report.layered) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)
     assert rel_err(_run(folded_onnx, x), _run(adapted, x)) < 1e-4
     assert_base_operators(onnx_counts(folded_onnx), onnx_counts(base))
