@@ -167,14 +167,19 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
         old = ctx.module(node)
         values = params(old, W, b)
         # the tensors about to be replaced are shared, not cloned, by the copy
-        new = copy.deepcopy(old, {id(getattr(old, name)): getattr(old, name) for name in values})
+        new = copy.deepcopy(old, {id(getattr(old, name)): getattr(old, name) for name in values
+                                  if getattr(old, name) is not None})
         for name, p in old.named_parameters():
             if name not in values and ctx.trainable(p):
                 new.get_parameter(name).requires_grad_(True)
         for name, value in values.items():
             ref = getattr(old, name)
+            if ref is None:  # a layer without a bias taking one: the weight's dtype, device and training
+                ref, grad = old.weight.new_empty(np.shape(value)), ctx.trainable(old.weight)
+            else:
+                grad = ctx.trainable(ref)
             t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
-            setattr(new, name, nn.Parameter(t, requires_grad=ctx.trainable(ref)))
+            setattr(new, name, nn.Parameter(t, requires_grad=grad))
         args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))
         return ctx.graph.call_module(ctx.replace_module(node, new), args, kwargs)
@@ -191,6 +196,9 @@ def onnx_rebuild(node, ctx, inits: Callable[[Any, Any], dict[int, np.ndarray]]):
             ctx.new_const(i, new[k]) if k in new else swap.get(i, i)
             for k, i in enumerate(node.inputs)
         ]
+        # an optional input the node did not have (a conv's bias): named and typed after the first new one
+        like = node.inputs[min(new)]
+        ins += [ctx.new_const(like, new[k]) for k in range(len(ins), max(new) + 1)]
         return ctx.copy_node(node, ins)
 
     return emit

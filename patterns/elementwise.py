@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, NotAffine, add, scale
+from repfold._affine import Affine, Channels, Kernel, NotAffine, add, scale
 
 from ._base import Match, const_vector
 from ._torch import torch
@@ -66,6 +66,8 @@ class Sum:
             raise NotAffine("adds values that come from different sources")
         if not ch.same_layout(a, b):
             raise NotAffine("adds values laid out differently")
+        if (isinstance(a.M, Kernel) or isinstance(b.M, Kernel)) and a.shape[2:] != b.shape[2:]:
+            raise NotAffine("adds a conv's output to a value of another size")
         return a.with_map(add(a.M, self.sign * b.M), add(a.c, self.sign * b.c))
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, NotAffine
+from repfold._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine
 
 from ._base import Match, torch_own
 from ._torch import F, nn, torch
@@ -156,6 +156,8 @@ class Concat:
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         first = ins[0]
+        if any(isinstance(v.M, Kernel) for v in ins):
+            raise KernelBlocked("concatenates a k×k conv's output")
         for v in ins[1:]:
             if v.source != first.source:
                 raise NotAffine("concatenates values from different sources")

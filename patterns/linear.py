@@ -25,6 +25,7 @@ import numpy as np
 from repfold._affine import (
     Affine,
     Channels,
+    Kernel,
     LowRank,
     NotAffine,
     OnDemand,
@@ -80,12 +81,16 @@ class Dense:
         """
         ch.require(v, self.axis, self.kind)
         shape = self.weight.shape
+        if isinstance(v.M, Kernel):
+            raise NotAffine(f"the region is a k×k conv's kernel map, which a {self.kind} cannot take")
         if isinstance(v.M, float) or v.M.shape != shape:
             got = "a scaled identity" if isinstance(v.M, float) else "x".join(map(str, v.M.shape))
             raise NotAffine(f"needs a {shape[0]}x{shape[1]} map, the region is {got}")
         M = v.M if isinstance(v.M, Product) and self.groups == 1 else np.asarray(v.M)
         if collapse_groups(M, self.groups) is None:
             raise NotAffine(densify_reason(self.groups, shape[1]))
+        if self.b is None and self.kind == "1x1 Conv" and np.any(v.c):  # a conv takes a bias: no new operator
+            return M, np.full(shape[0], v.c) if isinstance(v.c, float) else v.c
         return M, bias_for(v.c, self.b, shape[0], self.kind)
 
 
@@ -226,8 +231,8 @@ def _onnx_emit(nodes, ctx, kind: str):
         else:  # Conv: back to (out, in/groups, 1, ...)
             w = cast(collapse_groups(W, first.attrs.get("group", 1)), dtype).reshape(ctx.value_shape(weight))
         ins = [new_input, ctx.new_const(weight, w)]
-        if kind != "MatMul" and b is not None:
-            ins.append(ctx.new_const(first.inputs[2], b))
+        if kind != "MatMul" and b is not None:  # a conv without a bias input takes one
+            ins.append(ctx.new_const(first.inputs[2] if len(first.inputs) > 2 else weight, b))
         out = ctx.copy_node(first, ins)
         if len(nodes) == 2:  # MatMul + Add(bias), in the Add's own input order
             add, mm_out = nodes[1], first.outputs[0]

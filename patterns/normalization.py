@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._base import Match, torch_own
-from ._torch import nn
+from ._torch import F, nn
 from .elementwise import ChannelAffine
 from .linear import _np
 
@@ -30,10 +30,36 @@ ONNX_OPS = frozenset({"BatchNormalization"})
 
 
 def fx_keys() -> set:
-    return {nn.modules.batchnorm._BatchNorm}
+    return {nn.modules.batchnorm._BatchNorm, F.batch_norm}
+
+
+_FX_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _match_functional(node, ctx) -> Match | None:
+    """``F.batch_norm`` with running statistics, not training (timm's ``BatchNormAct2d`` calls it)."""
+    args = dict(zip(_FX_ARGS, node.args))
+    args.update(node.kwargs)
+    if args.get("training", False) or not ctx.is_tensor(args.get("input")):
+        return None
+    vals = [None if args.get(k) is None else ctx.const(args[k])
+            for k in ("running_mean", "running_var", "weight", "bias")]
+    if vals[0] is None or vals[1] is None or any(args.get(k) is not None and v is None
+                                                 for k, v in zip(("weight", "bias"), vals[2:])):
+        return None
+    rank = ctx.rank(args["input"])
+    if rank is None or rank < 2 or any(not isinstance(v, np.ndarray) for v in vals if v is not None):
+        return None
+    mean, var, scale, shift = vals
+    C = mean.shape[0]
+    op = _channel_affine(np.ones(C) if scale is None else scale, np.zeros(C) if shift is None else shift,
+                         mean, var, float(args.get("eps", 1e-5)), rank)
+    return Match(op, (args["input"],), f"{node.name} (batch_norm)")
 
 
 def match_fx(node, ctx) -> Match | None:
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _match_functional(node, ctx)
     if node.op != "call_module":
         return None
     m = ctx.module(node)

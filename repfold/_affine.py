@@ -43,6 +43,10 @@ class NotAffine(Exception):
     """Raised by a transfer rule: the op's output is not affine in the region's source."""
 
 
+class KernelBlocked(NotAffine):
+    """A k×k conv's kernel map meets an op that moves positions: the conv must start a region, not carry one."""
+
+
 @dataclass(frozen=True, eq=False)
 class Affine:
     """``v = M·x + c`` along the channel axis of ``source``; ``v`` has ``shape`` and layout ``pos``."""
@@ -141,6 +145,8 @@ class Channels:
     ) -> Affine:
         """``v`` moved by a layout op: ``full(pos)`` before the channel axis is known, else ``reduced(pos, cax)``."""
         shape = tuple(int(n) for n in shape)
+        if isinstance(v.M, Kernel):
+            raise KernelBlocked("moves the positions of a k×k conv's output")
         if v.source not in self.axis:
             pos = full(self._full(v))
             if tuple(pos.shape) != shape:
@@ -375,7 +381,9 @@ def _factored(W: np.ndarray, M: np.ndarray) -> bool:
 
 
 def matmul(W: np.ndarray, M: np.ndarray | float | LowRank) -> np.ndarray | LowRank:
-    """``W·M`` where ``M`` may be a scalar multiple of the identity or factored."""
+    """``W·M`` where ``M`` may be a scalar multiple of the identity, factored or a kernel map."""
+    if isinstance(M, Kernel):
+        return M.after(np.asarray(fetch(W), dtype=np.float64))
     if isinstance(M, float):
         return W if M == 1.0 else W * M  # arrays here are never written to: sharing W is safe
     if W.shape[1] != M.shape[0]:
@@ -407,6 +415,8 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
     """``diag(γ)·M`` for a per-channel or scalar γ."""
     if isinstance(gamma, float):
         return M if gamma == 1.0 else gamma * M
+    if isinstance(M, Kernel):
+        return M.rows(gamma)
     if isinstance(M, float):
         return np.diag(gamma * M)
     if gamma.shape[0] != M.shape[0]:
@@ -421,6 +431,10 @@ def scale(gamma: np.ndarray | float, M: np.ndarray | float) -> np.ndarray | floa
 
 def add(A: np.ndarray | float, B: np.ndarray | float) -> np.ndarray | float:
     """``A + B`` for maps or offsets, either of which may be a scalar (times I, or broadcast)."""
+    if isinstance(A, Kernel) or isinstance(B, Kernel):
+        A, B = (X if isinstance(X, Kernel) else Kernel.pointwise(X, A if isinstance(A, Kernel) else B)
+                for X in (A, B))
+        return A.plus(B)
     if isinstance(A, float) and isinstance(B, float):
         return A + B
     if isinstance(A, float):
@@ -481,3 +495,170 @@ def collapse_groups(W: np.ndarray, groups: int) -> np.ndarray | None:
         blocks[rows] = W[rows, cols]
         mask[rows, cols] = False
     return blocks if not np.any(W[mask]) else None
+
+
+def diagonal(M, n: int) -> np.ndarray | None:
+    """The diagonal of ``M`` (a scaled identity as a float, or an n×n array) when it has nothing else."""
+    if isinstance(M, float):
+        return np.full(n, M)
+    if isinstance(M, Kernel):
+        return None
+    M = np.asarray(M)
+    if M.shape != (n, n):
+        return None
+    d = np.diagonal(M)
+    return d.copy() if np.count_nonzero(M) == np.count_nonzero(d) else None
+
+
+def regroup(K: np.ndarray, groups: int, to: int) -> np.ndarray:
+    """A weight of ``groups`` groups ``(out, in/groups, *taps)`` as one of ``to`` groups (``to`` divides
+    ``groups``): each old block lands on the diagonal of the new, coarser one, zeros elsewhere."""
+    if groups == to:
+        return K
+    out, per_in = K.shape[:2]
+    r = groups // to
+    per_out = out // groups
+    new = np.zeros((out, per_in * r, *K.shape[2:]))
+    rows = np.arange(out)
+    first = (rows // per_out % r) * per_in  # where the row's old block starts in its new one
+    for k in range(per_in):
+        new[rows, first + k] = K[:, k]
+    return new
+
+
+# --- kernel maps ----------------------------------------------------------------------
+
+
+class Kernel:
+    """The map a k×k (or strided) conv makes of its region: a kernel, not a matrix.
+
+    The region's value at output position ``q`` (per spatial axis) is::
+
+        v[o, q] = Σ_i Σ_t K[o, i, t]·x[i, s·q + start + d·t] + c[o]
+
+    with stride ``s``, dilation ``d`` and ``start`` the input offset of tap 0
+    (minus the conv's leading pad). ``K`` is grouped, ``(out, in/groups,
+    *taps)``, float64, never written to. ``padding`` says what a tap outside
+    the input reads (``"zeros"``, ``"reflect"``, ...), or None when no tap of
+    this map ever does.
+
+    Per-channel scales act on the rows, a 1×1 layer after it multiplies it
+    (``W·K``), and two maps of one source add tap by tap: the smaller kernel
+    lands where its taps read (the centre, for the usual padding), so no tap
+    reads anything it did not read before. A channel map ``M`` is the 1-tap
+    kernel at offset 0 with stride 1 (an identity branch is a delta kernel).
+    The region's own conv with that geometry then absorbs the sum.
+
+    NumPy cannot treat it as a matrix: anything that asks (a rule that needs
+    ``M`` dense) gets :class:`NotAffine`.
+    """
+
+    __array_ufunc__ = None
+    ndim = 2
+
+    def __init__(self, K: np.ndarray, groups: int, stride, dilation, start, padding: str | None) -> None:
+        self.K, self.groups, self.padding = K, int(groups), padding
+        self.stride, self.dilation, self.start = tuple(stride), tuple(dilation), tuple(start)
+        self.shape = (K.shape[0], K.shape[1] * self.groups)
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return tuple(self.K.shape[2:])
+
+    @classmethod
+    def pointwise(cls, M, like: Kernel) -> Kernel:
+        """The channel map ``M`` (a float for ``M·I``, an array, a factored map) as a 1-tap kernel."""
+        n = len(like.stride)
+        ones = (1,) * n
+        if isinstance(M, float):
+            if like.shape[0] != like.shape[1]:
+                raise NotAffine("adds a value of another width to the source itself")
+            size = like.shape[0]
+        else:
+            size = M.shape[0]
+        d = diagonal(M, size)
+        if d is not None:
+            K, groups = d.reshape((size, 1) + ones), size
+        else:
+            K, groups = np.asarray(M, dtype=np.float64).reshape(tuple(M.shape) + ones), 1
+        return cls(K, groups, ones, ones, (0,) * n, None)
+
+    def _with(self, K: np.ndarray, groups: int | None = None) -> Kernel:
+        return Kernel(K, self.groups if groups is None else groups, self.stride, self.dilation, self.start,
+                      self.padding)
+
+    def __array__(self, dtype=None, copy=None):
+        raise NotAffine("the region is a k×k conv's kernel map, which this op cannot take as a matrix")
+
+    def __rmatmul__(self, W):
+        raise NotAffine("the region is a k×k conv's kernel map, which this op cannot take as a matrix")
+
+    def __mul__(self, s: float) -> Kernel:
+        if not isinstance(s, float):
+            return NotImplemented
+        return self._with(self.K * s)
+
+    __rmul__ = __mul__
+
+    def rows(self, g: np.ndarray) -> Kernel:
+        """``diag(g)·K``: each output channel's filter times ``g``."""
+        if g.shape[0] != self.shape[0]:
+            raise NotAffine(f"a {g.shape[0]}-channel constant meets a {self.shape[0]}-channel value")
+        return self._with(self.K * g.reshape((-1,) + (1,) * (self.K.ndim - 1)))
+
+    def after(self, W: np.ndarray) -> Kernel:
+        """``W·K`` for a 1×1 layer ``W`` (out', out) reading this map: a dense kernel."""
+        if W.shape[1] != self.shape[0]:
+            raise NotAffine(f"a {W.shape[1]}-channel layer reads a {self.shape[0]}-channel value")
+        g = self.groups
+        out, per_in = self.K.shape[:2]
+        blocks = self.K.reshape((g, out // g, per_in, *self.taps))
+        K = np.einsum("pgb,gba...->pga...", W.reshape(W.shape[0], g, out // g), blocks)
+        return self._with(K.reshape((W.shape[0], per_in * g, *self.taps)), 1)
+
+    def plus(self, other: Kernel) -> Kernel:
+        """The two maps summed, tap by tap, in one kernel that holds both."""
+        if self.shape != other.shape:
+            raise NotAffine(f"adds values of shapes {self.shape} and {other.shape} in channel space")
+        if self.stride != other.stride:
+            raise NotAffine("adds branches of different strides")
+        if None not in (self.padding, other.padding) and self.padding != other.padding:
+            raise NotAffine(f"adds branches that pad differently ({self.padding}, {other.padding})")
+        start, size, dil = [], [], []
+        for a, b, ka, kb, da, db in zip(self.start, other.start, self.taps, other.taps, self.dilation,
+                                        other.dilation):
+            d = da if ka > 1 else db
+            if ka > 1 and kb > 1 and da != db:
+                raise NotAffine("adds branches of different dilations")
+            if (a - b) % d:
+                raise NotAffine("adds branches whose taps do not line up")
+            lo, hi = min(a, b), max(a + d * (ka - 1), b + d * (kb - 1))
+            start.append(lo)
+            size.append((hi - lo) // d + 1)
+            dil.append(d)
+        groups = math.gcd(self.groups, other.groups)
+        A, B = (k.placed(start, size, dil, groups) for k in (self, other))
+        padding = self.padding if self.padding is not None else other.padding
+        return Kernel(A + B, groups, self.stride, dil, start, padding)
+
+    def placed(self, start, size, dilation, groups: int) -> np.ndarray:
+        """``K`` as a kernel of ``size`` taps from ``start`` (dilation ``dilation``) and ``groups`` groups;
+        NotAffine if a tap falls outside it."""
+        K = regroup(self.K, self.groups, groups) if self.groups % groups == 0 else None
+        if K is None:
+            K = collapse_groups(regroup(self.K, self.groups, 1), groups)
+            if K is None:
+                raise NotAffine(f"the branches mix channels across the conv's {groups} groups")
+        index = []
+        for a, s, k, n, d0, d in zip(self.start, start, self.taps, size, self.dilation, dilation):
+            if k > 1 and d0 != d:
+                raise NotAffine("the branches' dilation is not the conv's")
+            first, off = divmod(a - s, d)
+            if off or first < 0 or first + k > n:
+                raise NotAffine("the branches' taps reach beyond the conv's kernel")
+            index.append(slice(first, first + k))
+        if tuple(size) == self.taps:
+            return K
+        out = np.zeros(K.shape[:2] + tuple(size))
+        out[(slice(None), slice(None), *index)] = K
+        return out

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _graph
-from ._affine import Affine, Channels, NotAffine
+from ._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine
 from ._report import Region
 
 OUTPUT = "<output>"
@@ -133,7 +133,7 @@ def plan(
     *,
     scales: bool = True,
     dtype: Callable[[str], Any] = lambda name: None,
-    shape_reads: Callable[[str], list[tuple[str, int]]] = lambda name: [],
+    shape_reads: Callable[[str], list[tuple]] = lambda name: [],
     position: Callable[[str], int] = lambda name: 0,
     hazard: Callable[[str], str | None] = lambda name: None,
 ) -> Plan:
@@ -143,7 +143,8 @@ def plan(
     LayerScale, BatchNorm) also folds when an absorber takes it.
 
     ``dtype`` gives a value's element type; ``shape_reads`` the label and
-    position of each op that reads only a value's shape (they are not
+    position of each op that reads only a value's shape (and, optionally,
+    whether it reads only its rank, dtype and device) (they are not
     consumers, but a folded region whose shape is read must leave a value of
     that shape behind, defined before the read); ``position`` a value's place
     in the graph's topological order;
@@ -178,6 +179,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         return None if sh is None else ch.source(name, sh)
 
     lone = set() if scales else _lone_layers(steps)
+    more: set[str] = set()  # values to be sources next time
     for s in steps:
         if s.name in lone or s.name in fresh:  # no adapter region can reach it / the start of one of its own
             state[s.name] = source(s.name)
@@ -192,6 +194,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
                 state[s.name] = s.op.transfer(ins, ch)
         except NotAffine as e:
             ch.axis = saved
+            if isinstance(e, KernelBlocked):  # a conv's output moved: next time the conv starts a region instead
+                more.update(_kernel_origins(s.inputs, by_name, state))
             # An input that only moves its source's values (TResNet's space-to-depth folds pixels into
             # channels) may be a new source itself: the op then acts on its channels.
             relaid = [i for i, v in zip(s.inputs, ins) if v.source != i and _pure(v)]
@@ -221,7 +225,6 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     regions: list[Region] = []
     members_of: dict[str, str] = {}
     redirects: dict[str, str] = {}
-    more: set[str] = set()
     absorbers: set[str] = set()  # layers a fold of this plan rebuilds: one fold each
 
     def is_adapter(members: list[str]) -> tuple[bool, list[str]]:
@@ -245,6 +248,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             with folding(region.source):
                 outcome = _settle(src, members, ctx, adapter, scales)
         if why_not is not None or isinstance(outcome, Blocked):
+            # a region that carries a conv's kernel map and cannot fold is planned again with the conv as the
+            # start of a region, as it was before kernel maps (a BatchNorm then folds into it on its own)
+            more.update(_kernel_origins(members, by_name, state))
             if adapter:
                 if why_not is not None:
                     region.reason = f"{label(src)} {why_not}"
@@ -257,6 +263,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         chosen, settled = outcome
         taken = [f.absorber for f in chosen if f.absorber in absorbers]
         if taken:  # a layer rebuilt for another region already (a scale region and an adapter on one conv)
+            more.update(_kernel_origins(members, by_name, state))
             if adapter:
                 region.reason = f"{by_name[taken[0]].label} takes another region's fold already"
                 regions.append(region)
@@ -269,6 +276,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         gone = [m for m in settled if not _pure(state[m])] + old_layer
         moved, why_not = _shape_redirects(src, settled + old_layer, chosen, ctx, shape_reads, position, label)
         if why_not is not None:
+            more.update(_kernel_origins(members, by_name, state))
             if adapter:
                 region.reason = why_not
                 regions.append(region)
@@ -288,6 +296,23 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             region.ops = [by_name[m].label for m in members if m in done]
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
     return Plan(folds, regions, members_of, redirects, unseen), more
+
+
+def _kernel_origins(names, by_name, state) -> set[str]:
+    """The convs whose kernel maps reach ``names`` (steps whose state is a kernel map made from no other)."""
+    found, seen, todo = set(), set(), list(names)
+    while todo:
+        n = todo.pop()
+        v = state.get(n)
+        if n in seen or n not in by_name or v is None or not isinstance(v.M, Kernel):
+            continue
+        seen.add(n)
+        carried = [i for i in by_name[n].inputs if state.get(i) is not None and isinstance(state[i].M, Kernel)]
+        if carried:
+            todo.extend(carried)
+        else:
+            found.add(n)
+    return found
 
 
 def _entries(left: list[str], by_name) -> set[str]:
@@ -333,7 +358,8 @@ def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, p
         readers = shape_reads(m)
         if not readers:
             continue
-        sh, dt, first = ctx.shape(m), ctx.dtype(m), min(p for _, p in readers)
+        sh, dt, first = ctx.shape(m), ctx.dtype(m), min(r[1] for r in readers)
+        rank_only = all(len(r) > 2 and r[2] for r in readers)
         own = [m] if m in targets or m in copied else []
         found = next((c for c in own + targets + copied
                       if ctx.shape(c) == sh and ctx.dtype(c) == dt and sh is not None and at[c] < first), None)
@@ -341,8 +367,11 @@ def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, p
             v, s = ctx.state.get(m), ctx.state.get(src)
             if v is not None and s is not None and ctx.ch.same_layout(v, s):
                 found = src
+        if found is None and kept_src and rank_only and sh is not None and ctx.dtype(src) == dt \
+                and len(ctx.shape(src) or ()) == len(sh):  # x.ndim, x.dtype: any value of that rank and dtype
+            found = src
         if found is None:
-            return {}, (f"the shape of {label(m)} is read by {', '.join(r for r, _ in readers)}, and no value of "
+            return {}, (f"the shape of {label(m)} is read by {', '.join(r[0] for r in readers)}, and no value of "
                         "that shape would stay before it after the fold: folding would leave the region running")
         redirects[m] = found
     return redirects, None
@@ -421,7 +450,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             into = sum(f.kind == "into" for f in chosen)
             kept = into + sum(len(f.via) for f in chosen)
             heavy = sum(by_name[m].op.heavy for m in folded)
-            if into > allowed:
+            if into > allowed and not all(_parallel(whole, src, f.exit, ctx) for f in chosen if f.kind == "into"):
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
             elif heavy > into or (scales and chosen and len(folded) > kept
                                   and any(_scales(m, by_name, state) for m in folded)):
@@ -430,12 +459,32 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
                 why = (exits or folded)[0], "folding it would remove no layer"
         e = why[0]
         first = first or Blocked(*why, [c for c in ctx.consumers(e) if c not in set(folded)])
-        if by_name[e].op.heavy or not adapter and not scales:
+        region = _region_graph(src, folded, ctx)
+        if by_name[e].op.heavy and not _may_leave(e, ctx):
+            # a layer that must not be left behind: cut the region after the last layer every path to e
+            # crosses (the model's own: EfficientNet-V2's projection with a second adapter behind it), so
+            # that what follows it is planned again as a region of its own
+            main = [h for h in folded if by_name[h].op.heavy and h != e and _graph.on_every_path(region, src, e, h)]
+            if not main or not adapter:
+                return first
+            doomed = _graph.descendants(region, main[-1])
+        elif not adapter and not scales:
             return first
-        doomed = {e} | _graph.descendants(_region_graph(src, folded, ctx), e)  # e and what it feeds in the region
+        else:
+            doomed = {e} | _graph.descendants(region, e)  # e and what it feeds in the region
         folded = [m for m in folded if m not in doomed]
         if not folded:
             return first
+
+
+def _may_leave(e: str, ctx: _Ctx) -> bool:
+    """Whether layer ``e`` at a region's failing exit may leave the region, the rest folding without it: a
+    conv (it may take the region as its input instead) or a layer reading a conv's kernel map (the 1x1 after
+    a depthwise conv), the model's own layers, which then stay as they are. Any other layer at the exit
+    blocks the region: it may be an adapter's, which a fold must not leave behind."""
+    step = ctx.by_name[e]
+    return hasattr(step.op, "absorb_input") or any(
+        ctx.state.get(i) is not None and isinstance(ctx.state[i].M, Kernel) for i in step.inputs)
 
 
 def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) -> str:
@@ -488,6 +537,8 @@ def _assign(src, todo, folded, ctx: _Ctx):
             fold = into(main, e, reasons) or around(e, reasons)
         elif _fewest_layers(region, src, e, ctx) == 0:  # an identity path: no layer here is the model's
             fold = around(e, reasons)
+            if fold is None and _parallel(region, src, e, ctx):  # RepVGG: branches of one layer each, summed
+                fold = into(order, e, reasons)
         else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape whose weight is stored
             stored_first = sorted(order, key=lambda h: bool(getattr(by_name[h].op, "computed", False)))
             fold = around(e, reasons) or into(stored_first, e, reasons, first=True)
@@ -505,6 +556,14 @@ def _assign(src, todo, folded, ctx: _Ctx):
 def _region_graph(src: str, members: list[str], ctx: _Ctx):
     """The dataflow among the region's members and its source."""
     return ctx.flow.subgraph([src, *members])
+
+
+def _parallel(region, src: str, e: str, ctx: _Ctx) -> bool:
+    """Whether every path from ``src`` to ``e`` crosses at most one layer: branches of one layer each (and
+    identities) summed, as in RepVGG's train-time block. Such a sum may go into one of its own layers even
+    where a path crosses none, as nothing else can take it; an adapter of two layers in a row beside an
+    identity may not (it would leave one of its layers in the model)."""
+    return _graph.most(region, src, e, lambda m: int(ctx.by_name[m].op.heavy)) <= 1
 
 
 def _fewest_layers(region, src: str, e: str, ctx: _Ctx) -> int:

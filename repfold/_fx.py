@@ -26,6 +26,7 @@ from ._trace import (
     is_shape_read,
     module_paths,
     own_parameters,
+    reads_rank_only,
     shape,
     to_graph_module,
 )
@@ -390,8 +391,9 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
         what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
         return f"{scope} ({what})" if scope else n.name
 
-    def shape_reads(name: str) -> list[tuple[str, int]]:
-        return [(label(u.name), order[u.name]) for u in nodes[name].users if is_shape_read(u) and u in live_before]
+    def shape_reads(name: str) -> list[tuple[str, int, bool]]:
+        return [(label(u.name), order[u.name], reads_rank_only(u)) for u in nodes[name].users
+                if is_shape_read(u) and u in live_before]
 
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),

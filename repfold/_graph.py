@@ -9,7 +9,7 @@ value to each op that reads it. On that graph:
   it may be removed; everything else stays, dead or not.
 * :func:`on_every_path`: whether every path from one value to another crosses
   a given op (the model's own layer, which an adapter is a branch beside).
-* :func:`fewest`: the fewest heavy layers on a path between two values.
+* :func:`fewest` / :func:`most`: the fewest / most heavy layers on a path between two values.
 * :func:`components`: groups of values connected by an edge in either direction.
 """
 
@@ -66,6 +66,20 @@ def fewest(g: nx.DiGraph, src: Hashable, dst: Hashable, cost: Callable[[Hashable
         return int(nx.shortest_path_length(g, src, dst, weight=lambda u, v, d: cost(v)))
     except nx.NetworkXNoPath:
         return 0
+
+
+def most(g: nx.DiGraph, src: Hashable, dst: Hashable, cost: Callable[[Hashable], int]) -> int:
+    """The greatest total ``cost`` of the nodes after ``src`` on a path to ``dst`` (``g`` is acyclic); 0 when
+    there is no path."""
+    if src not in g or dst not in g:
+        return 0
+    between = (nx.descendants(g, src) & (nx.ancestors(g, dst) | {dst})) | {src}
+    sub = g.subgraph(between)
+    best = {src: 0}
+    for n in nx.topological_sort(sub):
+        if n != src:
+            best[n] = cost(n) + max((best[p] for p in sub.predecessors(n) if p in best), default=0)
+    return best.get(dst, 0)
 
 
 def components(g: nx.DiGraph) -> list[set[Hashable]]:

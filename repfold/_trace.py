@@ -237,6 +237,14 @@ def is_shape_read(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _META_METHODS and len(node.all_input_nodes) == 1
 
 
+def reads_rank_only(node: fx.Node) -> bool:
+    """A shape read that needs only the rank, dtype or device (``x.ndim``, ``x.dim()``, ``x.dtype``): any
+    value that has those three can stand in for its input."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("ndim", "dtype", "device")
+    return node.op == "call_method" and node.target == "dim" and len(node.all_input_nodes) == 1
+
+
 @functools.cache
 def _like() -> set:
     return {torch.zeros_like, torch.ones_like, torch.empty_like}

@@ -516,7 +516,7 @@ def test_a_second_adapter_behind_the_first_ones_layer_folds_as_a_region_of_its_o
     randomize_adapters(gm, std=2.0)  # deep in a network whose head barely moves at this size
     gm.eval()
     folded, report = repfold.fold(gm, return_report=True)
-    assert [r.into for r in report.regions] == [[f"{s} (Conv2d{k})"] for s, k in zip(scopes, ("", " 3x3"))], str(report)
+    assert [r.into for r in report.layered] == [[f"{s} (Conv2d{k})"] for s, k in zip(scopes, ("", " 3x3"))], str(report)
     assert report.params_after == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert rel_err(gm(x), model(x)) > 1e-3

@@ -1,0 +1,226 @@
+"""Parallel branches summed into one conv: RepVGG, ACNet / DBB-style blocks, LoRA on a kxk conv.
+
+Every block here has BatchNorm with random (non-default) statistics in its
+branches; the fold must give one conv, exact in float64 and within float32
+rounding, in fx, torch.export and ONNX. Where the branches cannot be one
+conv exactly (different padding modes, different dilations), the block is
+kept as it is and the outputs stay bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import export, rel_err
+from torch import nn
+
+import repfold
+from repfold._affine import Kernel, NotAffine, add
+
+
+def _bn(c: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+    return bn
+
+
+class Branches(nn.Module):
+    """``act(Σ_k bn_k(conv_k(x)) [+ bn(x)])``: each branch a conv (or a 1x1 then a conv) and a BatchNorm."""
+
+    def __init__(self, c: int, convs: list, identity: bool = True, act: bool = True, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.branches = nn.ModuleList(nn.Sequential(*conv, _bn(conv[-1].out_channels, gen)) for conv in convs)
+        self.identity = _bn(c, gen) if identity else None
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        y = self.identity(x) if self.identity is not None else 0
+        for b in self.branches:
+            y = y + b(x)
+        return self.act(y)
+
+
+def conv(c, k, stride=1, pad=None, dil=1, groups=1, mode="zeros", out=None):
+    k = k if isinstance(k, tuple) else (k, k)
+    pad = tuple(d * (n - 1) // 2 for d, n in zip((dil, dil), k)) if pad is None else pad
+    return nn.Conv2d(c, out or c, k, stride, pad, dil, groups, bias=False, padding_mode=mode)
+
+
+C = 8
+BLOCKS = {
+    # RepVGG: 3x3 + 1x1 + identity
+    "repvgg": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1)]]),
+    # stride 2: no identity, the 1x1 reads the 3x3's centre tap
+    "repvgg-stride2": lambda: Branches(C, [[conv(C, 3, 2)], [conv(C, 1, 2)]], identity=False),
+    # ACNet: 3x3 + 1x3 + 3x1, the asymmetric kernels on the square's middle row and column
+    "acnet": lambda: Branches(C, [[conv(C, 3)], [conv(C, (1, 3))], [conv(C, (3, 1))]], identity=False),
+    # MobileOne-style depthwise: two 3x3 branches, a 1x1 scale branch, the identity, groups kept
+    "depthwise": lambda: Branches(C, [[conv(C, 3, groups=C)], [conv(C, 3, groups=C)], [conv(C, 1, groups=C)]]),
+    # large + small kernel (FastViT's ReparamLargeKernelConv), dilated 3x3 beside a 5x5 of the same span
+    "large-small": lambda: Branches(C, [[conv(C, 7)], [conv(C, 3)]], identity=False),
+    "dilated": lambda: Branches(C, [[conv(C, 5, dil=2)], [conv(C, 1)]]),
+    # DBB's 1x1 -> kxk branch, exact where the 1x1 adds no constant before the zero padding
+    "dbb": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), conv(C, 3)]], identity=False),
+    # reflect padding on every branch that reads any
+    "reflect": lambda: Branches(C, [[conv(C, 3, mode="reflect")], [conv(C, 1)]]),
+}
+
+
+def _convs(model) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _x(dtype=torch.float32, size=12):
+    return torch.randn(2, C, size, size, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_fx_branches_become_one_conv(name, dtype, tol):
+    model = BLOCKS[name]().eval().to(dtype)
+    x = _x(dtype)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < tol
+    assert _convs(folded) == 1, report
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), report
+    assert len(report.layered) == 1 and report.layered[0].folded, report
+
+
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_branches_become_one_conv(name, dynamo):
+    model = BLOCKS[name]().eval()
+    x = _x()
+    proto = export(model, x, dynamo)
+    folded, report = repfold.fold(proto, return_report=True)
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1, report
+    assert not any(n.op_type in ("Add", "BatchNormalization") for n in folded.graph.node), report
+    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
+
+
+def test_export_branches_become_one_conv():
+    model = BLOCKS["repvgg"]().eval()
+    x = _x()
+    ep = torch.export.export(model, (x,))
+    folded, report = repfold.fold(ep, return_report=True)
+    convs = [n for n in folded.graph.nodes if "conv" in str(n.target)]
+    assert len(convs) == 1, report
+    with torch.no_grad():
+        assert rel_err(folded.module()(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("convs", [
+    # a zero-padded 3x3 beside a reflect-padded one: their border taps read different things
+    [[conv(C, 3)], [conv(C, 3, mode="reflect")]],
+    # two dilations of one span: no one kernel holds both
+    [[conv(C, 3, dil=2)], [conv(C, 5)]],
+    # a 1x1 with a BatchNorm before a zero-padded 3x3: the constant would reach the padding
+    [[conv(C, 3)], [conv(C, 1), nn.BatchNorm2d(C), conv(C, 3)]],
+], ids=["padding-modes", "dilations", "constant-before-padding"])
+def test_branches_that_cannot_be_one_conv_stay(convs):
+    model = Branches(C, convs, identity=False).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.bias.fill_(0.5)
+    x = _x(torch.float64)
+    model = model.double()
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-10
+    assert _convs(folded) > 1, report  # the branches stay branches (their BatchNorms may fold in)
+
+
+class LoraConv(nn.Module):
+    """PEFT's LoRA on a 3x3 conv: ``conv(x) + s·B(A(x))``, A a 3x3 conv to rank r, B a 1x1 back."""
+
+    def __init__(self, c=C, r=2):
+        super().__init__()
+        torch.manual_seed(3)
+        self.base = nn.Conv2d(c, c, 3, padding=1)
+        self.A = nn.Conv2d(c, r, 3, padding=1, bias=False)
+        self.B = nn.Conv2d(r, c, 1, bias=False)
+        self.after = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.after(torch.relu(self.base(x) + 0.5 * self.B(self.A(x))))
+
+
+def test_lora_on_a_kxk_conv_folds_into_it():
+    model = LoraConv().eval().double()
+    x = _x(torch.float64)
+    with torch.no_grad():
+        assert rel_err(model(x), model.after(torch.relu(model.base(x)))) > 1e-3
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-10
+    assert _convs(folded) == 2 and report.layered[0].folded, report
+    assert "base" in report.layered[0].into[0]
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9", "fastvit_t8"])
+def test_timm_reparam_families_fold_like_timm(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False).eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-5
+        ref = timm.utils.reparameterize_model(model)
+    assert _convs(folded) <= _convs(ref), report
+    assert not report.kept, report
+
+
+# --- the kernel-map algebra --------------------------------------------------------------
+
+
+def _kernel(K, groups=1, stride=(1, 1), dil=(1, 1), start=(-1, -1), padding="zeros"):
+    return Kernel(np.asarray(K, dtype=np.float64), groups, stride, dil, start, padding)
+
+
+def test_a_smaller_kernel_lands_in_the_centre():
+    rng = np.random.default_rng(0)
+    big, small = rng.normal(size=(4, 4, 3, 3)), rng.normal(size=(4, 4, 1, 1))
+    s = _kernel(big).plus(_kernel(small, start=(0, 0), padding=None))
+    want = big.copy()
+    want[:, :, 1, 1] += small[:, :, 0, 0]
+    assert s.start == (-1, -1) and np.allclose(s.K, want)
+
+
+def test_the_identity_is_a_delta_kernel_and_groups_stay():
+    rng = np.random.default_rng(1)
+    dw = rng.normal(size=(4, 1, 3, 3))
+    s = add(_kernel(dw, groups=4), 1.0)  # the identity: the scalar map 1·I
+    assert s.groups == 4
+    want = dw.copy()
+    want[:, 0, 1, 1] += 1
+    assert np.allclose(s.K, want)
+
+
+def test_kernels_that_cannot_share_taps_are_refused():
+    rng = np.random.default_rng(2)
+    a = _kernel(rng.normal(size=(2, 2, 3, 3)))
+    with pytest.raises(NotAffine, match="stride"):
+        a.plus(_kernel(rng.normal(size=(2, 2, 3, 3)), stride=(2, 2)))
+    with pytest.raises(NotAffine, match="pad"):
+        a.plus(_kernel(rng.normal(size=(2, 2, 3, 3)), padding="reflect"))
+    with pytest.raises(NotAffine, match="matrix"):
+        np.asarray(a)
