@@ -167,13 +167,13 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
         old = ctx.module(node)
         values = params(old, W, b)
         # the tensors about to be replaced are shared, not cloned, by the copy
-        new = copy.deepcopy(old, {id(getattr(old, name)): getattr(old, name) for name in values
-                                  if getattr(old, name) is not None})
+        current = {name: getattr(old, name) for name in values}
+        new = copy.deepcopy(old, {id(t): t for t in current.values() if t is not None})
         for name, p in old.named_parameters():
             if name not in values and ctx.trainable(p):
                 new.get_parameter(name).requires_grad_(True)
         for name, value in values.items():
-            ref = getattr(old, name)
+            ref = current[name]
             if ref is None:  # a layer without a bias taking one: the weight's dtype, device and training
                 ref, grad = old.weight.new_empty(np.shape(value)), ctx.trainable(old.weight)
             else:

@@ -29,7 +29,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, Kernel, NotAffine, collapse_groups, diagonal, expand_groups
+from repfold._affine import (
+    Affine,
+    Channels,
+    Kernel,
+    NotAffine,
+    OnDemand,
+    collapse_groups,
+    diagonal,
+    expand_groups,
+)
 
 from ._base import Deferred, Match, fx_rebuild, onnx_rebuild, resolve, torch_own
 from ._torch import nn
@@ -85,45 +94,45 @@ class Conv:
         if isinstance(v.M, Kernel):
             raise NotAffine(f"a {self.desc} conv reads another conv's output (its kernel would grow)")
         v = ch.require(v, 1, f"a {self.desc} conv")
-        if v.pos is not None or v.rank != self.W.ndim:
+        w = self.weight.shape
+        if v.pos is not None or v.rank != len(w):
             raise NotAffine(f"a {self.desc} conv reads its region's source laid out another way")
-        if isinstance(v.M, float) or v.M.shape[0] == v.M.shape[1]:
+        if isinstance(v.M, float) and v.M == 1.0:  # the source itself: the conv's own weight, read when needed
+            K = OnDemand(w, lambda: self.W)
+        elif isinstance(v.M, float) or v.M.shape[0] == v.M.shape[1]:
             K = self._times(v.M)  # the conv's groups kept where the map allows it
         elif self.groups == 1:
             K = np.einsum("oj...,ji->oi...", self.W, np.asarray(v.M))
         else:
-            raise NotAffine(densify_reason(self.groups, self.W.shape[1] * self.groups))
-        c = self._shift(v.c)
+            raise NotAffine(densify_reason(self.groups, w[1] * self.groups))
         g = self.geometry
-        kmap = Kernel(K, self.groups if K.shape[1] == self.W.shape[1] else 1, g.stride, g.dilation, g.start,
-                      g.padding)
-        shape = (v.shape[0], self.W.shape[0],
-                 *(g.out_size(n, a, k) for a, (n, k) in enumerate(zip(v.shape[2:], self.W.shape[2:]))))
-        return replace(v, shape=shape, M=kmap, c=c)
+        kmap = Kernel(K, self.groups, g.stride, g.dilation, g.start, g.padding)
+        shape = (v.shape[0], w[0], *(g.out_size(n, a, k) for a, (n, k) in enumerate(zip(v.shape[2:], w[2:]))))
+        return replace(v, shape=shape, M=kmap, c=self._shift(v.c))
 
     def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
         """New ``(W, b)`` for this conv reading the region's source: the kernel map, placed in its taps."""
         if not isinstance(v.M, Kernel) or self.geometry is None:
             raise NotAffine(f"a {self.desc} conv takes only a kernel map of its region")
-        if v.M.shape != (self.W.shape[0], self.W.shape[1] * self.groups):
-            raise NotAffine(f"needs a {self.W.shape[0]}x{self.W.shape[1] * self.groups} kernel map, "
-                            f"the region is {v.M.shape[0]}x{v.M.shape[1]}")
+        out, cin = self.weight.shape[0], self.weight.shape[1] * self.groups
+        if v.M.shape != (out, cin):
+            raise NotAffine(f"needs a {out}x{cin} kernel map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
         g = self.geometry
         if v.M.stride != g.stride:
             raise NotAffine(f"the region's stride {v.M.stride} is not the conv's {g.stride}")
         if v.M.padding not in (None, g.padding):
             raise NotAffine(f"the region pads with {v.M.padding}, the conv with {g.padding or 'nothing'}")
-        W = v.M.placed(g.start, self.W.shape[2:], g.dilation, self.groups)
+        W = v.M.placed(g.start, self.weight.shape[2:], g.dilation, self.groups)
         return W, self._bias(v.c)
 
     def _times(self, M) -> np.ndarray:
         """``W·M`` (M square, over the conv's input channels) as a grouped weight; NotAffine if it would densify."""
-        cin = self.W.shape[1] * self.groups
+        cin = self.weight.shape[1] * self.groups
         d = diagonal(M, cin)
         if d is not None:  # a per-channel scale (BatchNorm, SSF): each input channel's taps, no dense detour
-            per_in = self.W.shape[1]
-            rows = np.repeat(d.reshape(self.groups, per_in), self.W.shape[0] // self.groups, axis=0)
-            return self.W * rows.reshape(rows.shape + (1,) * (self.W.ndim - 2))
+            per_in = self.weight.shape[1]
+            rows = np.repeat(d.reshape(self.groups, per_in), self.weight.shape[0] // self.groups, axis=0)
+            return self.W * rows.reshape(rows.shape + (1,) * (len(self.weight.shape) - 2))
         if M.shape != (cin, cin):
             raise NotAffine(f"needs a {cin}x{cin} map, the region is {M.shape[0]}x{M.shape[1]}")
         grouped = collapse_groups(np.einsum("oj...,ji->oi...", self.dense, np.asarray(M)), self.groups)
@@ -133,7 +142,7 @@ class Conv:
 
     def _shift(self, c) -> np.ndarray | None:
         """``b + Σ_{j,taps} W[o, j, taps]·c[j]``: what a constant ``c`` on the input adds to each output."""
-        cin = self.W.shape[1] * self.groups
+        cin = self.weight.shape[1] * self.groups
         c = np.full(cin, c) if isinstance(c, float) else c
         if not np.any(c):
             return self.b if self.b is not None else 0.0
@@ -142,13 +151,13 @@ class Conv:
                 "a constant before a zero-padded conv is not exact at the borders "
                 "(the padding reads 0, not the constant)"
             )
-        taps = self.W.sum(axis=tuple(range(2, self.W.ndim)))  # (out, in/groups)
+        taps = self.W.sum(axis=tuple(range(2, len(self.weight.shape))))  # (out, in/groups)
         shift = expand_groups(taps, self.groups) @ c
         return shift if self.b is None else self.b + shift
 
     def _bias(self, c) -> np.ndarray | None:
         """The conv's new bias for the constant ``c``; a conv without one takes one (no new operator)."""
-        c = np.full(self.W.shape[0], c) if isinstance(c, float) else np.asarray(c, dtype=np.float64)
+        c = np.full(self.weight.shape[0], c) if isinstance(c, float) else np.asarray(c, dtype=np.float64)
         return c if self.b is not None or np.any(c) else None
 
     @property
@@ -165,12 +174,12 @@ class Conv:
 
     def absorb_output(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
         v = ch.require(v, 1, f"a {self.desc} conv")
-        out = self.W.shape[0]
-        d = diagonal(v.M, out)
+        out = self.weight.shape[0]
         if isinstance(v.M, Kernel):
             raise NotAffine(f"a {self.desc} conv cannot take another conv's kernel map")
+        d = diagonal(v.M, out)
         if d is not None:  # a per-channel scale (BatchNorm after the conv): scale each output channel's filter
-            grouped = self.W * d.reshape((out,) + (1,) * (self.W.ndim - 1))
+            grouped = self.W * d.reshape((out,) + (1,) * (len(self.weight.shape) - 1))
             Mb = None if self.b is None else d * self.b
         elif v.M.shape != (out, out):
             raise NotAffine(f"needs a {out}x{out} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
@@ -178,7 +187,7 @@ class Conv:
             grouped = collapse_groups(np.einsum("po,o...->p...", np.asarray(v.M), self.dense), self.groups)
             Mb = None if self.b is None else np.asarray(v.M) @ self.b
         if grouped is None:
-            raise NotAffine(densify_reason(self.groups, self.W.shape[1] * self.groups))
+            raise NotAffine(densify_reason(self.groups, self.weight.shape[1] * self.groups))
         c = np.full(out, v.c) if isinstance(v.c, float) else v.c
         return grouped, self._bias(c if Mb is None else Mb + c)
 

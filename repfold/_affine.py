@@ -32,6 +32,7 @@ so the layer that absorbs it costs ``out·in·r`` flops rather than ``out·in·C
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -538,7 +539,9 @@ class Kernel:
 
     with stride ``s``, dilation ``d`` and ``start`` the input offset of tap 0
     (minus the conv's leading pad). ``K`` is grouped, ``(out, in/groups,
-    *taps)``, float64, never written to. ``padding`` says what a tap outside
+    *taps)``, float64, never written to; it may be given :class:`OnDemand`
+    (a conv's own weight), read only when an op needs its values, so that
+    the convs no region folds into are never converted. ``padding`` says what a tap outside
     the input reads (``"zeros"``, ``"reflect"``, ...), or None when no tap of
     this map ever does.
 
@@ -556,14 +559,15 @@ class Kernel:
     __array_ufunc__ = None
     ndim = 2
 
-    def __init__(self, K: np.ndarray, groups: int, stride, dilation, start, padding: str | None) -> None:
-        self.K, self.groups, self.padding = K, int(groups), padding
+    def __init__(self, K: np.ndarray | OnDemand, groups: int, stride, dilation, start, padding: str | None) -> None:
+        self._K, self.groups, self.padding = K, int(groups), padding
         self.stride, self.dilation, self.start = tuple(stride), tuple(dilation), tuple(start)
         self.shape = (K.shape[0], K.shape[1] * self.groups)
+        self.taps = tuple(K.shape[2:])
 
-    @property
-    def taps(self) -> tuple[int, ...]:
-        return tuple(self.K.shape[2:])
+    @functools.cached_property
+    def K(self) -> np.ndarray:
+        return fetch(self._K)
 
     @classmethod
     def pointwise(cls, M, like: Kernel) -> Kernel:
@@ -644,8 +648,9 @@ class Kernel:
     def placed(self, start, size, dilation, groups: int) -> np.ndarray:
         """``K`` as a kernel of ``size`` taps from ``start`` (dilation ``dilation``) and ``groups`` groups;
         NotAffine if a tap falls outside it."""
-        K = regroup(self.K, self.groups, groups) if self.groups % groups == 0 else None
-        if K is None:
+        if self.groups % groups == 0:
+            K = regroup(self.K, self.groups, groups)
+        else:  # finer groups asked of a coarser map: only if it is zero outside them
             K = collapse_groups(regroup(self.K, self.groups, 1), groups)
             if K is None:
                 raise NotAffine(f"the branches mix channels across the conv's {groups} groups")

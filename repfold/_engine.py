@@ -233,6 +233,15 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
         return heavy > len(exits), core
 
+    def keep(region: Region, members: list[str], why: str) -> None:
+        """The region stays as it is: reported when it is an adapter region (a scale region is the model's
+        own). One that carries a conv's kernel map is planned again with the conv as the start of a region,
+        as before kernel maps (a BatchNorm then folds into it on its own)."""
+        more.update(_kernel_origins(members, by_name, state))
+        if not region.scale:
+            region.reason = why
+            regions.append(region)
+
     kinds = {src: is_adapter(members) for src, members in groups.items()}
     # adapter regions first: a layer a scale region could also fold into goes to the adapter
     for src, members in sorted(groups.items(), key=lambda kv: not kinds[kv[0]][0]):
@@ -247,26 +256,17 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if why_not is None:
             with folding(region.source):
                 outcome = _settle(src, members, ctx, adapter, scales)
-        if why_not is not None or isinstance(outcome, Blocked):
-            # a region that carries a conv's kernel map and cannot fold is planned again with the conv as the
-            # start of a region, as it was before kernel maps (a BatchNorm then folds into it on its own)
-            more.update(_kernel_origins(members, by_name, state))
-            if adapter:
-                if why_not is not None:
-                    region.reason = f"{label(src)} {why_not}"
-                else:
-                    e, why, outside = outcome
-                    blockers = ", ".join(_blocker(c, label, ended) for c in outside)
-                    region.reason = f"{by_name[e].label} feeds {blockers}; {why}"
-                regions.append(region)
+        if why_not is not None:
+            keep(region, members, f"{label(src)} {why_not}")
+            continue
+        if isinstance(outcome, Blocked):
+            e, why, outside = outcome
+            keep(region, members, f"{by_name[e].label} feeds {', '.join(_blocker(c, label, ended) for c in outside)}; {why}")
             continue
         chosen, settled = outcome
         taken = [f.absorber for f in chosen if f.absorber in absorbers]
         if taken:  # a layer rebuilt for another region already (a scale region and an adapter on one conv)
-            more.update(_kernel_origins(members, by_name, state))
-            if adapter:
-                region.reason = f"{by_name[taken[0]].label} takes another region's fold already"
-                regions.append(region)
+            keep(region, members, f"{by_name[taken[0]].label} takes another region's fold already")
             continue
         absorbers.update(f.absorber for f in chosen)
         # what the rewrite removes: every op of the region but those that only move the source's values
@@ -276,10 +276,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         gone = [m for m in settled if not _pure(state[m])] + old_layer
         moved, why_not = _shape_redirects(src, settled + old_layer, chosen, ctx, shape_reads, position, label)
         if why_not is not None:
-            more.update(_kernel_origins(members, by_name, state))
-            if adapter:
-                region.reason = why_not
-                regions.append(region)
+            keep(region, members, why_not)
             continue
         region.folded = True
         regions.append(region)
@@ -303,16 +300,21 @@ def _kernel_origins(names, by_name, state) -> set[str]:
     found, seen, todo = set(), set(), list(names)
     while todo:
         n = todo.pop()
-        v = state.get(n)
-        if n in seen or n not in by_name or v is None or not isinstance(v.M, Kernel):
+        if n in seen or n not in by_name or not _kernel_map(state, n):
             continue
         seen.add(n)
-        carried = [i for i in by_name[n].inputs if state.get(i) is not None and isinstance(state[i].M, Kernel)]
+        carried = [i for i in by_name[n].inputs if _kernel_map(state, i)]
         if carried:
             todo.extend(carried)
         else:
             found.add(n)
     return found
+
+
+def _kernel_map(state, name: str) -> bool:
+    """Whether the value ``name`` is a conv's kernel map of its source."""
+    v = state.get(name)
+    return v is not None and isinstance(v.M, Kernel)
 
 
 def _entries(left: list[str], by_name) -> set[str]:
@@ -483,8 +485,7 @@ def _may_leave(e: str, ctx: _Ctx) -> bool:
     a depthwise conv), the model's own layers, which then stay as they are. Any other layer at the exit
     blocks the region: it may be an adapter's, which a fold must not leave behind."""
     step = ctx.by_name[e]
-    return hasattr(step.op, "absorb_input") or any(
-        ctx.state.get(i) is not None and isinstance(ctx.state[i].M, Kernel) for i in step.inputs)
+    return hasattr(step.op, "absorb_input") or any(_kernel_map(ctx.state, i) for i in step.inputs)
 
 
 def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) -> str:
