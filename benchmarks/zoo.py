@@ -695,13 +695,19 @@ def _noop(report, y0, y, res: dict) -> None:
         res["noop_err"] = rel_err(y0, y)
     if report.folded:
         res["noop_folded"] = [r.line() for r in report.folded][:3]
-        # the model's own BatchNorm / LayerScale / constants fold by default (scale regions): a problem is
-        # only a region with layers folded in a model without adapters
-        res["noop_layered"] = [r.line() for r in report.folded if not r.scale][:3]
+        # the model's own BatchNorm / LayerScale / constants fold by default (scale regions), and so do
+        # parallel branches summed into one conv (RepVGG's train form): a problem is only a region with
+        # layers folded in a model without adapters that does not lower the operator count
+        before, after = report.ops_before, report.ops_after
+        kinds = set(before) | set(after)
+        lowered = (all(after.get(k, 0) <= before.get(k, 0) for k in kinds)
+                   and sum(after.values()) < sum(before.values()))
+        layered = [r.line() for r in report.folded if not r.scale]
+        res["noop_layered"] = [] if lowered else layered[:3]
+        res["noop_merged"] = len(layered) if lowered else 0
         res["noop_scales"] = sum(r.scale for r in report.folded)
-        res["noop_ops"] = {k: f"{report.ops_before.get(k, 0)}->{report.ops_after.get(k, 0)}"
-                           for k in set(report.ops_before) | set(report.ops_after)
-                           if report.ops_before.get(k, 0) != report.ops_after.get(k, 0)}
+        res["noop_ops"] = {k: f"{before.get(k, 0)}->{after.get(k, 0)}"
+                           for k in kinds if before.get(k, 0) != after.get(k, 0)}
 
 
 def _fold_checked(adapted, y, ya, run_stage: str, run, res: dict):
@@ -984,13 +990,19 @@ def _cell(r: dict | None) -> str:
         bits.append("**no region found**")
     if "max_err" in r:
         bits.append(f"err {r['max_err']:.1e}")
-    bits.append("noop " + ("bitwise" if r.get("noop_bitwise") else "**differs**"))
+    if r.get("noop_bitwise"):
+        bits.append("noop bitwise")
+    elif r.get("noop_folded") and r.get("noop_err", 1.0) <= tolerance(r):
+        own = [f"{r[k]} {w}" for k, w in (("noop_scales", "scales"), ("noop_merged", "branch sums")) if r.get(k)]
+        bits.append(f"noop folds its own ({', '.join(own) or 'regions'}), err {r['noop_err']:.0e}")
+    else:
+        bits.append("noop **differs**")
     if r.get("ops_ok") is False:
         bits.append(f"**ops over**: {r.get('ops_over')}")
     if r.get("params_ok") is False:
         bits.append("**more params**")
-    if r.get("noop_folded"):
-        bits.append(f"**noop folded {len(r['noop_folded'])}**")
+    if r.get("noop_layered", r.get("noop_folded")):
+        bits.append(f"**noop folded layers {len(r.get('noop_layered', r.get('noop_folded')))}**")
     if r.get("changed") is False:
         bits.append("**no effect**")
     if "fold_s" in r:
