@@ -261,7 +261,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             continue
         if isinstance(outcome, Blocked):
             e, why, outside = outcome
-            keep(region, members, f"{by_name[e].label} feeds {', '.join(_blocker(c, label, ended) for c in outside)}; {why}")
+            feeds = ", ".join(_blocker(c, label, ended, groups[src]) for c in outside)
+            keep(region, members, f"{by_name[e].label} feeds {feeds}; {why}")
             continue
         chosen, settled = outcome
         taken = [f.absorber for f in chosen if f.absorber in absorbers]
@@ -404,6 +405,9 @@ class _Ctx:
     flow: Any  # the steps' dataflow graph (networkx), edges from each input to its step
     hazard: Callable[[str], str | None] = lambda name: None
     inside: set[str] = field(default_factory=set)  # the ops of the region being settled
+    # the region as first found, before _settle cut any of it off: its dataflow graph and its exits
+    whole: Any = None
+    whole_exits: set[str] = field(default_factory=set)
 
 
 def _dataflow(steps: Sequence[Step]):
@@ -442,8 +446,9 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     # The fewest layers a path from the source to each exit passes through: the region's own
     # (the model's) layers, which an adapter beside an identity adds nothing to. A fold that
     # keeps more layers than that would leave some of the adapter's behind.
-    whole = _region_graph(src, members, ctx)
-    allowed = sum(_fewest_layers(whole, src, e, ctx) for e in _exits(members, ctx.consumers))
+    whole = ctx.whole = _region_graph(src, members, ctx)
+    ctx.whole_exits = set(_exits(members, ctx.consumers))
+    allowed = sum(_fewest_layers(whole, src, e, ctx) for e in ctx.whole_exits)
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not _pure(state[e])]
         ctx.inside = set(folded)
@@ -452,7 +457,8 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             into = sum(f.kind == "into" for f in chosen)
             kept = into + sum(len(f.via) for f in chosen)
             heavy = sum(by_name[m].op.heavy for m in folded)
-            if into > allowed and not all(_parallel(whole, src, f.exit, ctx) for f in chosen if f.kind == "into"):
+            if into > allowed and not all(f.absorber in _parallel(whole, src, f.exit, ctx)
+                                          for f in chosen if f.kind == "into"):
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
             elif heavy > into or (scales and chosen and len(folded) > kept
                                   and any(_scales(m, by_name, state) for m in folded)):
@@ -488,10 +494,12 @@ def _may_leave(e: str, ctx: _Ctx) -> bool:
     return hasattr(step.op, "absorb_input") or any(_kernel_map(ctx.state, i) for i in step.inputs)
 
 
-def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str]) -> str:
+def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str], found: list[str]) -> str:
     if consumer == OUTPUT:
         return "the graph output"
-    why = ended.get(consumer, "not a channel-affine op")
+    # a cheap op of the region as found that only leads out of it (an identity branch's BatchNorm into a
+    # sum that ended the region) was left out of it
+    why = ended.get(consumer, "it only leads out of the region" if consumer in found else "not a channel-affine op")
     return f"{label(consumer)} ({why})"
 
 
@@ -533,13 +541,19 @@ def _assign(src, todo, folded, ctx: _Ctx):
         # branch beside an identity): only such a layer may take the region. Without one (an adapter alone,
         # or after a layer outside the region), the layers next to the region come first, so that no
         # adapter layer stays behind in the model.
-        main = [h for h in order if _graph.on_every_path(region, src, e, h)]
+        #   What e flows into in the region as first found counts too: a part cut off from an adapter's
+        # sum with its identity (the join left out) is still beside that identity, not the model's own.
+        joins = _joins(e, ctx)
+        main = [h for h in order if _graph.on_every_path(region, src, e, h)
+                and all(_graph.on_every_path(ctx.whole, src, j, h) for j in joins)]
         if main:
             fold = into(main, e, reasons) or around(e, reasons)
-        elif _fewest_layers(region, src, e, ctx) == 0:  # an identity path: no layer here is the model's
+        elif min(_fewest_layers(g, src, x, ctx) for g, x in [(region, e), *((ctx.whole, j) for j in joins)]) == 0:
+            # an identity path: no layer here is the model's, unless it is one of parallel branches
             fold = around(e, reasons)
-            if fold is None and _parallel(region, src, e, ctx):  # RepVGG: branches of one layer each, summed
-                fold = into(order, e, reasons)
+            branches = _parallel(region, src, e, ctx)
+            if fold is None and branches:  # RepVGG: branches of one layer each, summed
+                fold = into([h for h in order if h in branches], e, reasons)
         else:  # a LoRA-style branch beside a layer: the nearest layer of the right shape whose weight is stored
             stored_first = sorted(order, key=lambda h: bool(getattr(by_name[h].op, "computed", False)))
             fold = around(e, reasons) or into(stored_first, e, reasons, first=True)
@@ -559,12 +573,36 @@ def _region_graph(src: str, members: list[str], ctx: _Ctx):
     return ctx.flow.subgraph([src, *members])
 
 
-def _parallel(region, src: str, e: str, ctx: _Ctx) -> bool:
-    """Whether every path from ``src`` to ``e`` crosses at most one layer: branches of one layer each (and
-    identities) summed, as in RepVGG's train-time block. Such a sum may go into one of its own layers even
-    where a path crosses none, as nothing else can take it; an adapter of two layers in a row beside an
-    identity may not (it would leave one of its layers in the model)."""
-    return _graph.most(region, src, e, lambda m: int(ctx.by_name[m].op.heavy)) <= 1
+def _joins(e: str, ctx: _Ctx) -> set[str]:
+    """The exits of the region as first found that ``e`` is, or flows into."""
+    if ctx.whole is None:
+        return set()
+    return ({e} | _graph.descendants(ctx.whole, e)) & ctx.whole_exits
+
+
+def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
+    """The layers of parallel branches summed at ``e``, which the sum may go into (empty: none).
+
+    Branches of one layer each (and identities) summed, as in RepVGG's train-time block, read a value
+    ``d`` every path to ``e`` crosses: every path from ``d`` to ``e`` crosses at most one layer, and some
+    path from the source to ``d`` none (``d`` is the source, or an adapter's sum with its identity before
+    the block). Such a sum may go into one of its own layers even where a path crosses none, as nothing
+    else can take it: the fold leaves one layer where the model has at least one. An adapter of two layers
+    in a row beside an identity may not go into one of its own (it would leave a layer the model does not
+    have)."""
+    heavy = lambda m: int(ctx.by_name[m].op.heavy)
+    for d in _dominators(region, src, e):
+        if _graph.fewest(region, src, d, heavy) == 0 and _graph.most(region, d, e, heavy) <= 1:
+            return {h for h in _graph.descendants(region, d) if h != e and heavy(h)
+                    and e in _graph.descendants(region, h)} | ({e} if heavy(e) else set())
+    return set()
+
+
+def _dominators(region, src: str, e: str) -> list[str]:
+    """The values every path from ``src`` to ``e`` crosses (``src`` first, ``e`` excluded), nearest the
+    source first."""
+    up = _graph.ancestors(region, e)
+    return [d for d in _graph.topological(region) if d in up and (d == src or _graph.on_every_path(region, src, e, d))]
 
 
 def _fewest_layers(region, src: str, e: str, ctx: _Ctx) -> int:

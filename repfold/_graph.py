@@ -49,6 +49,10 @@ def descendants(g: nx.DiGraph, node: Hashable) -> set[Hashable]:
     return nx.descendants(g, node) if node in g else set()
 
 
+def topological(g: nx.DiGraph) -> list[Hashable]:
+    return list(nx.topological_sort(g))
+
+
 def on_every_path(g: nx.DiGraph, src: Hashable, dst: Hashable, via: Hashable) -> bool:
     """Whether every path from ``src`` to ``dst`` in ``g`` passes through ``via`` (true when there is none)."""
     if via in (src, dst):

@@ -145,6 +145,65 @@ def test_branches_that_cannot_be_one_conv_stay(convs):
     assert _convs(folded) > 1, report  # the branches stay branches (their BatchNorms may fold in)
 
 
+class Adapted(nn.Module):
+    """A conv, ReLU, then a multi-branch block: ``repfold.insert`` puts an adapter before the block."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem, self.block, self.head = nn.Conv2d(C, C, 3, padding=1), BLOCKS[name](), nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))))
+
+
+def _adapted(name: str, bias: bool):
+    model, x = Adapted(name).eval().double(), _x(torch.float64)
+    gm = repfold.insert(model, before=["block"], example_inputs=(x,), bias=bias)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in gm.named_parameters():
+            if n.startswith("repfold_adapters"):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+        assert rel_err(gm(x), model(x)) > 1e-3
+    return model, gm, x
+
+
+@pytest.mark.parametrize("name", ["repvgg", "repvgg-stride2", "acnet", "large-small", "dbb"])
+def test_an_adapter_before_a_multi_branch_block_folds_into_its_sum(name):
+    # the adapter's sum with its identity feeds branches of one layer each: all of it is one conv
+    model, gm, x = _adapted(name, bias=False)
+    folded, report = repfold.fold(gm, return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), gm(x)) < 1e-10
+    assert not report.kept, report
+    assert _convs(folded) == _convs(repfold.fold(model, example_inputs=(x,))), report
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_an_adapter_before_a_multi_branch_block_folds_into_its_sum(dynamo):
+    _, gm, x = _adapted("acnet", bias=False)
+    gm, x = gm.float(), x.float()
+    folded, report = repfold.fold(export(gm, x, dynamo), return_report=True)
+    assert not report.kept and sum(n.op_type == "Conv" for n in folded.graph.node) == 3, report
+    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], gm(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name, bias", [("repvgg", True), ("depthwise", False), ("large-small", True)])
+def test_an_adapter_that_cannot_join_the_block_is_kept_whole(name, bias):
+    # a bias before zero-padded convs, a dense map into depthwise ones: the region must not fold its
+    # adapter's two layers into one of them (a "fold" that leaves an adapter layer running)
+    _, gm, x = _adapted(name, bias)
+    folded, report = repfold.fold(gm, return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), gm(x)) < 1e-10
+    assert report.kept, report
+    assert not any("repfold_adapters" in into for r in report.folded for into in r.into), report
+    assert any(isinstance(m, nn.Conv2d) and "repfold_adapters" in n for n, m in folded.named_modules())
+
+
 class LoraConv(nn.Module):
     """PEFT's LoRA on a 3x3 conv: ``conv(x) + s·B(A(x))``, A a 3x3 conv to rank r, B a 1x1 back."""
 
