@@ -685,6 +685,8 @@ def _regions(report, res: dict) -> None:
         reasons[short(r.reason)] = reasons.get(short(r.reason), 0) + 1
     res["kept_reasons"] = reasons
     res["kept_examples"] = list({short(r.reason): r.reason for r in report.kept}.values())[:3]
+    # a region folded into one of the adapters' own layers leaves that layer running: never a fold
+    res["into_adapter"] = [r.line() for r in report.folded if any("repfold_adapters" in i for i in r.into)][:3]
 
 
 def _noop(report, y0, y, res: dict) -> None:
@@ -962,6 +964,8 @@ def problems(row: dict) -> list[str]:
         if r.get("noop_layered", r.get("noop_folded")):
             out.append(f"{p} fold without adapters folded the model's own layers: "
                        f"{r.get('noop_layered', r.get('noop_folded'))[0]}")
+        if r.get("into_adapter"):
+            out.append(f"{p} folded into an adapter's own layer, which still runs: {r['into_adapter'][0]}")
         if r.get("max_err", 0) > tol:
             out.append(f"{p} fold error {r['max_err']:.1e} > {tol:.1e}")
         if r.get("ops_ok") is False:

@@ -35,6 +35,7 @@ from repfold._affine import (
     Kernel,
     NotAffine,
     OnDemand,
+    Relaid,
     collapse_groups,
     diagonal,
     expand_groups,
@@ -96,7 +97,7 @@ class Conv:
         v = ch.require(v, 1, f"a {self.desc} conv")
         w = self.weight.shape
         if v.pos is not None or v.rank != len(w):
-            raise NotAffine(f"a {self.desc} conv reads its region's source laid out another way")
+            raise Relaid(f"a {self.desc} conv reads its region's source laid out another way")
         if isinstance(v.M, float) and v.M == 1.0:  # the source itself: the conv's own weight, read when needed
             K = OnDemand(w, lambda: self.W)
         elif isinstance(v.M, float) or v.M.shape[0] == v.M.shape[1]:

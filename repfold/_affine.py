@@ -48,6 +48,11 @@ class KernelBlocked(NotAffine):
     """A k×k conv's kernel map meets an op that moves positions: the conv must start a region, not carry one."""
 
 
+class Relaid(NotAffine):
+    """An op that needs its input laid out as the region's source reads it moved (a conv after a token
+    reshape): the moved value may start a region of its own instead."""
+
+
 @dataclass(frozen=True, eq=False)
 class Affine:
     """``v = M·x + c`` along the channel axis of ``source``; ``v`` has ``shape`` and layout ``pos``."""

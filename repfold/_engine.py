@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _graph
-from ._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine
+from ._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine, Relaid
 from ._report import Region
 
 OUTPUT = "<output>"
@@ -180,6 +180,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
 
     lone = set() if scales else _lone_layers(steps)
     more: set[str] = set()  # values to be sources next time
+    flow = None  # the dataflow graph, made when needed
+    moved_up: dict[str, set[str]] = {}  # an op that needs its input laid out as the source -> moved values
     for s in steps:
         if s.name in lone or s.name in fresh:  # no adapter region can reach it / the start of one of its own
             state[s.name] = source(s.name)
@@ -199,6 +201,12 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             # An input that only moves its source's values (TResNet's space-to-depth folds pixels into
             # channels) may be a new source itself: the op then acts on its channels.
             relaid = [i for i, v in zip(s.inputs, ins) if v.source != i and _pure(v)]
+            if isinstance(e, Relaid) and not relaid:  # moved further up: should the region stay, the moved
+                # value every path to this op crosses starts a region next time (an adapter after a token
+                # reshape, before a conv); not before, as the ops before it would stay (PVT's transposes)
+                flow = flow or _dataflow(steps)
+                moved_up[s.name] = {m for m in _moved_values(s.inputs, by_name, state)
+                                    if _graph.on_every_path(flow, ins[0].source, s.name, m)}
             for i in relaid:
                 state[i] = source(i)
             state[s.name], why = None, str(e)
@@ -220,7 +228,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
-    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, _dataflow(steps), hazard)
+    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow or _dataflow(steps), hazard)
     folds: list[Fold] = []
     regions: list[Region] = []
     members_of: dict[str, str] = {}
@@ -231,13 +239,14 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         heavy = sum(by_name[m].op.heavy for m in members)
         core = _without_trailing(members, by_name, consumers)
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
-        return heavy > len(exits), core
+        return heavy > len(_anchors(exits, core, by_name)), core
 
     def keep(region: Region, members: list[str], why: str) -> None:
         """The region stays as it is: reported when it is an adapter region (a scale region is the model's
         own). One that carries a conv's kernel map is planned again with the conv as the start of a region,
         as before kernel maps (a BatchNorm then folds into it on its own)."""
         more.update(_kernel_origins(members, by_name, state))
+        more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
         if not region.scale:
             region.reason = why
             regions.append(region)
@@ -261,7 +270,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             continue
         if isinstance(outcome, Blocked):
             e, why, outside = outcome
-            feeds = ", ".join(_blocker(c, label, ended, groups[src]) for c in outside)
+            feeds = ", ".join(_blocker(c, label, ended, groups[src], fresh) for c in outside)
             keep(region, members, f"{by_name[e].label} feeds {feeds}; {why}")
             continue
         chosen, settled = outcome
@@ -309,6 +318,38 @@ def _kernel_origins(names, by_name, state) -> set[str]:
             todo.extend(carried)
         else:
             found.add(n)
+    return found
+
+
+def _anchors(exits: list[str], members: list[str], by_name) -> set[str]:
+    """The values ``exits`` come from through cheap ops of one input each: exits that are one value
+    seen through different ops (an adapter's sum read by a BatchNorm and by a Pad, as ONNX spells a
+    reflect-padded conv) need one absorber's worth of layers, not one each."""
+    inside, found = set(members), set()
+    for e in exits:
+        while not by_name[e].op.heavy:
+            ins = [i for i in by_name[e].inputs if i in inside]
+            if len(ins) != 1 or len(by_name[e].inputs) != 1:
+                break
+            e = ins[0]
+        found.add(e)
+    return found
+
+
+def _moved_values(names, by_name, state) -> set[str]:
+    """The nearest values upstream of ``names``, in their region, that only move the region's source (a
+    token reshape before an adapter): where a region could start with its source laid out as they are."""
+    found, seen, todo = set(), set(), list(names)
+    while todo:
+        n = todo.pop()
+        v = state.get(n)
+        if n in seen or n not in by_name or v is None or v.source == n:
+            continue
+        seen.add(n)
+        if _pure(v):
+            found.add(n)
+        else:
+            todo.extend(i for i in by_name[n].inputs if state.get(i) is not None and state[i].source == v.source)
     return found
 
 
@@ -494,12 +535,18 @@ def _may_leave(e: str, ctx: _Ctx) -> bool:
     return hasattr(step.op, "absorb_input") or any(_kernel_map(ctx.state, i) for i in step.inputs)
 
 
-def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str], found: list[str]) -> str:
+def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str], found: list[str],
+             fresh: set[str]) -> str:
     if consumer == OUTPUT:
         return "the graph output"
-    # a cheap op of the region as found that only leads out of it (an identity branch's BatchNorm into a
-    # sum that ended the region) was left out of it
-    why = ended.get(consumer, "it only leads out of the region" if consumer in found else "not a channel-affine op")
+    if consumer in ended:
+        why = ended[consumer]
+    elif consumer in found:  # a cheap op of the region as found that only leads out of it (an identity
+        why = "it only leads out of the region"  # branch's BatchNorm into a sum that ended the region)
+    elif consumer in fresh:  # a conv whose kernel map could not fold with this region, planned again
+        why = "it starts a region of its own"
+    else:
+        why = "not a channel-affine op"
     return f"{label(consumer)} ({why})"
 
 
@@ -583,18 +630,22 @@ def _joins(e: str, ctx: _Ctx) -> set[str]:
 def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
     """The layers of parallel branches summed at ``e``, which the sum may go into (empty: none).
 
-    Branches of one layer each (and identities) summed, as in RepVGG's train-time block, read a value
-    ``d`` every path to ``e`` crosses: every path from ``d`` to ``e`` crosses at most one layer, and some
-    path from the source to ``d`` none (``d`` is the source, or an adapter's sum with its identity before
-    the block). Such a sum may go into one of its own layers even where a path crosses none, as nothing
-    else can take it: the fold leaves one layer where the model has at least one. An adapter of two layers
-    in a row beside an identity may not go into one of its own (it would leave a layer the model does not
-    have)."""
+    Parallel branches (RepVGG's train-time block: a 3x3, a 1x1 and an identity, each with a BatchNorm;
+    DBB's 1x1 then 3x3 beside them) read a value ``d`` every path to ``e`` crosses, which some path from
+    the source reaches through no layer (``d`` is the source, or an adapter's sum with its identity before
+    the block). Paths from ``d`` that cross one layer only mark the block's own layers: two of them, or
+    one where no path from ``d`` skips every layer. Such a sum may go into one of the layers after ``d``
+    even where a path crosses none, as nothing else can take it: the fold leaves one layer where the model
+    has one at least. An adapter beside an identity (two layers in a row, or one alone) has no such
+    paths, and may not go into one of its own layers (the model has none there)."""
     heavy = lambda m: int(ctx.by_name[m].op.heavy)
-    for d in _dominators(region, src, e):
-        if _graph.fewest(region, src, d, heavy) == 0 and _graph.most(region, d, e, heavy) <= 1:
-            return {h for h in _graph.descendants(region, d) if h != e and heavy(h)
-                    and e in _graph.descendants(region, h)} | ({e} if heavy(e) else set())
+    for d in reversed(_dominators(region, src, e)):  # the nearest the sum first: no adapter layer before it
+        if _graph.fewest(region, src, d, heavy) > 0:
+            continue
+        after = {h for h in _graph.descendants(region, d) if heavy(h) and (h == e or e in _graph.descendants(region, h))}
+        alone = [h for h in after if _graph.fewest(region, d, h, heavy) == 1 and _graph.fewest(region, h, e, heavy) == 0]
+        if len(alone) >= 2 or (alone and _graph.fewest(region, d, e, heavy) > 0):
+            return after
     return set()
 
 

@@ -107,6 +107,9 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
             n.target = getattr(torch, t.__name__.partition(".")[0])
         elif t in (aten.slice.Tensor, aten.select.int):
             _to_getitem(n)
+    for n in list(gm.graph.nodes):  # reads nothing uses (``ep.module()`` reads each num_batches_tracked so)
+        if n.op == "get_attr" and not n.users:  # would keep a folded BatchNorm's tensors in the program
+            gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
     return gm
