@@ -710,6 +710,9 @@ def _noop(report, y0, y, res: dict) -> None:
         res["noop_scales"] = sum(r.scale for r in report.folded)
         res["noop_ops"] = {k: f"{before.get(k, 0)}->{after.get(k, 0)}"
                            for k in kinds if before.get(k, 0) != after.get(k, 0)}
+        # a fold of the model's own scales or branches must never add an operator of any kind
+        res["noop_raised"] = {k: f"{before.get(k, 0)}->{after.get(k, 0)}"
+                              for k in kinds if after.get(k, 0) > before.get(k, 0)}
 
 
 def _fold_checked(adapted, y, ya, run_stage: str, run, res: dict):
@@ -964,6 +967,9 @@ def problems(row: dict) -> list[str]:
         if r.get("noop_layered", r.get("noop_folded")):
             out.append(f"{p} fold without adapters folded the model's own layers: "
                        f"{r.get('noop_layered', r.get('noop_folded'))[0]}")
+        if r.get("noop_raised"):
+            out.append(f"{p} fold without adapters added operators: "
+                       + ", ".join(f"{k} {v}" for k, v in r["noop_raised"].items()))
         if r.get("into_adapter"):
             out.append(f"{p} folded into an adapter's own layer, which still runs: {r['into_adapter'][0]}")
         if r.get("max_err", 0) > tol:

@@ -762,7 +762,7 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
             w = path[k]
         if w in done:
             return done[w]
-        if _pure(state[w]) and ctx.hazard(w) is None and any(c not in ctx.inside for c in ctx.consumers(w)):
+        if _pure(state[w]) and ctx.hazard(w) is None and _stays(w, ctx):
             done[w] = w  # the model's own layout op, read outside the region too: it stays, read it
             return w
         step = by_name[w]
@@ -792,6 +792,21 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
 
     start = build(target)
     return via, start
+
+
+def _stays(w: str, ctx: _Ctx, seen: set[str] | None = None) -> bool:
+    """Whether the model's own layout op ``w`` of the region stays after the fold: something outside the
+    region reads it, or reads a layout op or pass-through of the region that reads it (MaxViT's
+    ``proj = nn.Identity()`` before its residual sum)."""
+    seen = set() if seen is None else seen
+    seen.add(w)
+    for c in ctx.consumers(w):
+        if c not in ctx.inside:
+            return True
+        v = ctx.state.get(c)
+        if c not in seen and v is not None and _pure(v) and _stays(c, ctx, seen):
+            return True
+    return False
 
 
 def _scales(m: str, by_name, state) -> bool:

@@ -6,7 +6,8 @@
 * timm XCiT: the ONNX fold read a whole concatenation where the layer read a token slice;
 * PEFT VeRA: a factored map scaled per channel crashed the fold, reported as bad input;
 * timm TResNet: an adapter after the space-to-depth stem formed no region, and the report left it out;
-* timm SAM2 Hiera (TorchScript ONNX): shapes lost after a tiled position table hid every region.
+* timm SAM2 Hiera (TorchScript ONNX): shapes lost after a tiled position table hid every region;
+* torchvision MaxViT: a BatchNorm's fold copied layout ops that stayed anyway (more operators).
 """
 
 from __future__ import annotations
@@ -521,3 +522,35 @@ def test_a_second_adapter_behind_the_first_ones_layer_folds_as_a_region_of_its_o
     with torch.no_grad():
         assert rel_err(gm(x), model(x)) > 1e-3
         assert rel_err(folded(x), gm(x)) < 1e-5
+
+
+class Departition(nn.Module):
+    """torchvision MaxViT between blocks: windows back to an image (reshape, permute, reshape), then an
+    ``nn.Identity`` projection for the residual beside a pre-norm BatchNorm and a 1x1 conv."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.proj, self.norm, self.conv = nn.Identity(), nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, w):  # w: (B, 4 windows, 4 pixels, C)
+        b, c = w.shape[0], w.shape[-1]
+        x = w.reshape(b, 2, 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, 4, 4)
+        return self.proj(x) + self.conv(self.norm(x))
+
+
+def test_a_scale_fold_reads_layout_ops_that_stay_instead_of_copying_them():
+    # MaxViT: the BatchNorm folded into the conv, which read copies of the three layout ops while the
+    # originals stayed for the residual (through the Identity): 21 more reshapes and permutes, reported
+    # as "fewer operators than without adapters"
+    model = Departition().eval()
+    w = torch.randn(2, 4, 4, 8)
+    folded, report = repfold.fold(model, example_inputs=(w,), return_report=True)
+    assert report.regions and report.regions[0].folded, report
+    before, after = report.ops_before, report.ops_after
+    assert all(after.get(k, 0) <= n for k, n in before.items()) and set(after) <= set(before), report
+    assert after.get("BatchNorm2d", 0) == 0, report
+    with torch.no_grad():
+        assert rel_err(folded(w), model(w)) < 1e-5
