@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 
-from . import attention, conv, elementwise, layout, linear, normalization
+from . import attention, conv, elementwise, layout, linear, normalization, pooling
 from ._base import Match
 
-RULES = (linear, conv, attention, normalization, elementwise, layout)
+RULES = (linear, conv, pooling, attention, normalization, elementwise, layout)
 
 
 @functools.cache
@@ -54,4 +54,4 @@ def onnx_rules(node) -> tuple:
 
 
 __all__ = ["RULES", "Match", "attention", "conv", "elementwise", "fx_rules", "layout", "linear", "normalization",
-           "onnx_rules"]
+           "onnx_rules", "pooling"]

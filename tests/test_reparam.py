@@ -37,7 +37,9 @@ class Branches(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.branches = nn.ModuleList(nn.Sequential(*conv, _bn(conv[-1].out_channels, gen)) for conv in convs)
+        self.branches = nn.ModuleList(
+            nn.Sequential(*conv, _bn(next(m.out_channels for m in reversed(conv) if hasattr(m, "out_channels")), gen))
+            for conv in convs)
         self.identity = _bn(c, gen) if identity else None
         self.act = nn.ReLU() if act else nn.Identity()
 
@@ -71,6 +73,8 @@ BLOCKS = {
     "dbb": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), conv(C, 3)]], identity=False),
     # reflect padding on every branch that reads any
     "reflect": lambda: Branches(C, [[conv(C, 3, mode="reflect")], [conv(C, 1)]]),
+    # DBB's 1x1 -> average pool branch: a pool counting its zero padding is a depthwise conv of 1/9 taps
+    "avgpool": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), nn.AvgPool2d(3, 1, 1)]], identity=False),
 }
 
 
@@ -97,7 +101,7 @@ def test_fx_branches_become_one_conv(name, dtype, tol):
     assert len(report.layered) == 1 and report.layered[0].folded, report
 
 
-@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb"])
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_branches_become_one_conv(name, dynamo):
     model = BLOCKS[name]().eval()
@@ -130,7 +134,11 @@ def test_export_branches_become_one_conv():
     [[conv(C, 3, dil=2)], [conv(C, 5)]],
     # a 1x1 with a BatchNorm before a zero-padded 3x3: the constant would reach the padding
     [[conv(C, 3)], [conv(C, 1), nn.BatchNorm2d(C), conv(C, 3)]],
-], ids=["padding-modes", "dilations", "constant-before-padding"])
+    # the same before a zero-padded average pool
+    [[conv(C, 3)], [conv(C, 1), nn.BatchNorm2d(C), nn.AvgPool2d(3, 1, 1)]],
+    # a pool that divides by the taps inside the input: no conv (its border taps weigh more)
+    [[conv(C, 3)], [conv(C, 1), nn.AvgPool2d(3, 1, 1, count_include_pad=False)]],
+], ids=["padding-modes", "dilations", "constant-before-padding", "constant-before-pool-padding", "pool-without-pad"])
 def test_branches_that_cannot_be_one_conv_stay(convs):
     model = Branches(C, convs, identity=False).eval()
     for m in model.modules():
