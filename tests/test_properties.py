@@ -89,7 +89,7 @@ class Conv(nn.Module):
 class Branches(nn.Module):
     """A train-time multi-branch block: ``GELU(Σ BN(conv_k(x)) [+ BN(x)])``, the convs bias-free, of one
     stride, dilation, groups and padding mode, their padding centring every kernel (RepVGG, ACNet,
-    MobileOne); a branch may be a 1x1 then a kxk (DBB)."""
+    MobileOne); a branch may be a 1x1 then a kxk, or a 1x1 then an average pool (DBB)."""
 
     def __init__(self, c: int, out: int, ks: list, stride: int, dilation: int, mode: str, groups: int,
                  identity: bool) -> None:
@@ -102,9 +102,15 @@ class Branches(nn.Module):
             return nn.Conv2d(cin, out, k, stride, pad, d, groups, bias=False,
                              padding_mode=mode if any(pad) else "zeros")
 
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, c, 1, bias=False), conv(k), nn.BatchNorm2d(out)) if k[0] == "dbb"
-            else nn.Sequential(conv(k), nn.BatchNorm2d(out)) for k in ks)
+        def branch(k):
+            if k[0] == "dbb":
+                return nn.Sequential(nn.Conv2d(c, c, 1, bias=False), conv(k), nn.BatchNorm2d(out))
+            if k[0] == "avg":  # DBB's 1x1 then an average pool counting its zero padding
+                return nn.Sequential(nn.Conv2d(c, out, 1, bias=False), nn.AvgPool2d(k[1:], stride, k[1] // 2),
+                                     nn.BatchNorm2d(out))
+            return nn.Sequential(conv(k), nn.BatchNorm2d(out))
+
+        self.branches = nn.ModuleList(branch(k) for k in ks)
         self.identity = nn.BatchNorm2d(c) if identity else None
         self.act = nn.GELU()
 
@@ -221,21 +227,22 @@ def architectures(draw):
             c = out
         elif kind == "branches":
             stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
-            shapes = st.sampled_from([(1, 1), (3, 3), (5, 5), (1, 3), (3, 1), ("dbb", 3, 3)])
+            shapes = st.sampled_from([(1, 1), (3, 3), (5, 5), (1, 3), (3, 1), ("dbb", 3, 3)]
+                                     + ([("avg", 3, 3)] if dilation == 1 else []))  # a pool has no dilation
             ks = draw(st.lists(shapes, min_size=1, max_size=3))
             identity = stride == 1 and draw(st.booleans())
             if len(ks) + identity < 2:
                 ks.append((1, 1))
             pads = [dilation * (n - 1) // 2 for k in ks for n in k[-2:] if n > 1]
-            first_pads = [p for k in ks if k[0] != "dbb" for p in k if p > 1]  # DBB's branch starts with a 1x1
-            mode = "zeros" if not pads or max(pads) >= min(h, w) else draw(st.sampled_from(["zeros", "reflect"]))
+            first_pads = [p for k in ks if k[0] not in ("dbb", "avg") for p in k if p > 1]  # DBB's: a 1x1 first
+            mode = "zeros" if not pads or max(pads) >= min(h, w) or any(k[0] == "avg" for k in ks) \
+                else draw(st.sampled_from(["zeros", "reflect"]))  # (a pool pads with zeros)
             out = c if identity else draw(st.sampled_from([c, 2 * c]))
-            groups = draw(st.sampled_from([1, c] if out == c and not any(k[0] == "dbb" for k in ks) else [1]))
+            groups = draw(st.sampled_from([1, c] if out == c and all(k[0] not in ("dbb", "avg") for k in ks) else [1]))
             units.append(("branches", (c, out, ks, stride, dilation, mode, groups, identity)))
             if draw(st.booleans()):  # an adapter (with a bias) before the block
                 # it folds with the block into one conv, or into the first conv of each branch, unless its
                 # bias reaches a zero padding (through the sum where an identity needs it there) or it
-                # would densify a depthwise conv; which op of the block says no first varies
                 # would densify a depthwise conv; which op of the block says no first varies. Beside an
                 # identity, fewer than two branches of one layer look like an adapter: kept too
                 border = mode == "zeros" and (first_pads or (pads and identity))
@@ -245,7 +252,7 @@ def architectures(draw):
                 # beside an identity the sum goes into one of the branches' convs, whose kernel must hold
                 # the others (without one, the adapter goes into the first conv of each branch)
                 span = tuple(max(k[-2:][a] for k in ks) for a in (0, 1))
-                cover = any(tuple(k[-2:]) == span for k in ks)
+                cover = any(tuple(k[-2:]) == span for k in ks if k[0] != "avg")  # (a pool takes no map)
                 expect = KEPT if groups > 1 or border or lookalike or (identity and not cover) else folds
                 if ">" in units[-2][0] if len(units) > 1 else False:  # its source laid out another way: the
                     expect = RELAID  # fold may take the branches' convs one by one, and the block sums later
@@ -400,8 +407,8 @@ def test_random_architectures_fold_exactly_in_fx(arch):
     elif all(r.folded for r in report.regions):  # an adapter's fold may keep a block's branches from summing
         plain = fx_counts(torch.fx.symbolic_trace(base))
         assert all(n <= plain.get(k, 0) for k, n in fx_counts(folded).items()), (fx_counts(folded), plain)
-        if not _relaid(adapters):  # (there its convs may each take a bias of their own)
-            assert report.params_after <= sum(p.numel() for p in base.parameters())
+        # a bias-less conv that takes an adapter's constant takes a bias (README): no new operator
+        assert report.params_after <= sum(p.numel() for p in base.parameters()) + _new_biases(folded, base)
     # folding again finds no adapter; a constant scale whose layer took the adapter's fold may fold now (and
     # the branches whose convs took an adapter one by one)
     again, second = repfold.fold(folded, example_inputs=x, return_report=True)
@@ -463,6 +470,13 @@ def test_random_architectures_fold_via_torch_export(arch):
     # (a reflect-padded conv's pad is an op of its own in ATen: the branches it starts do not sum)
     assert [r.folded for r in _with_adapters(report)] == [r.folded for r in _with_adapters(fx_report)], \
         f"{report}\n--- fx:\n{fx_report}"
+
+
+def _new_biases(folded: nn.Module, base: nn.Module) -> int:
+    """The parameters of the biases that the fold gave convs which had none."""
+    was = dict(base.named_modules())
+    return sum(m.bias.numel() for n, m in folded.named_modules() if isinstance(m, nn.Conv2d) and m.bias is not None
+               and isinstance(was.get(n), nn.Conv2d) and was[n].bias is None)
 
 
 def _relaid(adapters) -> bool:
