@@ -501,8 +501,11 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             if into > allowed and not all(f.absorber in _parallel(whole, src, f.exit, ctx)
                                           for f in chosen if f.kind == "into"):
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
-            elif heavy > into or (scales and chosen and len(folded) > kept
-                                  and any(_scales(m, by_name, state) for m in folded)):
+            elif (heavy > into or (scales and chosen and len(folded) > kept
+                                   and any(_scales(m, by_name, state) for m in folded))):
+                if adapter and len(folded) < len(members) and _splits(src, folded, ctx):
+                    return first or Blocked(folded[-1], "folding part of it would leave an adapter layer running "
+                                            "apart from the sum with its identity", [])
                 return chosen, folded
             else:
                 why = (exits or folded)[0], "folding it would remove no layer"
@@ -618,6 +621,23 @@ def _assign(src, todo, folded, ctx: _Ctx):
 def _region_graph(src: str, members: list[str], ctx: _Ctx):
     """The dataflow among the region's members and its source."""
     return ctx.flow.subgraph([src, *members])
+
+
+def _splits(src: str, folded: list[str], ctx: _Ctx) -> bool:
+    """Whether the part ``folded`` of a region cut short holds a layer whose sum with what goes beside it
+    (an adapter's identity) was cut off: the fold would leave that sum, and the rest of the adapter,
+    running (EfficientFormer-V2's downsampling attention, whose adapter "folded" into its own
+    down-projection)."""
+    g, inside = ctx.whole, set(folded)
+    for h in folded:
+        if not ctx.by_name[h].op.heavy:
+            continue
+        below = _graph.descendants(g, h)
+        beside = {n for n in below if not _graph.on_every_path(g, src, n, h)}
+        merges = {n for n in beside if not any(i in beside for i in ctx.by_name[n].inputs)}
+        if merges - inside:
+            return True
+    return False
 
 
 def _joins(e: str, ctx: _Ctx) -> set[str]:

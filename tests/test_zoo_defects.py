@@ -554,3 +554,21 @@ def test_a_scale_fold_reads_layout_ops_that_stay_instead_of_copying_them():
     assert after.get("BatchNorm2d", 0) == 0, report
     with torch.no_grad():
         assert rel_err(folded(w), model(w)) < 1e-5
+
+
+def test_an_adapter_region_cut_short_is_kept_whole_not_folded_in_pieces():
+    # timm EfficientFormer-V2: the adapter before the downsampling attention (whose depthwise query conv
+    # refuses its map) was cut down to its own down-projection, "folded" into itself, and the rest planned
+    # as scale regions: reported folded, while the adapter still ran
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientformerv2_s0", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)  # (its attention's shapes are fixed for this size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = repfold.insert(model, before=["stages.3.downsample.attn"], example_inputs=(x,))
+    randomize_adapters(gm)
+    folded, report = repfold.fold(gm, return_report=True)
+    assert not any("repfold_adapters" in into for r in report.folded for into in r.into), report
+    assert [r for r in report.kept if any("repfold_adapters" in op for op in r.ops)], report
+    with torch.no_grad():
+        assert rel_err(folded(x), gm(x)) < 1e-5
