@@ -27,16 +27,15 @@ from repfold._affine import Affine, Channels, Kernel, NotAffine, Relaid, diagona
 
 from ._base import Match, torch_own
 from ._torch import F, nn
+from .conv import Geometry
 
 
 @dataclass
 class AvgPool:
-    """An average pool over ``size`` with ``stride`` and leading / trailing pads ``begin`` / ``end``."""
+    """An average pool over ``size``, its windows placed as a conv's taps are (``geometry``)."""
 
     size: tuple[int, ...]
-    stride: tuple[int, ...]
-    begin: tuple[int, ...]
-    end: tuple[int, ...]
+    geometry: Geometry
 
     heavy = False
 
@@ -52,8 +51,8 @@ class AvgPool:
         n = len(self.size)
         if v.pos is not None or v.rank != n + 2:
             raise Relaid(f"a {self.desc} reads its region's source laid out another way")
-        padded = any(self.begin) or any(self.end)
-        if padded and np.any(v.c):
+        g = self.geometry
+        if g.padding is not None and np.any(v.c):
             raise NotAffine(f"a constant before a zero-padded {self.desc} is not exact at the borders "
                             "(the padding reads 0, not the constant)")
         box = np.full(self.size, 1.0 / math.prod(self.size))
@@ -64,14 +63,19 @@ class AvgPool:
         else:  # mixes channels: each (out, in) pair's weight spread over the window
             M = np.asarray(v.M)
             K, groups = M.reshape(M.shape + (1,) * n) * box, 1
-        kmap = Kernel(K, groups, self.stride, (1,) * n, tuple(-p for p in self.begin), "zeros" if padded else None)
-        shape = (v.shape[0], K.shape[0], *((size - k + b + e) // s + 1 for size, k, s, b, e
-                                           in zip(v.shape[2:], self.size, self.stride, self.begin, self.end)))
+        kmap = Kernel(K, groups, g.stride, g.dilation, g.start, g.padding)
+        shape = (v.shape[0], K.shape[0], *(g.out_size(size, a, k) for a, (size, k) in enumerate(zip(v.shape[2:], self.size))))
         return replace(v, shape=shape, M=kmap)
 
 
 def _tuple(x, n: int) -> tuple[int, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+
+def _avg_pool(size, stride, begin, end) -> AvgPool:
+    padded = any(begin) or any(end)
+    n = len(size)
+    return AvgPool(size, Geometry(stride, (1,) * n, tuple(-p for p in begin), end, "zeros" if padded else None))
 
 
 # --- torch.fx --------------------------------------------------------------------------
@@ -91,7 +95,7 @@ def _pool(n, kernel, stride, padding, ceil_mode, count_include_pad, divisor_over
     padding = _tuple(padding, n)
     if ceil_mode or divisor_override or (any(padding) and not count_include_pad):
         return None  # windows that divide by something else than their size
-    return AvgPool(kernel, stride, padding, padding)
+    return _avg_pool(kernel, stride, padding, padding)
 
 
 def match_fx(node, ctx) -> Match | None:
@@ -135,5 +139,5 @@ def match_onnx(node, ctx) -> Match | None:
     pads = (0,) * (2 * n) if auto == "VALID" else tuple(a.get("pads", [0] * (2 * n)))
     if any(pads) and not a.get("count_include_pad", 0):
         return None
-    op = AvgPool(kernel, tuple(a.get("strides", [1] * n)), pads[:n], pads[n:])
+    op = _avg_pool(kernel, tuple(a.get("strides", [1] * n)), pads[:n], pads[n:])
     return Match(op, (node.inputs[0],), f"{node.name} ({op.desc})")

@@ -180,7 +180,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
 
     lone = set() if scales else _lone_layers(steps)
     more: set[str] = set()  # values to be sources next time
-    flow = None  # the dataflow graph, made when needed
+    flow = _dataflow(steps)
     moved_up: dict[str, set[str]] = {}  # an op that needs its input laid out as the source -> moved values
     for s in steps:
         if s.name in lone or s.name in fresh:  # no adapter region can reach it / the start of one of its own
@@ -204,7 +204,6 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             if isinstance(e, Relaid) and not relaid:  # moved further up: should the region stay, the moved
                 # value every path to this op crosses starts a region next time (an adapter after a token
                 # reshape, before a conv); not before, as the ops before it would stay (PVT's transposes)
-                flow = flow or _dataflow(steps)
                 moved_up[s.name] = {m for m in _moved_values(s.inputs, by_name, state)
                                     if _graph.on_every_path(flow, ins[0].source, s.name, m)}
             for i in relaid:
@@ -228,7 +227,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
-    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow or _dataflow(steps), hazard)
+    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard)
     folds: list[Fold] = []
     regions: list[Region] = []
     members_of: dict[str, str] = {}
@@ -327,11 +326,8 @@ def _anchors(exits: list[str], members: list[str], by_name) -> set[str]:
     reflect-padded conv) need one absorber's worth of layers, not one each."""
     inside, found = set(members), set()
     for e in exits:
-        while not by_name[e].op.heavy:
-            ins = [i for i in by_name[e].inputs if i in inside]
-            if len(ins) != 1 or len(by_name[e].inputs) != 1:
-                break
-            e = ins[0]
+        while not by_name[e].op.heavy and len(by_name[e].inputs) == 1 and by_name[e].inputs[0] in inside:
+            e = by_name[e].inputs[0]
         found.add(e)
     return found
 
@@ -632,8 +628,7 @@ def _splits(src: str, folded: list[str], ctx: _Ctx) -> bool:
     for h in folded:
         if not ctx.by_name[h].op.heavy:
             continue
-        below = _graph.descendants(g, h)
-        beside = {n for n in below if not _graph.on_every_path(g, src, n, h)}
+        beside = _graph.descendants(g, h) - _graph.dominated(g, src, h)
         merges = {n for n in beside if not any(i in beside for i in ctx.by_name[n].inputs)}
         if merges - inside:
             return True
@@ -642,8 +637,6 @@ def _splits(src: str, folded: list[str], ctx: _Ctx) -> bool:
 
 def _joins(e: str, ctx: _Ctx) -> set[str]:
     """The exits of the region as first found that ``e`` is, or flows into."""
-    if ctx.whole is None:
-        return set()
     return ({e} | _graph.descendants(ctx.whole, e)) & ctx.whole_exits
 
 
@@ -659,7 +652,7 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
     has one at least. An adapter beside an identity (two layers in a row, or one alone) has no such
     paths, and may not go into one of its own layers (the model has none there)."""
     heavy = lambda m: int(ctx.by_name[m].op.heavy)
-    for d in reversed(_dominators(region, src, e)):  # the nearest the sum first: no adapter layer before it
+    for d in reversed(_graph.dominators(region, src, e)):  # the nearest the sum first: no adapter layer before it
         if _graph.fewest(region, src, d, heavy) > 0:
             continue
         after = {h for h in _graph.descendants(region, d) if heavy(h) and (h == e or e in _graph.descendants(region, h))}
@@ -667,13 +660,6 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
         if len(alone) >= 2 or (alone and _graph.fewest(region, d, e, heavy) > 0):
             return after
     return set()
-
-
-def _dominators(region, src: str, e: str) -> list[str]:
-    """The values every path from ``src`` to ``e`` crosses (``src`` first, ``e`` excluded), nearest the
-    source first."""
-    up = _graph.ancestors(region, e)
-    return [d for d in _graph.topological(region) if d in up and (d == src or _graph.on_every_path(region, src, e, d))]
 
 
 def _fewest_layers(region, src: str, e: str, ctx: _Ctx) -> int:

@@ -9,6 +9,8 @@ value to each op that reads it. On that graph:
   it may be removed; everything else stays, dead or not.
 * :func:`on_every_path`: whether every path from one value to another crosses
   a given op (the model's own layer, which an adapter is a branch beside).
+* :func:`dominators` / :func:`dominated`: what every path from one value to another crosses, and what
+  every path crosses a given value to reach.
 * :func:`fewest` / :func:`most`: the fewest / most heavy layers on a path between two values.
 * :func:`components`: groups of values connected by an edge in either direction.
 """
@@ -49,8 +51,27 @@ def descendants(g: nx.DiGraph, node: Hashable) -> set[Hashable]:
     return nx.descendants(g, node) if node in g else set()
 
 
-def topological(g: nx.DiGraph) -> list[Hashable]:
-    return list(nx.topological_sort(g))
+def dominators(g: nx.DiGraph, src: Hashable, dst: Hashable) -> list[Hashable]:
+    """The nodes every path from ``src`` to ``dst`` crosses, ``src`` first, ``dst`` left out (none when
+    there is no path)."""
+    idom = nx.immediate_dominators(g, src)
+    if dst not in idom:
+        return []
+    chain = []
+    while dst != src:
+        dst = idom[dst]
+        chain.append(dst)
+    return chain[::-1]
+
+
+def dominated(g: nx.DiGraph, src: Hashable, via: Hashable) -> set[Hashable]:
+    """The nodes every path from ``src`` to which crosses ``via`` (``via`` and those after it only)."""
+    idom = nx.immediate_dominators(g, src)
+    below = {via}
+    for n in nx.topological_sort(g.subgraph(idom)):  # a node's dominator comes before it
+        if n != src and idom[n] in below:
+            below.add(n)
+    return below
 
 
 def on_every_path(g: nx.DiGraph, src: Hashable, dst: Hashable, via: Hashable) -> bool:

@@ -440,7 +440,7 @@ def test_random_architectures_fold_via_onnx(arch):
     fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
     # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region; a
     # block's own branches sum in fx, but not in ONNX where its reflect padding is a Pad op of its own)
-    assert sum(r.folded for r in _with_adapters(report)) == sum(r.folded for r in _with_adapters(fx_report)), \
+    assert sum(r.folded for r in _outside_blocks(report)) == sum(r.folded for r in _outside_blocks(fx_report)), \
         f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions) and not _branches(arch):
         assert_base_operators(onnx_counts(folded), onnx_counts(plain))
@@ -468,7 +468,7 @@ def test_random_architectures_fold_via_torch_export(arch):
     check_report(report, adapters, fx=False)
     fx_report = repfold.fold(gm, example_inputs=x, return_report=True)[1]
     # (a reflect-padded conv's pad is an op of its own in ATen: the branches it starts do not sum)
-    assert [r.folded for r in _with_adapters(report)] == [r.folded for r in _with_adapters(fx_report)], \
+    assert [r.folded for r in _outside_blocks(report)] == [r.folded for r in _outside_blocks(fx_report)], \
         f"{report}\n--- fx:\n{fx_report}"
 
 
@@ -487,7 +487,7 @@ def _branches(arch) -> bool:
     return any(kind == "branches" for kind, _ in arch[0])
 
 
-def _with_adapters(report) -> list:
+def _outside_blocks(report) -> list:
     """The layered regions but those that reach a multi-branch block (its own branch sum, or an adapter
     before it), which ONNX and ATen may not sum where a reflect padding is a Pad op of its own."""
     return [r for r in report.layered if not any("branches" in op for op in r.ops + r.into)]
