@@ -567,6 +567,8 @@ def test_an_adapter_region_cut_short_is_kept_whole_not_folded_in_pieces():
         warnings.simplefilter("ignore")
         gm = repfold.insert(model, before=["stages.3.downsample.attn"], example_inputs=(x,))
     randomize_adapters(gm)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) > 1e-3, "the adapter must change the output"
     folded, report = repfold.fold(gm, return_report=True)
     assert not any("repfold_adapters" in into for r in report.folded for into in r.into), report
     assert [r for r in report.kept if any("repfold_adapters" in op for op in r.ops)], report
