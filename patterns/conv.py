@@ -42,8 +42,8 @@ from repfold._affine import (
 )
 
 from ._base import Deferred, Match, fx_rebuild, onnx_rebuild, resolve, torch_own
-from ._torch import nn
-from .linear import _is_pointwise_conv, _np, densify_reason
+from ._torch import F, nn
+from .linear import Dense, _hint, _is_pointwise_conv, _np, densify_reason
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ class Conv:
     zero_padded: bool
     desc: str
     geometry: Geometry | None = None
+    computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW on a conv): an adapter's
+    evaluable: bool = False  # computed, and storing it costs no more (HRA's W·H): a region even alone
 
     heavy = True
 
@@ -205,14 +207,108 @@ def _fx_params(m, W, b):
     return {"weight": W} if b is None else {"weight": W, "bias": b}
 
 
-ONNX_OPS = frozenset({"Conv"})
+ONNX_OPS = frozenset({"Conv", "Pad"})
 
 
 def fx_keys() -> set:
-    return {nn.Conv1d, nn.Conv2d, nn.Conv3d}
+    return {nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, F.pad}
+
+
+def _pads(padding, kernel, dilation) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A conv's (leading, trailing) zero pads per spatial axis from its ``padding`` argument."""
+    n = len(kernel)
+    if padding == "valid":
+        return (0,) * n, (0,) * n
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    p = (padding,) * n if isinstance(padding, int) else tuple(padding)
+    return (p, p) if len(p) == n and all(isinstance(i, int) for i in p) else None
+
+
+def _fx_call(node, ctx) -> Match | None:
+    """``F.convNd(x, weight, bias, stride, padding, dilation, groups)`` whose weight (and bias) are constants:
+    stored, or computed from weights alone (PEFT's LoHa / LoKr ``ΔW`` on a conv, as torch.export leaves it)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    if set(args) - set(names) or "weight" not in args or not ctx.is_tensor(args.get("input")):
+        return None
+    x, weight, bias = args["input"], args["weight"], args.get("bias")
+    w, b = ctx.const(weight), None if bias is None else ctx.const(bias)
+    if not isinstance(w, np.ndarray) or w.ndim < 3 or (bias is not None and not isinstance(b, np.ndarray)):
+        return None
+    n = w.ndim - 2
+    stride, padding, dilation, groups = (ctx.value(args.get(k, d)) for k, d in
+                                         (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
+    stride, dilation = ((v,) * n if isinstance(v, int) else tuple(v or ()) for v in (stride, dilation))
+    pads = _pads(padding, w.shape[2:], dilation)
+    if pads is None or len(stride) != n or len(dilation) != n or not isinstance(groups, int) \
+            or not all(isinstance(v, int) for v in (*stride, *dilation)) or ctx.rank(x) != n + 2:
+        return None
+    computed, evaluable = weight.op != "get_attr", ctx.evaluable(weight, w.size)
+    begin, end = pads
+    if all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in stride) and not any(begin + end):
+        flat = w.reshape(w.shape[0], -1)
+        op = Dense(expand_groups(flat, groups) if groups > 1 else flat, b, 1, groups, "1x1 Conv", computed=computed,
+                   evaluable=evaluable)
+    else:
+        padded = any(begin) or any(end)
+        geometry = Geometry(stride, dilation, tuple(-p for p in begin), end, "zeros" if padded else None)
+        op = Conv(w, b, groups, padded, _desc(w.shape[2:], stride), geometry, computed=computed, evaluable=evaluable)
+
+    def emit(swap: dict, W, bias_new):
+        grouped = collapse_groups(W, groups) if isinstance(op, Dense) else W
+        new = dict(args, input=swap.get(x, x), weight=ctx.new_param(_hint(weight), grouped, weight))
+        if bias_new is not None:
+            new["bias"] = ctx.new_param(_hint(weight) + "_bias", bias_new, weight, shape=(w.shape[0],)) \
+                if bias is None else ctx.new_param(_hint(bias), bias_new, bias)
+        return ctx.graph.call_function(node.target, tuple(new[k] for k in names if k in new))
+
+    where = node.name if computed else weight.target.removesuffix(".weight")  # a stored weight: its layer's path
+    return Match(op, (x,), f"{where} ({node.target.__name__} {op.desc if isinstance(op, Conv) else '1x1'})",
+                 emit=emit)
+
+
+# torch's pad modes that copy positions: a conv's ``padding_mode`` of the same name
+_FX_COPY_PADS = ("reflect", "replicate", "circular")
+
+
+def _fx_padded_conv(pad, ctx) -> Match | None:
+    """``F.pad(x, p, mode)`` copying positions on the spatial axes, read only by an ``nn.ConvNd`` that pads
+    nothing: one conv with that ``padding_mode`` (as torch.export spells a reflect-padded conv)."""
+    x, users = pad.args[0] if pad.args else None, list(pad.users)
+    amounts = pad.kwargs.get("pad", pad.args[1] if len(pad.args) > 1 else None)
+    mode = pad.kwargs.get("mode", pad.args[2] if len(pad.args) > 2 else "constant")
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (pad,) or mode not in _FX_COPY_PADS \
+            or not isinstance(amounts, (list, tuple)) or not all(isinstance(p, int) for p in amounts):
+        return None
+    conv, m = users[0], ctx.module(users[0])
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not torch_own(m) or len(conv.args) != 1 or conv.kwargs \
+            or not ctx.is_tensor(x) or ctx.rank(x) != len(m.kernel_size) + 2:
+        return None
+    n = len(m.kernel_size)
+    if m.padding != "valid" and (isinstance(m.padding, str) or any(m.padding)) or len(amounts) != 2 * n \
+            or min(amounts) < 0:
+        return None
+    pairs = [(amounts[i], amounts[i + 1]) for i in range(0, 2 * n, 2)][::-1]  # F.pad lists the last axis first
+    geometry = Geometry(tuple(m.stride), tuple(m.dilation), tuple(-a for a, _ in pairs), tuple(e for _, e in pairs),
+                        mode)
+    op = Conv(_np(m.weight), _np(m.bias), m.groups, False, _desc(m.kernel_size, m.stride) + f" {mode}-padded",
+              geometry)
+    rebuild = fx_rebuild(conv, ctx, _fx_params)
+
+    def emit(swap: dict, W, b):
+        new_pad = ctx.graph.call_function(pad.target, (swap.get(x, x), *pad.args[1:]), dict(pad.kwargs))
+        return rebuild({pad: new_pad}, W, b)
+
+    return Match(op, (x,), f"{conv.target} (pad + {type(m).__name__} {op.desc})", (pad, conv), emit)
 
 
 def match_fx(node, ctx) -> Match | None:
+    if node.op == "call_function" and node.target is F.pad:
+        return _fx_padded_conv(node, ctx)
+    if node.op == "call_function":
+        return _fx_call(node, ctx)
     if node.op != "call_module" or not node.args:
         return None
     m = ctx.module(node)
@@ -237,7 +333,51 @@ def match_fx(node, ctx) -> Match | None:
 # --- ONNX ------------------------------------------------------------------------------
 
 
+# ONNX Pad modes that copy positions, by the name a torch conv's ``padding_mode`` gives them
+_ONNX_COPY_PADS = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _onnx_padded_conv(pad, ctx) -> Match | None:
+    """A Pad that copies positions (reflect, edge, wrap) on the spatial axes, read only by a Conv that pads
+    nothing: one conv with that padding, as torch's ``padding_mode="reflect"`` exports (its branches then sum
+    as in fx)."""
+    x, conv = pad.inputs[0], ctx.only_consumer(pad.outputs[0])
+    mode = pad.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if conv is None or conv.op != "Conv" or conv.inputs[0] is not pad.outputs[0] or mode not in _ONNX_COPY_PADS \
+            or len(pad.inputs) != 2:
+        return None
+    pads, rank, w = ctx.raw_const(pad.inputs[1]), ctx.rank(x), ctx.weight(conv.inputs[1])
+    b = ctx.const(conv.inputs[2]) if len(conv.inputs) > 2 else None
+    a = conv.attrs
+    if pads is None or rank is None or w is None or len(w.shape) != rank or len(pads) != 2 * rank \
+            or (len(conv.inputs) > 2 and b is None):
+        return None
+    pads = [int(p) for p in pads]
+    n = rank - 2
+    auto = a.get("auto_pad", "NOTSET")
+    if any(pads[:2]) or any(pads[rank:rank + 2]) or any(a.get("pads", [0])) or min(pads) < 0 \
+            or (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+        return None
+    begin, end = tuple(pads[2:rank]), tuple(pads[rank + 2:])
+    strides, dilations = tuple(a.get("strides", [1] * n)), tuple(a.get("dilations", [1] * n))
+    geometry = Geometry(strides, dilations, tuple(-p for p in begin), end, _ONNX_COPY_PADS[mode])
+    computed = ctx.computed(conv.inputs[1])
+    op = Conv(w, b, a.get("group", 1), False, _desc(w.shape[2:], strides) + f" {mode}-padded", geometry, computed,
+              computed and ctx.evaluable(conv.inputs[1], int(np.prod(w.shape))))
+
+    def emit(swap: dict, W, bias):
+        ins = [ctx.copy_node(pad, [swap.get(x, x), pad.inputs[1]]), ctx.new_const(conv.inputs[1], W)]
+        if bias is not None:
+            ins.append(ctx.new_const(conv.inputs[2] if len(conv.inputs) > 2 else conv.inputs[1], bias))
+        return ctx.copy_node(conv, ins)
+
+    return Match(op, (x,), f"{conv.name} (Pad + Conv {op.desc})", (pad, conv), emit)
+
+
 def match_onnx(node, ctx) -> Match | None:
+    if node.op == "Pad":
+        return _onnx_padded_conv(node, ctx)
     if node.op != "Conv":
         return None
     w = ctx.weight(node.inputs[1])
@@ -266,7 +406,9 @@ def match_onnx(node, ctx) -> Match | None:
         geometry = Geometry(strides, dilations, tuple(-p for p in pads[:n]), pads[n:], "zeros" if padded else None)
     if all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in strides) and not padded:
         return None  # a 1x1 conv: a Linear, in linear.py
-    op = Conv(w, b, a.get("group", 1), padded, _desc(w.shape[2:], strides), geometry)
+    computed = ctx.computed(node.inputs[1])
+    op = Conv(w, b, a.get("group", 1), padded, _desc(w.shape[2:], strides), geometry, computed,
+              computed and ctx.evaluable(node.inputs[1], int(np.prod(w.shape))))
 
     def inits(W, bias):  # a conv without a bias input takes one: a third input, no new operator
         return {1: W} if bias is None else {1: W, 2: bias}

@@ -39,7 +39,7 @@ from repfold._affine import (
 )
 
 from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored, torch_own
-from ._torch import F, nn, torch
+from ._torch import F, fx, nn, torch
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Dense:
     groups: int = 1
     kind: str = "Linear"
     computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW): an adapter's, not stored
+    evaluable: bool = False  # computed, and storing it costs no more (HRA's W·H): a region even alone
 
     heavy = True
 
@@ -135,15 +136,75 @@ def _fx_params(m: nn.Module, W: np.ndarray, b: np.ndarray | None) -> dict[str, n
     return {"weight": w} if b is None else {"weight": w, "bias": b}
 
 
-ONNX_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+ONNX_OPS = frozenset({"MatMul", "Gemm", "Conv", "Reshape"})
 
 
 def fx_keys() -> set:
     """What ``match_fx`` may match: module classes (subclasses too), functions and method names."""
-    return {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, F.linear, torch.matmul, operator.matmul}
+    return {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, F.linear, torch.matmul, operator.matmul,
+            "reshape", "view", torch.reshape}
+
+
+def block_matmul(equation: str) -> bool:
+    """Whether ``equation`` is ``...rk,rkc->...rc`` in any letters: a matmul per block ``r`` of the channels."""
+    ins, _, out = equation.replace(" ", "").partition("->")
+    a, _, b = ins.partition(",")
+    if not (a.startswith("...") and out.startswith("...")):
+        return False
+    a, out = a[3:], out[3:]
+    return len(a) == 2 and len(b) == 3 and len(set(b)) == 3 and b[:2] == a and out == b[0] + b[2]
+
+
+def blocks(R: np.ndarray) -> np.ndarray:
+    """The (out, in) weight of ``...rk,rkc->...rc`` with ``R`` (r, k, c) on channels split into r blocks of k:
+    block-diagonal, block ``i`` being ``R[i]ᵀ``."""
+    r, k, c = R.shape
+    W = np.zeros((r * c, r * k))
+    for i in range(r):
+        W[i * c:(i + 1) * c, i * k:(i + 1) * k] = R[i].T
+    return W
+
+
+def _block_rotation(x_shape, split_shape, R, merged_shape) -> np.ndarray | None:
+    """The weight of ``reshape(einsum('...rk,rkc->...rc', reshape(x, (..., r, k)), R), (..., r·c))`` (OFT's
+    rotation of a layer's input, one block per ``k`` channels), or None where the shapes say otherwise."""
+    if not isinstance(R, np.ndarray) or R.ndim != 3 or None in (x_shape, split_shape, merged_shape):
+        return None
+    r, k, c = R.shape
+    lead = tuple(x_shape[:-1])
+    if tuple(split_shape) != (*lead, r, k) or x_shape[-1] != r * k or tuple(merged_shape) != (*lead, r * c):
+        return None
+    return blocks(R)
+
+
+def _fx_block_rotation(node, ctx) -> Match | None:
+    """``x.reshape(..., r, k)`` read only by ``einsum('...rk,rkc->...rc', ·, R)`` with a constant ``R``, read only
+    by a reshape back to ``(..., r·c)``: one channel map (PEFT's OFT), matched at the first reshape."""
+    x = node.args[0] if node.args else None
+    if len(node.users) != 1 or not isinstance(x, fx.Node) or ctx.const(x) is not None:
+        return None
+    e = next(iter(node.users))
+    if e.op != "call_function" or getattr(e.target, "__name__", "").partition(".")[0] != "einsum" or e.kwargs:
+        return None
+    eq, *ops = e.args
+    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+    if not isinstance(eq, str) or len(ops) != 2 or ops[0] is not node or not block_matmul(eq) or len(e.users) != 1:
+        return None
+    back = next(iter(e.users))
+    if back.op not in ("call_method", "call_function") or getattr(back.target, "__name__", back.target) not in (
+            "reshape", "view") or back.args[0] is not e:
+        return None
+    W = _block_rotation(ctx.shape(x), ctx.shape(node), ctx.const(ops[1]), ctx.shape(back))
+    if W is None:
+        return None
+    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True)  # never rebuilt: a Linear here would cost more
+    return Match(op, (x,), f"{e.name} (einsum {eq})", (node, e, back))
 
 
 def match_fx(node, ctx) -> Match | None:
+    if node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in (
+            "reshape", "view"):
+        return _fx_block_rotation(node, ctx)
     if node.op == "call_module":
         m = ctx.module(node)
         rank = ctx.rank(node.args[0])
@@ -166,7 +227,8 @@ def match_fx(node, ctx) -> Match | None:
         R, rank = ctx.const(r), ctx.rank(x)
         if not isinstance(R, np.ndarray) or R.ndim != 2 or rank is None or rank < 2 or ctx.const(x) is not None:
             return None
-        op = Dense(np.ascontiguousarray(R.T), None, rank - 1, computed=r.op != "get_attr")
+        op = Dense(np.ascontiguousarray(R.T), None, rank - 1, computed=r.op != "get_attr",
+                   evaluable=ctx.evaluable(r, R.size))
         return Match(op, (x,), f"{node.name} (matmul)", emit=_fx_matmul_emit(node, ctx))
     if node.op == "call_function" and node.target is F.linear:
         x, w = node.args[0], ctx.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
@@ -176,7 +238,7 @@ def match_fx(node, ctx) -> Match | None:
         if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
             return None
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        op = Dense(w, b, rank - 1, computed=weight.op != "get_attr")
+        op = Dense(w, b, rank - 1, computed=weight.op != "get_attr", evaluable=ctx.evaluable(weight, w.size))
         return Match(op, (x,), f"{node.name} (F.linear)", emit=_fx_linear_emit(node, ctx))
     return None
 
@@ -242,8 +304,28 @@ def _onnx_emit(nodes, ctx, kind: str):
     return emit
 
 
+def _onnx_block_rotation(node, ctx) -> Match | None:
+    """The ONNX form of :func:`_fx_block_rotation`: Reshape -> Einsum -> Reshape."""
+    x, split = node.inputs[0], node.outputs[0]
+    e = ctx.only_consumer(split)
+    if e is None or e.op != "Einsum" or len(e.inputs) != 2 or e.inputs[0] is not split or ctx.weight(x) is not None:
+        return None
+    eq = e.attrs.get("equation", "")
+    eq = eq.decode() if isinstance(eq, bytes) else eq
+    back = ctx.only_consumer(e.outputs[0])
+    if not block_matmul(eq) or back is None or back.op != "Reshape" or back.inputs[0] is not e.outputs[0]:
+        return None
+    W = _block_rotation(ctx.shape(x), ctx.shape(split), ctx.const(e.inputs[1]), ctx.shape(back.outputs[0]))
+    if W is None:
+        return None
+    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True)  # never rebuilt: a MatMul here would cost more
+    return Match(op, (x,), f"{e.name} (Einsum {eq})", (node, e, back))
+
+
 def match_onnx(node, ctx) -> Match | None:
     op = node.op
+    if op == "Reshape":
+        return _onnx_block_rotation(node, ctx)
     if op == "MatMul":
         x, w = node.inputs
         W, rank = ctx.weight(w, lambda a: a.T), ctx.rank(x)
@@ -256,7 +338,7 @@ def match_onnx(node, ctx) -> Match | None:
             bv = ctx.const(other)
             if bv is not None and bv.size == W.shape[0] and bv.shape[-1] == W.shape[0] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
-        op = Dense(W, b, rank - 1, computed=ctx.computed(w))
+        op = Dense(W, b, rank - 1, computed=ctx.computed(w), evaluable=ctx.evaluable(w, int(np.prod(W.shape))))
         return Match(op, (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs
@@ -266,7 +348,8 @@ def match_onnx(node, ctx) -> Match | None:
         C = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
         if W is None or len(W.shape) != 2 or (len(node.inputs) > 2 and (C is None or C.size != W.shape[0])):
             return None
-        op = Dense(W, None if C is None else C.reshape(-1), 1, computed=ctx.computed(node.inputs[1]))
+        op = Dense(W, None if C is None else C.reshape(-1), 1, computed=ctx.computed(node.inputs[1]),
+                   evaluable=ctx.evaluable(node.inputs[1], int(np.prod(W.shape))))
         return Match(op, (node.inputs[0],), f"{node.name} (Gemm)", (node,), _onnx_emit((node,), ctx, "Gemm"))
     if op == "Conv":
         w = ctx.weight(node.inputs[1])
@@ -286,5 +369,7 @@ def match_onnx(node, ctx) -> Match | None:
             W = Deferred(flat, lambda: resolve(w).reshape(flat), lambda: stored(w).reshape(flat))
         else:
             W = Deferred(flat, lambda: expand_groups(resolve(w).reshape(w.shape[0], -1), g))
-        return Match(Dense(W, b, 1, g, "1x1 Conv"), (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
+        computed = ctx.computed(node.inputs[1])
+        op = Dense(W, b, 1, g, "1x1 Conv", computed, computed and ctx.evaluable(node.inputs[1], int(np.prod(w.shape))))
+        return Match(op, (node.inputs[0],), f"{node.name} (Conv 1x1)", (node,), _onnx_emit((node,), ctx, "Conv"))
     return None

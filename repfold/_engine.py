@@ -238,7 +238,10 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         heavy = sum(by_name[m].op.heavy for m in members)
         core = _without_trailing(members, by_name, consumers)
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
-        return heavy > len(_anchors(exits, core, by_name)), core
+        # a layer whose weight is computed from weights alone (HRA's W·H) is a region even alone: storing the
+        # weight removes its computation
+        evaluated = any(getattr(by_name[m].op, "evaluable", False) for m in core)
+        return heavy > len(_anchors(exits, core, by_name)) or evaluated, core
 
     def keep(region: Region, members: list[str], why: str) -> None:
         """The region stays as it is: reported when it is an adapter region (a scale region is the model's
@@ -293,6 +296,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
+            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None:  # a bias-less layer
+                region.new_bias += len(f.b)  # takes the region's constant: said in the report
         members_of.update({m: src for m in gone})
         redirects.update(moved)
         done = set(settled)
@@ -498,7 +503,8 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
                                           for f in chosen if f.kind == "into"):
                 why = (exits or folded)[0], f"folding it would leave {into} layers where the model has {allowed}"
             elif (heavy > into or (scales and chosen and len(folded) > kept
-                                   and any(_scales(m, by_name, state) for m in folded))):
+                                   and any(_scales(m, by_name, state) for m in folded))
+                  or any(getattr(by_name[m].op, "evaluable", False) for m in folded)):  # its computation goes
                 if adapter and len(folded) < len(members) and _splits(src, folded, ctx):
                     return first or Blocked(folded[-1], "folding part of it would leave an adapter layer running "
                                             "apart from the sum with its identity", [])

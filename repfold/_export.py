@@ -8,7 +8,8 @@ matchers read:
 * a Linear or convolution whose weights no other op reads becomes a call of
   a real ``nn.Linear`` / ``nn.ConvNd`` holding the same parameters, at the
   path the weights had (``blocks.0.attn.qkv``), so a folded weight keeps its
-  name;
+  name; any other (a weight read twice, or computed: PEFT's LoHa ``ΔW``)
+  becomes ``F.linear`` / ``F.convNd``;
 * elementwise arithmetic, views and reshapes, permutes, slices, cat, pads,
   rolls, dropout, clone and same-dtype casts become the functions and
   methods they stand for; core ATen's spellings (``addmm(b, x, t(W))``,
@@ -89,8 +90,10 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
         if t in (aten.addmm.default, aten.mm.default, aten.convolution.default):  # core ATen's spellings
             t = _as_layer_call(gm, n)
         if t in _layers():
-            if not _to_module(gm, n, _layers()[t], readers) and t is aten.linear.default:
-                n.target = F.linear  # weights read elsewhere too (tied, or one module called twice)
+            rank = _layers()[t]
+            if not _to_module(gm, n, rank, readers) and not n.kwargs:
+                # weights read elsewhere too (tied, or one module called twice), or computed (PEFT's LoHa ΔW)
+                n.target = (F.linear, F.conv1d, F.conv2d, F.conv3d)[rank]
         elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             _batch_norm_module(gm, n, readers)
         elif t in _functions() and not n.kwargs and not (t in _SCALED and len(n.args) > 2):

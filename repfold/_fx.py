@@ -80,6 +80,29 @@ class FxContext:
                 return value.detach().to(torch.float64).cpu().numpy()
         return None
 
+    def evaluable(self, arg, size: int) -> bool:
+        """Whether the weight-only value ``arg`` (of ``size`` values) may be stored in place of its
+        computation at no more cost: the module tensors it is computed from, that nothing else reads, hold
+        at least as many values (HRA's weight and its reflections; not a model's own factored ``A @ B``,
+        nor a weight computed from a tensor other layers share)."""
+        if not isinstance(arg, fx.Node) or arg.op == "get_attr" or arg not in self.weights.members:
+            return False
+        inside, todo = set(), [arg]
+        while todo:
+            m = todo.pop()
+            if m not in inside:
+                inside.add(m)
+                todo.extend(m.all_input_nodes)
+        if all(m.op == "get_attr" or _name(m).partition(".")[0] in _MOVES for m in inside):
+            return False  # a stored weight laid out another way (``x @ Wᵀ``): no computation to remove
+        if len(arg.users) != 1 or any(u not in inside for m in inside - {arg} if m.op != "get_attr" for u in m.users):
+            return False  # read by more than one layer (or by other ops): storing it for each would cost more
+        targets = {m.target for m in inside if m.op == "get_attr"}
+        for n in self.gm.graph.nodes:  # a tensor other ops read too stays: it does not count
+            if n.op == "get_attr" and n.target in targets and (n not in inside or any(u not in inside for u in n.users)):
+                targets.discard(n.target)
+        return sum(_get_attr(self.gm, t).numel() for t in targets) >= size
+
     @functools.cached_property
     def weights(self) -> WeightOnly:
         return WeightOnly(self.gm)
@@ -120,6 +143,9 @@ class FxContext:
         return target
 
 
+# Methods and functions that only move or cast a tensor's values.
+_MOVES = {"t", "transpose", "permute", "reshape", "view", "contiguous", "to", "float", "clone", "detach", "flatten",
+          "unsqueeze", "squeeze", "expand", "type", "lift_fresh_copy", "detach_", "alias"}
 # Functions that make a tensor from nothing but numbers (OFT's identity matrix): a weight-only value may use them.
 _MAKERS = {"eye", "zeros", "ones", "full", "arange", "tensor", "linspace", "scalar_tensor"}
 # Draws and writes: never part of a weight-only value.
@@ -375,12 +401,13 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     effects = Effects(gm, ctx.weights.private_writes)
     live_before = effects.live()
-    steps, _ = _driver.match(  # weight-only values are constants to the rules, never ops of a region
+    steps, step_of = _driver.match(  # weight-only values are constants to the rules, never ops of a region
         [n for n in gm.graph.nodes if n not in ctx.weights.members], lambda n: fx_rules(n, ctx.module(n) if n.op == "call_module" else None),
         lambda rule, node: rule.match_fx(node, ctx), _name_of, _name_of)
 
     def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
-        return [_engine.OUTPUT if u.op == "output" else u.name for u in nodes[name].users
+        # (a user that a step of several nodes covers, OFT's reshape -> einsum -> reshape: that step)
+        return [_engine.OUTPUT if u.op == "output" else step_of.get(id(u), u.name) for u in nodes[name].users
                 if u in live_before and not is_shape_read(u)]
 
     def label(name: str) -> str:

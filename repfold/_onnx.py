@@ -31,6 +31,10 @@ _NOT_CONSTANT = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUni
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
+# ops that only move or cast a tensor's values
+_MOVES = {"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Constant"}
+
+
 class WeightOnly:
     """The values of an ONNX graph computed from initializers and constants alone, and their float64 values
     on demand.
@@ -236,6 +240,35 @@ class OnnxContext:
             return False
         producer = var.inputs[0] if len(var.inputs) == 1 else None
         return producer is None or producer.op not in ("Constant", "Identity") or self.computed(producer.inputs[0])
+
+    def evaluable(self, var, size: int) -> bool:
+        """Whether computed ``var`` (of ``size`` values) may be stored in place of its computation at no
+        more cost: the stored tensors it is computed from, that nothing else reads, hold at least as many
+        values (HRA's weight and its reflections; not a model's own factored ``A @ B``, nor a weight
+        computed from a tensor other layers share)."""
+        if not self.computed(var):
+            return False
+        nodes, ops, leaves, todo = set(), set(), {}, [var]  # leaves: the stored tensors (initializers, Constants)
+        producers = []
+        while todo:
+            v = todo.pop()
+            producer = v.inputs[0] if isinstance(v, gs.Variable) and len(v.inputs) == 1 else None
+            value = producer.attrs.get("value") if producer is not None and producer.op == "Constant" else None
+            if isinstance(v, gs.Constant) or isinstance(value, gs.Constant):
+                leaves[id(v)] = (v, v.shape if isinstance(v, gs.Constant) else value.shape)
+            elif producer is not None and id(producer) not in nodes:
+                nodes.add(id(producer))
+                producers.append(producer)
+                ops.add(producer.op)
+                todo.extend(producer.inputs)
+        if len(var.outputs) != 1 or id(var) in self.outputs:
+            return False  # read by more than one layer: storing it for each would cost more
+        if any(id(c) not in nodes for p in producers if p is not var.inputs[0] for o in p.outputs for c in o.outputs):
+            return False  # a step of the computation that other ops read too
+        if ops <= _MOVES:  # a stored weight laid out another way (``x @ Wᵀ``): no computation to remove
+            return False
+        own = [shape for leaf, shape in leaves.values() if all(id(c) in nodes for c in leaf.outputs)]
+        return sum(int(np.prod(shape)) for shape in own) >= size
 
     def used(self, var) -> bool:
         return bool(var.outputs) or id(var) in self.outputs
@@ -480,7 +513,11 @@ def n_weights(model: onnx.ModelProto) -> int:
 
 
 def n_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    """The values of the graph's initializers and of its float Constant nodes (an exporter may store a
+    weight in one: the TorchScript exporter does for a weight it computes from another)."""
+    consts = (a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer) + sum(
+        int(np.prod(t.dims)) for t in consts if t.data_type in _FLOATS)
 
 
 def fold_onnx(

@@ -19,9 +19,12 @@ class Region:
     dtype: str | None = None
     rounding: float | None = None
     scale: bool = False  # per-channel scales and shifts only, no layer (BatchNorm, LayerScale, SSF, IA3)
+    new_bias: int = 0  # values of the biases that layers without one took to hold the region's constant
 
     def line(self) -> str:
         what = f"folded into {', '.join(self.into)}" if self.folded else f"kept: {self.reason}"
+        if self.folded and self.new_bias and not self.scale:
+            what += f" (a layer without a bias took one: {self.new_bias} values)"
         if self.rounding and self.dtype in HALF:
             what += f" (cast to {self.dtype}: weights moved by up to {self.rounding:.1e})"
         return f"{self.source} -> [{len(self.ops)} ops] {what}"

@@ -140,3 +140,51 @@ def test_unfoldable_region_is_kept_and_explained():
     assert "no layer can absorb it" in region.reason and "layer_norm" in region.reason
     with torch.no_grad():
         assert rel_err(folded(x), gm(x)) <= 1e-12
+
+
+class _ComputedWeights(torch.nn.Module):
+    """Layers whose weight is computed from weights alone, as a model of its own may compute one."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        import timm
+
+        g = torch.Generator().manual_seed(0)
+        self.kind = kind
+        self.std = timm.layers.StdConv2d(16, 16, 3, padding=1)  # weight standardisation at every call
+        self.W = torch.nn.Parameter(torch.randn(64, 64, generator=g) / 8)
+        self.A = torch.nn.Parameter(torch.randn(64, 4, generator=g) / 2)
+        self.B = torch.nn.Parameter(torch.randn(4, 64, generator=g) / 2)
+        self.s = torch.nn.Parameter(torch.rand(64, 1, generator=g) + 0.5)
+
+    def forward(self, x, t):
+        F = torch.nn.functional
+        if self.kind == "standardised":
+            return self.std(x)
+        if self.kind == "factored":  # storing A @ B would cost 64·64 values for 2·4·64
+            return F.linear(t, self.A @ self.B)
+        if self.kind == "shared":  # one computed weight, two layers: storing it for each would double it
+            w = self.W * self.s
+            return F.linear(F.linear(t, w).relu(), w)
+        return t @ self.W.t()  # "transposed": a stored weight laid out for matmul, nothing computed
+
+
+@pytest.mark.parametrize("kind", ["standardised", "factored", "shared", "transposed"])
+def test_a_computed_weight_is_stored_only_where_that_costs_no_more(kind):
+    """A layer whose weight is computed from weights alone (timm's weight-standardised conv; PEFT's HRA in
+    ONNX) is a region of its own: the weight is evaluated in float64 and stored, and its computation goes.
+    Not where storing it would raise the parameter count (a factored ``A @ B``; one computed weight that two
+    layers read) or where nothing is computed (a transposed weight): the model stays bitwise as it was."""
+    model = _ComputedWeights(kind).eval()
+    x, t = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 64)
+    folded, report = repfold.fold(torch.fx.symbolic_trace(model), example_inputs=(x, t), return_report=True)
+    with torch.no_grad():
+        want, got = model(x, t), folded(x, t)
+    if kind == "standardised":
+        assert len(report.folded) == 1 and not report.kept, str(report)
+        assert "batch_norm" in report.ops_before and "batch_norm" not in report.ops_after, str(report)
+        assert report.params_after <= report.params_before
+        assert rel_err(got, want) < 1e-5
+    else:
+        assert not report.regions, str(report)
+        assert torch.equal(got, want)

@@ -247,8 +247,7 @@ def architectures(draw):
                 # identity, fewer than two branches of one layer look like an adapter: kept too
                 border = mode == "zeros" and (first_pads or (pads and identity))
                 lookalike = identity and sum(k[0] != "dbb" for k in ks) < 2
-                # (a reflect padding is an op of its own in ATen: there the block's branches never sum)
-                folds = FX_FOLDS if mode == "reflect" and pads else "fold"
+                folds = "fold"  # (a reflect pad in ONNX and ATen, an op of its own, is read with its conv)
                 # beside an identity the sum goes into one of the branches' convs, whose kernel must hold
                 # the others (without one, the adapter goes into the first conv of each branch)
                 span = tuple(max(k[-2:][a] for k in ks) for a in (0, 1))
@@ -439,7 +438,7 @@ def test_random_architectures_fold_via_onnx(arch):
     assert rel_err(run(folded, x), y) <= 1e-5
     fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
     # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region; a
-    # block's own branches sum in fx, but not in ONNX where its reflect padding is a Pad op of its own)
+    # an adapter whose source the relaid logic moves before a block may fold in fx only)
     assert sum(r.folded for r in _outside_blocks(report)) == sum(r.folded for r in _outside_blocks(fx_report)), \
         f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions) and not _branches(arch):
@@ -467,7 +466,7 @@ def test_random_architectures_fold_via_torch_export(arch):
         assert rel_err(folded.module()(x), y) <= 1e-9
     check_report(report, adapters, fx=False)
     fx_report = repfold.fold(gm, example_inputs=x, return_report=True)[1]
-    # (a reflect-padded conv's pad is an op of its own in ATen: the branches it starts do not sum)
+    # (an adapter whose source the relaid logic moves before a block may fold in fx only)
     assert [r.folded for r in _outside_blocks(report)] == [r.folded for r in _outside_blocks(fx_report)], \
         f"{report}\n--- fx:\n{fx_report}"
 
@@ -489,7 +488,7 @@ def _branches(arch) -> bool:
 
 def _outside_blocks(report) -> list:
     """The layered regions but those that reach a multi-branch block (its own branch sum, or an adapter
-    before it), which ONNX and ATen may not sum where a reflect padding is a Pad op of its own."""
+    before it), which ONNX and ATen may keep where fx moves the adapter's source (``RELAID``, ``FX_FOLDS``)."""
     return [r for r in report.layered if not any("branches" in op for op in r.ops + r.into)]
 
 

@@ -101,9 +101,10 @@ def test_fx_branches_become_one_conv(name, dtype, tol):
     assert len(report.layered) == 1 and report.layered[0].folded, report
 
 
-@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool"])
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool", "reflect"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_branches_become_one_conv(name, dynamo):
+    """(Reflect padding exports as a Pad before its Conv: the two are read as one padded conv.)"""
     model = BLOCKS[name]().eval()
     x = _x()
     proto = export(model, x, dynamo)
@@ -116,8 +117,9 @@ def test_onnx_branches_become_one_conv(name, dynamo):
         assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
 
 
-def test_export_branches_become_one_conv():
-    model = BLOCKS["repvgg"]().eval()
+@pytest.mark.parametrize("name", ["repvgg", "reflect"])
+def test_export_branches_become_one_conv(name):
+    model = BLOCKS[name]().eval()
     x = _x()
     ep = torch.export.export(model, (x,))
     folded, report = repfold.fold(ep, return_report=True)
