@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import _graph
 from ._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine, Relaid
 from ._report import Region
@@ -292,12 +294,15 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             continue
         region.folded = True
         regions.append(region)
+        # a shift of the model's own in the region (BatchNorm's): the new bias replaces it, no values more
+        shifts = any(not by_name[m].op.heavy and len(by_name[m].inputs) == 1 and np.any(state[m].c)
+                     and not np.any(state[by_name[m].inputs[0]].c) for m in settled if by_name[m].inputs[0] in state)
         for f in chosen:
             f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
-            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None:  # a bias-less layer
-                region.new_bias += len(f.b)  # takes the region's constant: said in the report
+            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None and not shifts:
+                region.new_bias += len(f.b)  # a bias-less layer takes the adapter's constant: said in the report
         members_of.update({m: src for m in gone})
         redirects.update(moved)
         done = set(settled)

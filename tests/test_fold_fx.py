@@ -188,3 +188,23 @@ def test_a_computed_weight_is_stored_only_where_that_costs_no_more(kind):
     else:
         assert not report.regions, str(report)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_bias_less_conv_that_takes_an_adapters_constant_says_so(bias):
+    """A 1×1 conv without a bias (and no BatchNorm whose shift it would replace) takes the constant of an
+    adapter with biases as a bias of its own: exact, no operator more, ``out_channels`` values more, and the
+    region's report line says so. A bias-free adapter adds nothing."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GELU(),
+                                torch.nn.Conv2d(8, 16, 1, bias=False)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = repfold.insert(model, before=["2"], example_inputs=x, bias=bias)
+    randomize_adapters(gm)
+    folded, report = repfold.fold(gm, return_report=True)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) > 1e-3
+        assert rel_err(folded(x), gm(x)) < 1e-5
+    (region,) = report.regions
+    assert region.folded and (region.new_bias == 16) == bias and ("took one: 16 values" in region.line()) == bias
+    base = sum(p.numel() for p in model.parameters())
+    assert report.params_after == base + (16 if bias else 0)
