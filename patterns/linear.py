@@ -10,8 +10,9 @@ Absorb (the layer takes over a whole region whose exit is ``M·x + c``)::
 
 A grouped 1×1 conv is the block-diagonal dense ``W`` it stands for; it
 absorbs only an ``M`` that keeps those blocks (anything else would densify
-it), and a layer without a bias absorbs only ``c = 0`` (a new bias would add an
-operator in ONNX).
+it). A layer without a bias takes one for ``c ≠ 0`` (a Linear, a conv, a
+Gemm: no new operator), except ONNX's bare MatMul, where a bias would be an
+Add more: it absorbs only ``c = 0``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Dense:
     kind: str = "Linear"
     computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW): an adapter's, not stored
     evaluable: bool = False  # computed, and storing it costs no more (HRA's W·H): a region even alone
+    takes_bias: bool = True  # a bias-less layer may take one without a new operator (not ONNX's bare MatMul)
 
     heavy = True
 
@@ -90,7 +92,7 @@ class Dense:
         M = v.M if isinstance(v.M, Product) and self.groups == 1 else np.asarray(v.M)
         if collapse_groups(M, self.groups) is None:
             raise NotAffine(densify_reason(self.groups, shape[1]))
-        if self.b is None and self.kind == "1x1 Conv" and np.any(v.c):  # a conv takes a bias: no new operator
+        if self.b is None and self.takes_bias and np.any(v.c):  # it takes a bias: no new operator
             return M, np.full(shape[0], v.c) if isinstance(v.c, float) else v.c
         return M, bias_for(v.c, self.b, shape[0], self.kind)
 
@@ -105,7 +107,7 @@ def bias_for(c: np.ndarray | float, b: np.ndarray | None, out: int, kind: str) -
     c = np.full(out, c) if isinstance(c, float) else c
     if b is None:
         if np.any(c):
-            raise NotAffine(f"{kind} has no bias to take the region's constant")
+            raise NotAffine(f"{kind} has no bias to take the region's constant (an Add would be a new operator)")
         return None
     return c
 
@@ -251,7 +253,12 @@ def _fx_linear_emit(node, ctx):
     def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
         x = swap.get(node.args[0], node.args[0])
         w = ctx.new_param(_hint(weight), W, weight)
-        bn = None if b is None else ctx.new_param(_hint(bias), b, bias)
+        if b is None:
+            bn = None
+        elif bias is None:  # a bias-less layer taking one
+            bn = ctx.new_param(_hint(weight) + "_bias", b, weight, shape=(len(b),))
+        else:
+            bn = ctx.new_param(_hint(bias), b, bias)
         return ctx.graph.call_function(F.linear, (x, w, bn))
 
     return emit
@@ -338,7 +345,8 @@ def match_onnx(node, ctx) -> Match | None:
             bv = ctx.const(other)
             if bv is not None and bv.size == W.shape[0] and bv.shape[-1] == W.shape[0] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
-        op = Dense(W, b, rank - 1, computed=ctx.computed(w), evaluable=ctx.evaluable(w, int(np.prod(W.shape))))
+        op = Dense(W, b, rank - 1, computed=ctx.computed(w), evaluable=ctx.evaluable(w, int(np.prod(W.shape))),
+                   kind="MatMul", takes_bias=False)
         return Match(op, (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs

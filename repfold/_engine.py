@@ -803,12 +803,28 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
             if perm == tuple(range(r)):
                 done[w] = ins[0]
                 return ins[0]
+            undone = _undoes_source(src, perm, ctx) if ins[0] == SOURCE else None
+            if undone is not None:  # the source is a transpose this one undoes (LeViT's channels-first adapter)
+                done[w] = undone
+                return undone
         via.append(entry)
         done[w] = w
         return w
 
     start = build(target)
     return via, start
+
+
+def _undoes_source(src: str, perm: tuple[int, ...], ctx: _Ctx) -> str | None:
+    """The value the source permutes, where ``perm`` on the source gives it back (the two transposes
+    cancel), and it can be read as it is; else None."""
+    step = ctx.by_name.get(src)
+    own = getattr(step.op, "perm", None) if step is not None else None
+    if own is None or len(step.inputs) != 1 or ctx.hazard(step.inputs[0]) is not None:
+        return None
+    r = len(perm)
+    own = tuple(p % r for p in own)
+    return step.inputs[0] if tuple(own[q] for q in perm) == tuple(range(r)) else None
 
 
 def _stays(w: str, ctx: _Ctx, seen: set[str] | None = None) -> bool:

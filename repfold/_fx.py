@@ -22,6 +22,8 @@ from ._report import FoldReport, Region
 from ._trace import (
     META_KEY,
     VALUE_KEY,
+    TraceError,
+    WritesBuffers,
     example_inputs,
     is_shape_read,
     module_paths,
@@ -361,6 +363,23 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _exported(model: nn.Module, inputs: tuple, why: TraceError) -> fx.GraphModule:
+    """``model`` as the graph of its torch.export program, where torch.fx cannot trace it (a Hugging Face
+    model, say), as ``insert`` traces it: an eval-mode copy sharing the model's parameters."""
+    import copy
+
+    if isinstance(model, fx.GraphModule) or isinstance(why, WritesBuffers):
+        raise why  # (shapes are found by running the graph once: a written buffer would move)
+    own = copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
+    try:
+        ep = torch.export.export(own, inputs, strict=False)
+    except Exception as e:  # both tracers failed: say why for each
+        raise TraceError(f"{why}; torch.export failed too: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    gm = to_graph_module(ep.module(), share_parameters=True)
+    gm.meta[META_KEY] = {"trace": "torch.export"}
+    return gm
+
+
 @dataclass
 class Prepared:
     """A private, shaped copy of a model with its fold planned, before any rewrite."""
@@ -383,10 +402,14 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     The copy shares the caller's parameters (adapters and absorbed weights are
     never cloned); ``fold_fx`` rewrites it, ``insert`` only reads the plan.
     """
-    gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
+    inputs = example_inputs(model, example)
+    try:
+        gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
+    except TraceError as e:
+        gm = _exported(model, inputs, e)
     gm.eval()
     inline_submodules(gm)
-    shape(gm, example_inputs(model, example))  # shapes by interpreting the graph: no code is generated until the end
+    shape(gm, inputs)  # shapes by interpreting the graph: no code is generated until the end
     traced = gm.meta.get(META_KEY, {}).get("trace")  # insert's: torch.export where fx could not
     report = FoldReport("fx" if traced in (None, "torch.fx") else f"fx, traced by {traced}",
                         ops_before=op_counts(gm), params_before=n_params(gm))

@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import _trace
 from ._adapters import RepAdapter
-from ._trace import META_KEY, TraceError, is_shape_read, module_paths, shape, to_graph_module
+from ._trace import META_KEY, TraceError, WritesBuffers, is_shape_read, module_paths, shape, to_graph_module
 
 PREFIX = "repfold_adapters"
 
@@ -293,8 +293,9 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
             return gm, inputs, "torch.fx"
         why, fx_graph = hidden, gm
     except (TraceError, ValueError) as e:
-        if isinstance(model, fx.GraphModule) or isinstance(e, ValueError) and not _runs(model, inputs):
-            raise
+        if isinstance(model, fx.GraphModule) or isinstance(e, WritesBuffers) \
+                or isinstance(e, ValueError) and not _runs(model, inputs):
+            raise  # (a written buffer: the shapes are found by running the graph once, which would move it)
         why = str(e)  # fx traced a graph that does not run as the model does (torchvision's swin3d_t)
     try:
         ep = torch.export.export(_eval_copy(model), inputs, strict=False)

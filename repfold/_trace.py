@@ -27,6 +27,10 @@ class TraceError(RuntimeError):
     """The model could not be turned into a torch.fx graph."""
 
 
+class WritesBuffers(TraceError):
+    """The model's forward writes a buffer: no trace that runs it to find shapes may stand for it."""
+
+
 class _Tracer(fx.Tracer):
     """fx's tracer with extra leaf module types, that remembers which module it was in."""
 
@@ -79,13 +83,16 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
     attempts = [(tuple(leaf_modules), tuple(leaf_functions))]
     if timm_modules or timm_functions:
         attempts.append((tuple(leaf_modules) + timm_modules, tuple(leaf_functions) + timm_functions))
-    first = None
+    first, writes = None, None
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     for modules, functions in attempts:
         tracer = _Tracer(modules, functions)
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _no_untraced_writes(model, buffers)
+        except WritesBuffers as e:
+            writes = e
+            continue
         except Exception as e:  # noqa: BLE001 (fx raises many types; all mean "not traceable")
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             at = tracer.failed_in
@@ -95,6 +102,8 @@ def trace(model: nn.Module, leaf_modules=(), leaf_functions=()) -> fx.GraphModul
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         _drop_specialised(gm, [p.name in concrete for p in params])
         return gm
+    if writes is not None:
+        raise WritesBuffers(f"torch.fx cannot trace {type(model).__name__}: {writes}")
     raise TraceError(first + "; name it in leaf_modules= or leaf_functions= to keep it whole")
 
 
@@ -108,7 +117,8 @@ def _no_untraced_writes(model: nn.Module, before: dict[str, torch.Tensor]) -> No
         if old.shape == b.shape:
             with torch.no_grad():
                 b.copy_(old)
-        raise TraceError(f"its forward writes buffer {name!r}, which fx would do once while tracing and never record")
+        raise WritesBuffers(f"its forward writes buffer {name!r}, which fx would do once while tracing and never "
+                            "record")
 
 
 def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:

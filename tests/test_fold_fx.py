@@ -208,3 +208,29 @@ def test_a_bias_less_conv_that_takes_an_adapters_constant_says_so(bias):
     assert region.folded and (region.new_bias == 16) == bias and ("took one: 16 values" in region.line()) == bias
     base = sum(p.numel() for p in model.parameters())
     assert report.params_after == base + (16 if bias else 0)
+
+
+class _ShapeBranch(torch.nn.Module):
+    """A forward that branches on a size: torch.fx cannot trace it, torch.export can (Hugging Face's
+    models are full of such checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.size(-1) % 2:
+            x = x[..., :-1]
+        return self.bn(self.conv(x))
+
+
+def test_a_model_fx_cannot_trace_is_folded_through_torch_export():
+    model = _ShapeBranch().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_(), model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert report.frontend == "fx, traced by torch.export" and len(report.folded) == 1, str(report)
+    assert "BatchNorm2d" not in str(report.ops_after), str(report)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-5

@@ -42,10 +42,12 @@ def test_absorb_refuses_to_densify_a_grouped_conv():
         Dense(expand_groups(np.ones((4, 1)), 4), None, axis=1, groups=4).absorb(dense, bound((2, 4, 5), 1))
 
 
-def test_absorb_refuses_a_constant_without_bias():
+def test_a_layer_without_bias_takes_one_for_a_constant_but_a_bare_matmul_does_not():
     v = Affine("x", (2, 5, 3), np.eye(3), np.ones(3))
-    with pytest.raises(NotAffine, match="no bias"):
-        Dense(np.eye(3), None, axis=2).absorb(v, bound((2, 5, 3), 2))
+    _, b = Dense(np.eye(3), None, axis=2).absorb(v, bound((2, 5, 3), 2))
+    np.testing.assert_array_equal(b, np.ones(3))
+    with pytest.raises(NotAffine, match="no bias"):  # (ONNX's MatMul: its bias would be an Add more)
+        Dense(np.eye(3), None, axis=2, kind="MatMul", takes_bias=False).absorb(v, bound((2, 5, 3), 2))
 
 
 def test_groups_round_trip():

@@ -268,10 +268,13 @@ def test_f_linear_absorbs_with_new_weights(bias):
     assert torch.equal(model.weight, before)  # the user's tensors are untouched
 
 
-def test_f_linear_without_bias_refuses_a_constant():
-    _, report, err = fold(Functional(LinearAdapter(), bias=False), tokens())
-    assert err < 1e-12 and not report.regions[0].folded
-    assert "has no bias to take the region's constant" in report.regions[0].reason
+def test_f_linear_without_bias_takes_one_for_a_constant():
+    """A bias-less ``F.linear`` (HF BEiT's and Swin-V2's key) takes the adapter's constant as a bias of its
+    own: ``F.linear`` with a bias is no operator more. (ONNX's bare MatMul refuses: its Add would be one.)"""
+    out, report, err = fold(Functional(LinearAdapter(), bias=False), tokens())
+    assert err < 1e-12 and report.regions[0].folded and report.regions[0].new_bias == 4
+    assert op_counts(out) == {"LayerNorm": 1, "linear": 1, "tanh": 1}
+    assert sum(p.numel() for p in out.parameters()) == 12 + 24 + 4  # the base model's, and the new bias
 
 
 def test_linear_form_adapter_folds_into_separate_q_k_v():
