@@ -207,7 +207,7 @@ def _fx_params(m, W, b):
     return {"weight": W} if b is None else {"weight": W, "bias": b}
 
 
-ONNX_OPS = frozenset({"Conv", "Pad"})
+ONNX_OPS = frozenset({"Conv"})
 
 
 def fx_keys() -> set:
@@ -337,15 +337,19 @@ def match_fx(node, ctx) -> Match | None:
 _ONNX_COPY_PADS = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
-def _onnx_padded_conv(pad, ctx) -> Match | None:
-    """A Pad that copies positions (reflect, edge, wrap) on the spatial axes, read only by a Conv that pads
-    nothing: one conv with that padding, as torch's ``padding_mode="reflect"`` exports (its branches then sum
-    as in fx)."""
-    x, conv = pad.inputs[0], ctx.only_consumer(pad.outputs[0])
+def _onnx_padded_conv(conv, ctx) -> Match | None:
+    """A Conv that pads nothing, reading a Pad that copies positions (reflect, edge, wrap) on the spatial
+    axes and that only convs read: one conv with that padding, as torch's ``padding_mode="reflect"`` exports
+    (its branches then sum as in fx). The exporters share one Pad among the convs that read the same
+    input; each conv rebuilt gets a copy on the new input, one per input however many convs read it."""
+    pad = conv.inputs[0].inputs[0] if len(conv.inputs[0].inputs) == 1 else None
+    if pad is None or pad.op != "Pad" or len(pad.inputs) != 2 or id(pad.outputs[0]) in ctx.outputs:
+        return None
+    x = pad.inputs[0]
     mode = pad.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if conv is None or conv.op != "Conv" or conv.inputs[0] is not pad.outputs[0] or mode not in _ONNX_COPY_PADS \
-            or len(pad.inputs) != 2:
+    if mode not in _ONNX_COPY_PADS or any(c.op != "Conv" or c.inputs[0] is not pad.outputs[0]
+                                          for c in pad.outputs[0].outputs):
         return None
     pads, rank, w = ctx.raw_const(pad.inputs[1]), ctx.rank(x), ctx.weight(conv.inputs[1])
     b = ctx.const(conv.inputs[2]) if len(conv.inputs) > 2 else None
@@ -365,21 +369,30 @@ def _onnx_padded_conv(pad, ctx) -> Match | None:
     computed = ctx.computed(conv.inputs[1])
     op = Conv(w, b, a.get("group", 1), False, _desc(w.shape[2:], strides) + f" {mode}-padded", geometry, computed,
               computed and ctx.evaluable(conv.inputs[1], int(np.prod(w.shape))))
+    copies = ctx.__dict__.setdefault("_pad_copies", {})  # (pad, new input) -> its copy, for this fold
 
     def emit(swap: dict, W, bias):
-        ins = [ctx.copy_node(pad, [swap.get(x, x), pad.inputs[1]]), ctx.new_const(conv.inputs[1], W)]
+        padded = swap.get(pad.outputs[0], None)  # a region that ends at the Pad: its replay padded the input
+        if padded is None:
+            new_x = swap.get(x, x)
+            key = (id(pad), id(new_x))
+            if key not in copies:
+                copies[key] = ctx.copy_node(pad, [new_x, pad.inputs[1]])
+            padded = copies[key]
+        ins = [padded, ctx.new_const(conv.inputs[1], W)]
         if bias is not None:
             ins.append(ctx.new_const(conv.inputs[2] if len(conv.inputs) > 2 else conv.inputs[1], bias))
         return ctx.copy_node(conv, ins)
 
-    return Match(op, (x,), f"{conv.name} (Pad + Conv {op.desc})", (pad, conv), emit)
+    return Match(op, (x,), f"{conv.name} (Pad + Conv {op.desc})", (conv,), emit)
 
 
 def match_onnx(node, ctx) -> Match | None:
-    if node.op == "Pad":
-        return _onnx_padded_conv(node, ctx)
     if node.op != "Conv":
         return None
+    padded = _onnx_padded_conv(node, ctx)
+    if padded is not None:
+        return padded
     w = ctx.weight(node.inputs[1])
     b = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
     if w is None or len(w.shape) < 3 or (len(node.inputs) > 2 and b is None):

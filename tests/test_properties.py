@@ -308,6 +308,10 @@ REGRESSIONS = [
     # adapter's own down-projection, which still ran (torch.export)
     ([("branches", (4, 4, [(1, 1)], 1, 1, "zeros", 4, True)), ("conv", (4, 4, 1, 1, 1, 0, "zeros", 1))], 4, 4,
      [("before", "u0", KEPT)], {"hidden_dim": 4, "groups": 2, "scale": 0.5}),
+    # ONNX: GELU's x 0.5 before a reflect Pad that its conv reads as one padded conv: the region ended at the
+    # Pad, the rebuilt conv padded the old input, and the scale still ran (a RepfoldError)
+    ([("cf>tok", (4, 4)), ("dense", (4, 4, 0, False)), ("tok>cf", (4, 4)), ("conv", (4, 4, 2, 1, 1, 1, "reflect", 1)),
+      ("conv", (4, 4, 1, 1, 1, 0, "zeros", 1))], 4, 4, [("before", "u4.layer", "fold")], _ONE),
     # an adapter after a token reshape, before a block: its 3x3 read the region's source laid out another
     # way, and the adapter was kept
     ([("cf>tok", (4, 4)), ("dense", (4, 4, 0, False)), ("tok>cf", (4, 4)),

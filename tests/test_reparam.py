@@ -73,6 +73,8 @@ BLOCKS = {
     "dbb": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), conv(C, 3)]], identity=False),
     # reflect padding on every branch that reads any
     "reflect": lambda: Branches(C, [[conv(C, 3, mode="reflect")], [conv(C, 1)]]),
+    # two reflect-padded 3x3s: the exporters share one Pad between them
+    "reflect2": lambda: Branches(C, [[conv(C, 3, mode="reflect")], [conv(C, 3, mode="reflect")], [conv(C, 1)]]),
     # DBB's 1x1 -> average pool branch: a pool counting its zero padding is a depthwise conv of 1/9 taps
     "avgpool": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), nn.AvgPool2d(3, 1, 1)]], identity=False),
 }
@@ -101,7 +103,7 @@ def test_fx_branches_become_one_conv(name, dtype, tol):
     assert len(report.layered) == 1 and report.layered[0].folded, report
 
 
-@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool", "reflect"])
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool", "reflect", "reflect2"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_branches_become_one_conv(name, dynamo):
     """(Reflect padding exports as a Pad before its Conv: the two are read as one padded conv.)"""
