@@ -751,7 +751,7 @@ def path_fx(model, x, y, gm) -> dict:
     res["ops_vs"] = "base" if not report.kept else "with adapters"
     if not report.kept:  # fewer is fine: a constant scale of the model's own may fold too (README)
         res["params_delta"] = n_params(folded) - n_params(model)
-        res["params_ok"] = res["params_delta"] <= 0
+        _params_ok(report, res)
     return res
 
 
@@ -781,8 +781,15 @@ def path_onnx(model, x, gm, dynamo: bool) -> dict:
     res["ops_vs"] = "base" if not report.kept else "with adapters"
     if not report.kept:
         res["params_delta"] = n_weights(folded) - n_weights(base)
-        res["params_ok"] = res["params_delta"] <= 0
+        _params_ok(report, res)
     return res
+
+
+def _params_ok(report, res: dict) -> None:
+    """No more parameters than the base, but the biases that bias-less layers took to hold an adapter's
+    constant (README: no operator more, and the report says so)."""
+    res["new_bias"] = sum(getattr(r, "new_bias", 0) for r in report.regions)
+    res["params_ok"] = res["params_delta"] <= res["new_bias"]
 
 
 def tolerance(res: dict) -> float:
@@ -1011,6 +1018,8 @@ def _cell(r: dict | None) -> str:
         bits.append(f"**ops over**: {r.get('ops_over')}")
     if r.get("params_ok") is False:
         bits.append("**more params**")
+    elif r.get("params_delta", 0) > 0:
+        bits.append(f"+{r['params_delta']} params: new biases")
     if r.get("noop_layered", r.get("noop_folded")):
         bits.append(f"**noop folded layers {len(r.get('noop_layered', r.get('noop_folded')))}**")
     if r.get("changed") is False:

@@ -505,7 +505,7 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 def n_weights(model: onnx.ModelProto) -> int:
     """Elements in initializers and Constant nodes (exporters store buffers as either)."""
-    n = n_params(model)
+    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
             n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value")
