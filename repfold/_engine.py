@@ -394,7 +394,7 @@ def _shape_redirects(src, removed, chosen: list[Fold], ctx: _Ctx, shape_reads, p
     """
     kept_src = not any(f.kind == "producer" for f in chosen)
     targets = [f.target for f in chosen]
-    copied = [name for f in chosen for name, _, perm in f.via if perm is None]
+    copied = [name for f in chosen for name, _, _ in f.via]  # (transposes merged into one: still its layout)
     # where each replacement is defined: a layer rebuilt in place of one of the region's own (before it), a
     # reader rebuilt before itself, a producer rebuilt after itself, a copied step right after its original
     at = {name: position(name) for name in copied}

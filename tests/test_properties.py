@@ -308,6 +308,10 @@ REGRESSIONS = [
     # adapter's own down-projection, which still ran (torch.export)
     ([("branches", (4, 4, [(1, 1)], 1, 1, "zeros", 4, True)), ("conv", (4, 4, 1, 1, 1, 0, "zeros", 1))], 4, 4,
      [("before", "u0", KEPT)], {"hidden_dim": 4, "groups": 2, "scale": 0.5}),
+    # ONNX: the shape of the value an attention reads (its input transposed) had no stand-in, as the fold's
+    # copy of it merges two transposes into one: the adapter before it was kept
+    ([("conv", (4, 4, 1, 1, 1, 0, "zeros", 1)), ("conv", (4, 4, 2, 1, 1, 1, "reflect", 1)), ("cf>tok", (5, 5)),
+      ("dense", (4, 4, 0, False)), ("attn", (4, 1))], 4, 4, [("before", "u4.layer", "fold")], _ONE),
     # ONNX: GELU's x 0.5 before a reflect Pad that its conv reads as one padded conv: the region ended at the
     # Pad, the rebuilt conv padded the old input, and the scale still ran (a RepfoldError)
     ([("cf>tok", (4, 4)), ("dense", (4, 4, 0, False)), ("tok>cf", (4, 4)), ("conv", (4, 4, 2, 1, 1, 1, "reflect", 1)),
