@@ -431,7 +431,7 @@ def test_random_architectures_fold_exactly_in_fx(arch):
 @regressions
 @given(architectures())
 def test_random_architectures_fold_via_onnx(arch):
-    base, gm, x, _adapters = build(arch, torch.float32)
+    base, gm, x, adapters = build(arch, torch.float32)
     # insert froze nn.MultiheadAttention, which in eval mode then takes PyTorch's fused fast path; the
     # TorchScript exporter cannot export that, so users turn it off to export (the README says so)
     torch.backends.mha.set_fastpath_enabled(False)
@@ -445,16 +445,17 @@ def test_random_architectures_fold_via_onnx(arch):
     assert rel_err(y, run(plain, x)) > 1e-4
     assert rel_err(run(folded, x), y) <= 1e-5
     fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
-    # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region; a
-    # an adapter whose source the relaid logic moves before a block may fold in fx only)
+    # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region; an
+    # adapter whose source the relaid logic moves before a block may fold in fx only)
     assert sum(r.folded for r in _outside_blocks(report)) == sum(r.folded for r in _outside_blocks(fx_report)), \
         f"{report}\n--- fx:\n{fx_report}"
     if all(r.folded for r in report.regions) and not _branches(arch):
         assert_base_operators(onnx_counts(folded), onnx_counts(plain))
     elif all(r.folded for r in report.regions):
         assert all(n <= onnx_counts(plain).get(k, 0) for k, n in onnx_counts(folded).items() if k != "Constant")
-    again, second = repfold.fold(folded, return_report=True)  # (as in fx: a leftover constant scale may fold)
-    assert not [r for r in second.layered if r.folded], str(second)
+    # as in fx: a leftover constant scale may fold again, and a block after a relaid source may sum then
+    again, second = repfold.fold(folded, return_report=True)
+    assert _relaid(adapters) or not [r for r in second.layered if r.folded], str(second)
     assert all(n <= onnx_counts(folded).get(k, 0) for k, n in onnx_counts(again).items()), str(second)
 
 
