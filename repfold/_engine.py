@@ -301,8 +301,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
-            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None and not shifts:
-                region.new_bias += len(f.b)  # a bias-less layer takes the adapter's constant: said in the report
+            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None:
+                region.new_bias += len(f.b)  # a bias-less layer takes the region's constant
+        region.shift_replaced = shifts
         members_of.update({m: src for m in gone})
         redirects.update(moved)
         done = set(settled)

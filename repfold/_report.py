@@ -20,10 +20,11 @@ class Region:
     rounding: float | None = None
     scale: bool = False  # per-channel scales and shifts only, no layer (BatchNorm, LayerScale, SSF, IA3)
     new_bias: int = 0  # values of the biases that layers without one took to hold the region's constant
+    shift_replaced: bool = False  # the region held a shift of the model's own (BatchNorm's) that they replace
 
     def line(self) -> str:
         what = f"folded into {', '.join(self.into)}" if self.folded else f"kept: {self.reason}"
-        if self.folded and self.new_bias and not self.scale:
+        if self.folded and self.new_bias and not self.scale and not self.shift_replaced:
             what += f" (a layer without a bias took one: {self.new_bias} values)"
         if self.rounding and self.dtype in HALF:
             what += f" (cast to {self.dtype}: weights moved by up to {self.rounding:.1e})"
