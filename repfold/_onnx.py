@@ -239,7 +239,11 @@ class OnnxContext:
         if isinstance(var, gs.Constant) or var.name not in self.weights.names:
             return False
         producer = var.inputs[0] if len(var.inputs) == 1 else None
-        return producer is None or producer.op not in ("Constant", "Identity") or self.computed(producer.inputs[0])
+        if producer is not None and producer.op == "Constant":  # a stored tensor, in a node
+            return False
+        if producer is not None and producer.op == "Identity" and producer.inputs:
+            return self.computed(producer.inputs[0])
+        return True
 
     def evaluable(self, var, size: int) -> bool:
         """Whether computed ``var`` (of ``size`` values) may be stored in place of its computation at no

@@ -575,3 +575,24 @@ def test_an_adapter_region_cut_short_is_kept_whole_not_folded_in_pieces():
     assert [r for r in report.kept if any("repfold_adapters" in op for op in r.ops)], report
     with torch.no_grad():
         assert rel_err(folded(x), gm(x)) < 1e-5
+
+
+def test_a_conv_whose_weight_is_a_constant_node_after_a_reflect_pad_folds_without_a_crash():
+    """timm TResNet's ONNX export: its anti-aliasing blur conv reads a reflect Pad, and the TorchScript exporter
+    keeps the blur filter in a Constant node; asking whether that weight was computed raised an IndexError."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.full((4, 1, 3, 3), 1 / 9, dtype=np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+        helper.make_node("Pad", ["x", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("Conv", ["padded", "w"], ["y"], group=4, strides=[2, 2]),
+    ]
+    graph = helper.make_graph(nodes, "blur", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    folded, report = repfold.fold(model, return_report=True)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert not report.regions
+    np.testing.assert_array_equal(run(folded, x), run(model, x))
