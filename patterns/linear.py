@@ -270,6 +270,8 @@ def _fx_matmul_emit(node, ctx):
 
     def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
         x = swap.get(x0, x0)
+        if b is None:  # the same op on a new ``R``: no operator changes kind (SwiftFormer's ``q @ w_g``)
+            return ctx.graph.call_function(node.target, (x, ctx.new_param(_hint(r), cast(W, np.float64, transpose=True), r)))
         shape = tuple(reversed(ctx.shape(r)))
         w = ctx.new_param(_hint(r), W, r, shape=shape)
         bn = None if b is None else ctx.new_param(_hint(r) + "_bias", b, r, shape=(shape[0],))
