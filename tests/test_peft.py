@@ -76,6 +76,23 @@ def _configs():
     }
 
 
+def _trained(model, config, x):
+    """PEFT's model for ``config`` with every adapter weight random and non-zero (as if trained: PEFT starts
+    most at zero effect), checked to change the output; ``(adapted, merge_and_unload's model, its output)``."""
+    adapted = peft.get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    adapted.eval()
+    merged = copy.deepcopy(adapted).merge_and_unload().eval()
+    with torch.no_grad():
+        y = adapted(x)
+        assert rel_err(y, model(x)) > 1e-3
+    return adapted, merged, y
+
+
 # what the exporters themselves cannot export (before repfold sees the model)
 _UNEXPORTABLE = {("lokr", "torchscript"), ("fourierft", "torchscript"), ("boft", "torchscript"),
                  ("boft", "dynamo"), ("hra", "export"), ("hra", "dynamo")}
@@ -100,17 +117,7 @@ def test_every_mergeable_peft_type_folds_to_at_most_the_merged_models_operators(
         pytest.xfail("known gap: the dynamo exporter merges attn.proj's head reshape with OFT's block split, "
                      "so the input is not one channel axis")
     model, x = make_vit(), image()
-    adapted = peft.get_peft_model(copy.deepcopy(model), _configs()[kind])
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(3)
-        for p in adapted.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)  # as if trained
-    adapted.eval()
-    merged = copy.deepcopy(adapted).merge_and_unload().eval()
-    with torch.no_grad():
-        y = adapted(x)
-        assert rel_err(y, model(x)) > 1e-3
+    adapted, merged, y = _trained(model, _configs()[kind], x)
     if path == "export":
         folded, report = repfold.fold(torch.export.export(adapted, (x,)), return_report=True)
         with torch.no_grad():
@@ -153,17 +160,7 @@ def test_peft_on_convs_through_torch_export_folds_into_the_base_convs(kind):
               "dora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True),
               "loha": peft.LoHaConfig(r=4, alpha=8, target_modules=targets),
               "lokr": peft.LoKrConfig(r=4, alpha=8, target_modules=targets)}[kind]
-    adapted = peft.get_peft_model(copy.deepcopy(model), config)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(3)
-        for p in adapted.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)  # as if trained
-    adapted.eval()
-    merged = copy.deepcopy(adapted).merge_and_unload().eval()
-    with torch.no_grad():
-        y = adapted(x)
-        assert rel_err(y, model(x)) > 1e-3
+    adapted, merged, y = _trained(model, config, x)
     folded, report = repfold.fold(torch.export.export(adapted, (x,)), return_report=True)
     assert len(report.layered) == 8 and len(report.folded) == len(report.regions), str(report)
     assert all("base_layer" in r.into[0] for r in report.layered), str(report)
