@@ -156,13 +156,14 @@ class Concat:
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         first = ins[0]
-        if any(isinstance(v.M, Kernel) for v in ins):
-            raise KernelBlocked("concatenates a k×k conv's output")
+        kernel = any(isinstance(v.M, Kernel) for v in ins)
         for v in ins[1:]:
             if v.source != first.source:
                 raise NotAffine("concatenates values from different sources")
-            if not (_same(v.M, first.M) and _same(v.c, first.c)):
+            if not (v.M is first.M and _same(v.c, first.c) if kernel else _same(v.M, first.M) and _same(v.c, first.c)):
                 raise NotAffine("concatenates values with different channel maps")
+        if kernel:  # one conv's output, moved: the conv may start a region of its own instead
+            raise KernelBlocked("concatenates a k×k conv's output")
         axis = self.axis % first.rank
         shape = list(first.shape)
         shape[axis] = sum(v.shape[axis] for v in ins)

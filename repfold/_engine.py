@@ -155,22 +155,30 @@ def plan(
 
     A region whose fold leaves layers of its own in place (a second adapter
     after the first one's absorbing layer, EfficientNet-V2's projection
-    without an activation between) is planned again with the values those
-    layers read as sources of their own, so that they fold, or are reported
-    kept, as a region of their own.
+    without an activation between, FastViT's 1x1 block after its large-kernel
+    conv) is planned again with the values those layers read cut: the ops
+    that compute them stay in the region, as its exits, and the ops that
+    read them see a source of their own, so that they fold, or are reported
+    kept, as a region of their own. So is a value a conv cannot take beside
+    other branches (RepGhost's depthwise conv and identity BatchNorm after a
+    1x1 conv).
     """
     fresh: set[str] = set()
+    cuts: set[str] = set()
     while True:
-        result, more = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard,
-                                  fresh)
-        if more <= fresh:
+        result, more, more_cuts = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position,
+                                             hazard, fresh, cuts)
+        if more <= fresh and more_cuts <= cuts:
             return result
         fresh |= more
+        cuts |= more_cuts
 
 
-def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str]):
-    """One planning pass, with the values in ``fresh`` as sources whatever they compute; returns the plan and
-    the values that layers left in place by a fold read from it (to be sources next time)."""
+def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str],
+               cuts: set[str]):
+    """One planning pass, with the values in ``fresh`` as sources whatever they compute, and those in ``cuts``
+    sources to the ops that read them (the ops that compute them stay in their region, of which they are an
+    exit); returns the plan and the values to be fresh, and to be cuts, next time."""
     by_name = {s.name: s for s in steps}
     ch = Channels()
     state: dict[str, Affine | None] = {}
@@ -182,13 +190,22 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
 
     lone = set() if scales else _lone_layers(steps)
     more: set[str] = set()  # values to be sources next time
+    more_cuts: set[str] = set()
+    as_cut: dict[str, Affine | None] = {}
+
+    def read(i: str) -> Affine | None:
+        """Value ``i`` as the op reading it sees it."""
+        if i in cuts:
+            return as_cut[i] if i in as_cut else as_cut.setdefault(i, source(i))
+        return state[i] if i in state else state.setdefault(i, source(i))
+
     flow = _dataflow(steps)
     moved_up: dict[str, set[str]] = {}  # an op that needs its input laid out as the source -> moved values
     for s in steps:
         if s.name in lone or s.name in fresh:  # no adapter region can reach it / the start of one of its own
             state[s.name] = source(s.name)
             continue
-        ins = [state[i] if i in state else state.setdefault(i, source(i)) for i in s.inputs]
+        ins = [read(i) for i in s.inputs]
         if any(v is None for v in ins):
             state[s.name], ended[s.name] = source(s.name), _UNKNOWN
             continue
@@ -199,7 +216,13 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         except NotAffine as e:
             ch.axis = saved
             if isinstance(e, KernelBlocked):  # a conv's output moved: next time the conv starts a region instead
-                more.update(_kernel_origins(s.inputs, by_name, state))
+                more.update(_kernel_origins(s.inputs, by_name, state, cuts))
+            elif hasattr(s.op, "absorb") and not isinstance(e, Relaid) and not _pure(ins[0]) \
+                    and len(consumers(s.inputs[0])) > 1:
+                # a conv that cannot carry the map it reads, beside other branches of its input (RepGhost's
+                # depthwise conv and BatchNorm after a 1x1 conv, FastViT's after a large-kernel conv): next
+                # time the branches start there, to sum as a region of their own
+                more_cuts.add(s.inputs[0])
             # An input that only moves its source's values (TResNet's space-to-depth folds pixels into
             # channels) may be a new source itself: the op then acts on its channels.
             relaid = [i for i, v in zip(s.inputs, ins) if v.source != i and _pure(v)]
@@ -214,7 +237,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             if relaid:
                 try:
                     with folding(s):
-                        state[s.name] = s.op.transfer([state[i] for i in s.inputs], ch)
+                        state[s.name] = s.op.transfer([read(i) for i in s.inputs], ch)
                 except NotAffine as again:
                     ch.axis, why = saved, str(again)
                     for i, v in zip(s.inputs, ins):  # as they were: later readers stay in the same region
@@ -249,7 +272,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         """The region stays as it is: reported when it is an adapter region (a scale region is the model's
         own). One that carries a conv's kernel map is planned again with the conv as the start of a region,
         as before kernel maps (a BatchNorm then folds into it on its own)."""
-        more.update(_kernel_origins(members, by_name, state))
+        at_conv, at_input = _restarts(_kernel_origins(members, by_name, state, cuts), members, by_name, consumers)
+        more.update(at_conv)
+        more_cuts.update(at_input)
         more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
         if not region.scale:
             region.reason = why
@@ -262,10 +287,21 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if not adapter and not (scales and any(_scales(m, by_name, state) for m in members)):
             continue  # nothing to remove: a plain layer (or the source only moved), not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False, scale=not adapter)
+        whole = set(members)
         if adapter:  # the cheap ops after the region stay as they are: the model's own
             members = core
         why_not = hazard(src)
+        # an adapter whose sum with the identity beside it is not in the region (a region of its own starts
+        # there): folding its layers into one another would leave one running that the model does not have
+        apart = [c for m in members for c in consumers(m) if adapter and c not in whole and c in by_name
+                 and src in by_name[c].inputs]
+        if apart and why_not is None:
+            keep(region, members, f"its sum with the identity beside it, {by_name[apart[0]].label}, "
+                                  "is in a region of its own")
+            continue
         outcome = None
+        # a cut source is, to this region, the value its readers see (its own state is its region's)
+        seen = ctx.state = {**state, src: as_cut[src]} if src in as_cut else state
         if why_not is None:
             with folding(region.source):
                 outcome = _settle(src, members, ctx, adapter, scales)
@@ -274,7 +310,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             continue
         if isinstance(outcome, Blocked):
             e, why, outside = outcome
-            feeds = ", ".join(_blocker(c, label, ended, groups[src], fresh) for c in outside)
+            feeds = ", ".join(_blocker(c, label, ended, groups[src], fresh, e in cuts) for c in outside)
             keep(region, members, f"{by_name[e].label} feeds {feeds}; {why}")
             continue
         chosen, settled = outcome
@@ -295,8 +331,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         region.folded = True
         regions.append(region)
         # a shift of the model's own in the region (BatchNorm's): the new bias replaces it, no values more
-        shifts = any(not by_name[m].op.heavy and len(by_name[m].inputs) == 1 and np.any(state[m].c)
-                     and not np.any(state[by_name[m].inputs[0]].c) for m in settled if by_name[m].inputs[0] in state)
+        shifts = any(not by_name[m].op.heavy and len(by_name[m].inputs) == 1 and np.any(seen[m].c)
+                     and not np.any(seen[by_name[m].inputs[0]].c) for m in settled if by_name[m].inputs[0] in seen)
         for f in chosen:
             f.region = region
             folds.append(f)
@@ -308,27 +344,47 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         redirects.update(moved)
         done = set(settled)
         left = [m for m in members if m not in done]
-        if any(by_name[m].op.heavy for m in left):  # layers the fold leaves running: a region of their own
-            more.update(_entries(left, by_name))
+        if any(by_name[m].op.heavy for m in left):  # layers the fold leaves running: a region of their own,
+            # from the values they read, which stay this region's exits (FastViT's 1x1 block beside an
+            # identity BatchNorm, after a large-kernel conv's summed branches)
+            more_cuts.update(_entries(left, by_name))
             region.ops = [by_name[m].label for m in members if m in done]
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
-    return Plan(folds, regions, members_of, redirects, unseen), more
+    return Plan(folds, regions, members_of, redirects, unseen), more, more_cuts
 
 
-def _kernel_origins(names, by_name, state) -> set[str]:
-    """The convs whose kernel maps reach ``names`` (steps whose state is a kernel map made from no other)."""
+def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:
+    """The convs whose kernel maps reach ``names`` (steps whose state is a kernel map made from no other),
+    not through a cut (whose readers see it as a source)."""
     found, seen, todo = set(), set(), list(names)
     while todo:
         n = todo.pop()
-        if n in seen or n not in by_name or not _kernel_map(state, n):
+        if n in seen or n not in by_name or n in cuts or not _kernel_map(state, n):
             continue
         seen.add(n)
-        carried = [i for i in by_name[n].inputs if _kernel_map(state, i)]
+        carried = [i for i in by_name[n].inputs if _kernel_map(state, i) and i not in cuts]
         if carried:
             todo.extend(carried)
         else:
             found.add(n)
     return found
+
+
+def _restarts(convs: set[str], members: list[str], by_name, consumers) -> tuple[set[str], set[str]]:
+    """Where regions start next time for the convs whose kernel maps could not fold: ``(convs that start one
+    themselves, values to cut)``: the value a conv reads where other ops of the region read it too (parallel
+    branches, RepGhost's depthwise conv beside a BatchNorm of its input after a conv of their own: the
+    branches sum as a region of their own). A cut, so that what computes the value stays in its region (an
+    adapter's sum with its identity, before a block, stays the adapter's)."""
+    inside = set(members)
+    at_conv, at_input = set(), set()
+    for h in convs:
+        u = by_name[h].inputs[0]
+        if u in inside and sum(c in inside for c in consumers(u)) > 1:
+            at_input.add(u)
+        else:
+            at_conv.add(h)
+    return at_conv, at_input
 
 
 def _anchors(exits: list[str], members: list[str], by_name) -> set[str]:
@@ -456,6 +512,7 @@ class _Ctx:
     # the region as first found, before _settle cut any of it off: its dataflow graph and its exits
     whole: Any = None
     whole_exits: set[str] = field(default_factory=set)
+    adapter: bool = True  # the region being settled is an adapter's (else only the model's own ops)
 
 
 def _dataflow(steps: Sequence[Step]):
@@ -495,6 +552,7 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     # (the model's) layers, which an adapter beside an identity adds nothing to. A fold that
     # keeps more layers than that would leave some of the adapter's behind.
     whole = ctx.whole = _region_graph(src, members, ctx)
+    ctx.adapter = adapter
     ctx.whole_exits = set(_exits(members, ctx.consumers))
     allowed = sum(_fewest_layers(whole, src, e, ctx) for e in ctx.whole_exits)
     while True:
@@ -547,10 +605,12 @@ def _may_leave(e: str, ctx: _Ctx) -> bool:
 
 
 def _blocker(consumer: str, label: Callable[[str], str], ended: dict[str, str], found: list[str],
-             fresh: set[str]) -> str:
+             fresh: set[str], cut: bool = False) -> str:
     if consumer == OUTPUT:
         return "the graph output"
-    if consumer in ended:
+    if cut:  # the value it reads is cut: the reader is in a region that starts there (a block's branch)
+        why = "in a region of its own that starts there"
+    elif consumer in ended:
         why = ended[consumer]
     elif consumer in found:  # a cheap op of the region as found that only leads out of it (an identity
         why = "it only leads out of the region"  # branch's BatchNorm into a sum that ended the region)
@@ -606,6 +666,14 @@ def _assign(src, todo, folded, ctx: _Ctx):
                 and all(_graph.on_every_path(ctx.whole, src, j, h) for j in joins)]
         if main:
             fold = into(main, e, reasons) or around(e, reasons)
+            if fold is None:  # a layer that cannot take a block's kernel map, right after the block's sum (no
+                # activation between): the block and the layer go into one of the block's branch convs, as a
+                # conv and the layer after it do into the conv. Not into a layer beside an identity (an
+                # adapter's), unless it is one of parallel branches
+                before = by_name[main[-1]].inputs[0]
+                if before in region:
+                    ups = set(order) if _fewest_layers(region, src, before, ctx) else _parallel(region, src, before, ctx)
+                    fold = into([h for h in order if h in ups and h not in main], e, reasons)
         elif min(_fewest_layers(g, src, x, ctx) for g, x in [(region, e), *((ctx.whole, j) for j in joins)]) == 0:
             # an identity path: no layer here is the model's, unless it is one of parallel branches
             fold = around(e, reasons)
@@ -662,14 +730,17 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
     one where no path from ``d`` skips every layer. Such a sum may go into one of the layers after ``d``
     even where a path crosses none, as nothing else can take it: the fold leaves one layer where the model
     has one at least. An adapter beside an identity (two layers in a row, or one alone) has no such
-    paths, and may not go into one of its own layers (the model has none there)."""
+    paths, and may not go into one of its own layers (the model has none there). In a region of the
+    model's own ops (no adapter: its layers are no more than its exits) one layer beside an identity is
+    such a block too (RepGhost's depthwise conv beside a BatchNorm of its input, ``x + conv(x)``): the
+    sum goes into the layer, which stays one layer."""
     heavy = lambda m: int(ctx.by_name[m].op.heavy)
     for d in reversed(_graph.dominators(region, src, e)):  # the nearest the sum first: no adapter layer before it
         if _graph.fewest(region, src, d, heavy) > 0:
             continue
         after = {h for h in _graph.descendants(region, d) if heavy(h) and (h == e or e in _graph.descendants(region, h))}
         alone = [h for h in after if _graph.fewest(region, d, h, heavy) == 1 and _graph.fewest(region, h, e, heavy) == 0]
-        if len(alone) >= 2 or (alone and _graph.fewest(region, d, e, heavy) > 0):
+        if len(alone) >= 2 or (alone and (_graph.fewest(region, d, e, heavy) > 0 or not ctx.adapter)):
             return after
     return set()
 

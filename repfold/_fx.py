@@ -678,8 +678,9 @@ class _FxEdits:
 
     def emit(self, step, swap, W, b, *, producer: bool) -> fx.Node:
         old = self.nodes[step.name]
-        # "into": where the layer was (the plan counts on it); a producer's: right after it
-        with self.graph.inserting_after(old) if producer else self.graph.inserting_before(old):
+        # "into": where the layer was (the plan counts on it); a producer's: right after it (before the node
+        # after it: an emit of several nodes, a pad and its conv, would come out reversed after it)
+        with self.graph.inserting_before(old.next if producer else old):
             new = step.emit(swap, W, b)
         new.meta = dict(old.meta)
         return new

@@ -9,6 +9,8 @@ kept as it is and the outputs stay bitwise.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -80,6 +82,46 @@ BLOCKS = {
 }
 
 
+class Ghost(nn.Module):
+    """RepGhost's module: ``cat(y, dw(y) + bn(y))`` with ``y`` a 1x1 conv's output (then a ReLU or nothing);
+    the identity branch's BatchNorm goes into the depthwise conv."""
+
+    def __init__(self, c: int, act: bool, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.primary = nn.Sequential(conv(c, 1), _bn(c, gen), nn.ReLU() if act else nn.Identity())
+        self.cheap = Branches(c, [[conv(c, 3, groups=c)]], act=False, seed=seed + 1)
+
+    def forward(self, x):
+        y = self.primary(x)
+        return torch.cat([y, self.cheap(y)], 1)
+
+
+class Twice(nn.Module):
+    """FastViT's patch embedding: a large and a small depthwise kernel summed, then at once (nothing
+    non-linear between) a 1x1 conv beside an identity BatchNorm: two blocks, two convs."""
+
+    def __init__(self, c: int, seed: int = 0):
+        super().__init__()
+        self.large = Branches(c, [[conv(c, 7, groups=c)], [conv(c, 3, groups=c)]], identity=False, act=False,
+                              seed=seed)
+        self.mix = Branches(c, [[conv(c, 1)]], seed=seed + 1)
+
+    def forward(self, x):
+        return self.mix(self.large(x))
+
+
+# blocks of the timm families that fold into more than one conv: (module, convs after the fold)
+CHAINS = {
+    "ghost-relu": (lambda: Ghost(C, act=True), 2),
+    "ghost": (lambda: Ghost(C, act=False), 2),
+    "large-then-1x1": (lambda: Twice(C), 2),
+    # a 1x1 conv right after a block's sum (no activation) goes with the block into its 3x3
+    "block-then-conv": (lambda: nn.Sequential(Branches(C, [[conv(C, 3)], [conv(C, 1)]], act=False), conv(C, 1)), 1),
+}
+
+
 def _convs(model) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -117,6 +159,33 @@ def test_onnx_branches_become_one_conv(name, dynamo):
     s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("path", ["fx", "torchscript", "dynamo"])
+def test_blocks_in_a_row_fold_each_into_its_conv(name, path):
+    """An identity branch's BatchNorm beside the one conv of its block goes into that conv, also where the
+    block reads another conv's output with nothing non-linear between (a region that ends there, and one
+    that starts there)."""
+    make, want = CHAINS[name]
+    model = make().eval()
+    x = _x()
+    with torch.no_grad():
+        y = model(x)
+    if path == "fx":
+        folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+        with torch.no_grad():
+            assert rel_err(folded(x), y) < 1e-5
+        assert _convs(folded) == want, report
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), report
+        assert not any(n.target is operator.add for n in folded.graph.nodes), report
+    else:
+        folded, report = repfold.fold(export(model, x, path == "dynamo"), return_report=True)
+        assert sum(n.op_type == "Conv" for n in folded.graph.node) == want, report
+        assert not any(n.op_type in ("Add", "BatchNormalization") for n in folded.graph.node), report
+        s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], y) < 1e-5
+    assert not report.kept, report
 
 
 @pytest.mark.parametrize("name", ["repvgg", "reflect"])
@@ -243,8 +312,7 @@ def test_lora_on_a_kxk_conv_folds_into_it():
     assert "base" in report.layered[0].into[0]
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9", "fastvit_t8"])
-def test_timm_reparam_families_fold_like_timm(name):
+def _timm_family(name: str):
     timm = pytest.importorskip("timm")
     model = timm.create_model(name, pretrained=False).eval()
     gen = torch.Generator().manual_seed(0)
@@ -253,12 +321,35 @@ def test_timm_reparam_families_fold_like_timm(name):
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    x = torch.randn(1, 3, 64, 64, generator=gen)
+    return timm, model, torch.randn(1, 3, 64, 64, generator=gen)
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9", "fastvit_t8", "repghostnet_050"])
+def test_timm_reparam_families_fold_like_timm(name):
+    timm, model, x = _timm_family(name)
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-5
         ref = timm.utils.reparameterize_model(model)
     assert _convs(folded) <= _convs(ref), report
+    assert not report.kept, report
+
+
+@pytest.mark.parametrize("name", ["repvit_m0_9", "fastvit_t8", "repghostnet_050"])
+def test_onnx_timm_reparam_families_fold_to_timms_operators(name):
+    """The export of a train-form model, folded, has no more operators of any kind than the export of
+    timm's reparameterised model (which timm cannot make from an export)."""
+    import collections
+    import copy
+
+    timm, model, x = _timm_family(name)
+    folded, report = repfold.fold(export(model, x, False), return_report=True)
+    ref = export(timm.utils.reparameterize_model(copy.deepcopy(model)), x, False)
+    got, want = (collections.Counter(n.op_type for n in p.graph.node) for p in (folded, ref))
+    assert all(n <= want[k] for k, n in got.items()), (got, want)
+    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
     assert not report.kept, report
 
 
