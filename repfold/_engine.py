@@ -318,7 +318,16 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if taken:  # a layer rebuilt for another region already (a scale region and an adapter on one conv)
             keep(region, members, f"{by_name[taken[0]].label} takes another region's fold already")
             continue
-        absorbers.update(f.absorber for f in chosen)
+        # a shift of the model's own in the region (BatchNorm's): the new bias replaces it
+        shifts = [m for m in settled if by_name[m].inputs[0] in seen and not by_name[m].op.heavy
+                  and len(by_name[m].inputs) == 1 and np.any(seen[m].c) and not np.any(seen[by_name[m].inputs[0]].c)]
+        new_bias = sum(len(f.b) for f in chosen
+                       if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None)
+        if not adapter and new_bias and not any(np.size(seen[m].c) > 1 for m in shifts):
+            # the model's own scalar shift (CAFormer's StarReLU bias) into a bias-less layer: a bias of C
+            # values for one number and one Add; the model stays as it is (a scale region: not reported)
+            keep(region, members, "a bias-less layer would take a bias for a scalar shift")
+            continue
         # what the rewrite removes: every op of the region but those that only move the source's values
         # (the model's own layout ops, dropout or contiguous, which may be read outside too), and a producer
         # fold's old layer
@@ -328,18 +337,15 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if why_not is not None:
             keep(region, members, why_not)
             continue
+        absorbers.update(f.absorber for f in chosen)
         region.folded = True
         regions.append(region)
-        # a shift of the model's own in the region (BatchNorm's): the new bias replaces it, no values more
-        shifts = any(not by_name[m].op.heavy and len(by_name[m].inputs) == 1 and np.any(seen[m].c)
-                     and not np.any(seen[by_name[m].inputs[0]].c) for m in settled if by_name[m].inputs[0] in seen)
         for f in chosen:
             f.region = region
             folds.append(f)
             region.into.append(by_name[f.absorber].label)
-            if f.b is not None and getattr(by_name[f.absorber].op, "b", False) is None:
-                region.new_bias += len(f.b)  # a bias-less layer takes the region's constant
-        region.shift_replaced = shifts
+        region.new_bias = new_bias  # the biases bias-less layers took for the region's constant
+        region.shift_replaced = bool(shifts)
         members_of.update({m: src for m in gone})
         redirects.update(moved)
         done = set(settled)

@@ -342,6 +342,34 @@ def test_scale_only_regions_fold_by_default():
     assert "mul" not in op_counts(out) and "scales and shifts only folded" in str(report)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_models_own_shift_folds_into_a_bias_less_layer_only_per_channel(per_channel):
+    """CAFormer's StarReLU ``s · relu(x)² + b`` (one number each) before its bias-free ``fc2``: folding would
+    give ``fc2`` a bias of its width for one number, more parameters than the model has: left as it is. A
+    per-channel shift (SSF's, BatchNorm's) folds: the new bias replaces as many values of the model's own."""
+    class StarReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 6, bias=False)
+            n = 8 if per_channel else 1
+            self.s, self.b = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return self.fc2(self.s * F.relu(self.fc1(x)) ** 2 + self.b)
+
+    model, x = StarReLU().double().eval(), tokens().double()
+    out, report = repfold.fold(model, example_inputs=x, return_report=True)
+    with torch.no_grad():
+        err = rel_err(out(x), model(x))
+    params = sum(p.numel() for p in model.parameters())
+    if per_channel:
+        (region,) = report.regions
+        assert err < 1e-12 and region.folded and region.into == ["fc2 (Linear)"]
+        assert report.params_after == params - 8 - 8 + 6  # s and b gone, fc2 took a bias
+    else:
+        assert report.regions == [] and err == 0 and report.params_after == params
+
+
 @pytest.mark.parametrize("kdim", [None, 5])
 def test_multihead_attention_absorbs_per_slot(kdim):
     class Attn(nn.Module):
