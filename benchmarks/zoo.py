@@ -788,8 +788,10 @@ def path_onnx(model, x, gm, dynamo: bool) -> dict:
 def _stored(model) -> int:
     """The float values a module stores: its parameters and its float buffers (EVA-02's run-time qkv bias
     concatenates a zero buffer between two parameters; the fold stores the whole as one parameter, no value
-    more). Like ONNX's initializers, which hold both."""
-    return sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    more), like ONNX's initializers, which hold both; not the constants torch.fx's trace stored (EVA-02's
+    rotary tables, computed from buffers the model holds)."""
+    return sum(t.numel() for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and not n.rpartition(".")[2].startswith("_tensor_constant"))
 
 
 def _params_ok(report, res: dict) -> None:

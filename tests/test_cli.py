@@ -184,16 +184,15 @@ def test_model_without_adapters_succeeds_and_says_so(vit, tmp_path):
     assert ops(onnx.load(str(out))) == ops(onnx.load(str(src)))
 
 
-def test_model_without_adapters_folds_its_own_constant_scales_by_default(vit, tmp_path):
-    """The TorchScript exporter spells GELU out with a ``× 0.5``: by default it folds into the next Linear,
-    and the report says so; the outputs stay within rounding."""
+def test_model_without_adapters_keeps_the_gelu_the_runtime_fuses(vit, tmp_path):
+    """The TorchScript exporter spells GELU out with a ``× 0.5``, a constant scale before a Linear; it stays,
+    as onnxruntime fuses the five ops into one GELU kernel (folding the ``½`` left four slower ops)."""
     _, model, x = vit
     src, out = tmp_path / "base.onnx", tmp_path / "out.onnx"
     onnx.save(export(model, x), str(src))
     r = cli(src, "-o", out, "--check")
-    assert r.returncode == 0 and "0 adapter regions" in r.stdout and "scales and shifts only folded" in r.stdout
-    before, after = ops(onnx.load(str(src))), ops(onnx.load(str(out)))
-    assert after["Mul"] < before["Mul"] and all(after[k] <= n for k, n in before.items())
+    assert r.returncode == 0 and "0 adapter regions" in r.stdout and "scales and shifts only folded" not in r.stdout
+    assert ops(onnx.load(str(out))) == ops(onnx.load(str(src)))
 
 
 def test_overwrite_replaces_the_input_when_asked(dynamic, tmp_path):

@@ -346,7 +346,9 @@ def test_onnx_timm_reparam_families_fold_to_timms_operators(name):
     folded, report = repfold.fold(export(model, x, False), return_report=True)
     ref = export(timm.utils.reparameterize_model(copy.deepcopy(model)), x, False)
     got, want = (collections.Counter(n.op_type for n in p.graph.node) for p in (folded, ref))
-    assert all(n <= want[k] for k, n in got.items()), (got, want)
+    # (not Identity: the TorchScript exporter shares equal initializers through Identity nodes, which
+    # depend on which weights happen to be equal)
+    assert all(n <= want[k] for k, n in got.items() if k != "Identity"), (got, want)
     s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
