@@ -160,7 +160,8 @@ class Concat:
         for v in ins[1:]:
             if v.source != first.source:
                 raise NotAffine("concatenates values from different sources")
-            if not (v.M is first.M and _same(v.c, first.c) if kernel else _same(v.M, first.M) and _same(v.c, first.c)):
+            same_map = v.M is first.M if kernel else _same(v.M, first.M)  # (kernel maps: one conv's)
+            if not (same_map and _same(v.c, first.c)):
                 raise NotAffine("concatenates values with different channel maps")
         if kernel:  # one conv's output, moved: the conv may start a region of its own instead
             raise KernelBlocked("concatenates a k×k conv's output")

@@ -265,7 +265,7 @@ def _fx_linear_emit(node, ctx):
 
 
 def _fx_matmul_emit(node, ctx):
-    """``emit`` for ``x @ R``: ``F.linear(x, W')`` with the new (out, in) weight, as cheap."""
+    """``emit`` for ``x @ R``: ``x @ R'`` with the new weight; with a bias, ``F.linear(x, W', b)``, as cheap."""
     x0, r = node.args
 
     def emit(swap: dict, W: np.ndarray, b: np.ndarray | None):
@@ -274,7 +274,7 @@ def _fx_matmul_emit(node, ctx):
             return ctx.graph.call_function(node.target, (x, ctx.new_param(_hint(r), cast(W, np.float64, transpose=True), r)))
         shape = tuple(reversed(ctx.shape(r)))
         w = ctx.new_param(_hint(r), W, r, shape=shape)
-        bn = None if b is None else ctx.new_param(_hint(r) + "_bias", b, r, shape=(shape[0],))
+        bn = ctx.new_param(_hint(r) + "_bias", b, r, shape=(shape[0],))
         return ctx.graph.call_function(F.linear, (x, w, bn))
 
     return emit

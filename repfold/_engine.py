@@ -293,8 +293,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         why_not = hazard(src)
         # an adapter whose sum with the identity beside it is not in the region (a region of its own starts
         # there): folding its layers into one another would leave one running that the model does not have
-        apart = [c for m in members for c in consumers(m) if adapter and c not in whole and c in by_name
-                 and src in by_name[c].inputs]
+        apart = [c for m in members for c in consumers(m)
+                 if c not in whole and c in by_name and src in by_name[c].inputs] if adapter else []
         if apart and why_not is None:
             keep(region, members, f"its sum with the identity beside it, {by_name[apart[0]].label}, "
                                   "is in a region of its own")

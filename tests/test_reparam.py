@@ -12,10 +12,10 @@ from __future__ import annotations
 import operator
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import export, rel_err
+from test_cli import run
 from torch import nn
 
 import repfold
@@ -156,9 +156,8 @@ def test_onnx_branches_become_one_conv(name, dynamo):
     convs = [n for n in folded.graph.node if n.op_type == "Conv"]
     assert len(convs) == 1, report
     assert not any(n.op_type in ("Add", "BatchNormalization") for n in folded.graph.node), report
-    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
+        assert rel_err(run(folded, x.numpy()), model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(CHAINS))
@@ -183,8 +182,7 @@ def test_blocks_in_a_row_fold_each_into_its_conv(name, path):
         folded, report = repfold.fold(export(model, x, path == "dynamo"), return_report=True)
         assert sum(n.op_type == "Conv" for n in folded.graph.node) == want, report
         assert not any(n.op_type in ("Add", "BatchNormalization") for n in folded.graph.node), report
-        s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
-        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], y) < 1e-5
+        assert rel_err(run(folded, x.numpy()), y) < 1e-5
     assert not report.kept, report
 
 
@@ -267,9 +265,8 @@ def test_onnx_an_adapter_before_a_multi_branch_block_folds_into_its_sum(dynamo):
     gm, x = gm.float(), x.float()
     folded, report = repfold.fold(export(gm, x, dynamo), return_report=True)
     assert not report.kept and sum(n.op_type == "Conv" for n in folded.graph.node) == 3, report
-    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], gm(x)) < 1e-5
+        assert rel_err(run(folded, x.numpy()), gm(x)) < 1e-5
 
 
 @pytest.mark.parametrize("name, bias", [("repvgg", True), ("depthwise", False), ("large-small", True)])
@@ -349,9 +346,8 @@ def test_onnx_timm_reparam_families_fold_to_timms_operators(name):
     # (not Identity: the TorchScript exporter shares equal initializers through Identity nodes, which
     # depend on which weights happen to be equal)
     assert all(n <= want[k] for k, n in got.items() if k != "Identity"), (got, want)
-    s = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        assert rel_err(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], model(x)) < 1e-5
+        assert rel_err(run(folded, x.numpy()), model(x)) < 1e-5
     assert not report.kept, report
 
 
