@@ -98,11 +98,15 @@ def _acts_on(gm: fx.GraphModule, n: fx.Node, rank: int) -> int | None:
     return None
 
 
-def _moved(n: fx.Node, axis: int, before: tuple[int, ...], after: tuple[int, ...] | None) -> int | None:
+def _moved(gm: fx.GraphModule, n: fx.Node, axis: int, before: tuple[int, ...], after: tuple[int, ...] | None
+           ) -> int | None:
     """Where axis ``axis`` of ``n``'s first input is in ``n``'s output, or None if no longer whole or known."""
     if after is None:
         return None
-    name = "" if n.op == "call_module" else n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if n.op == "call_module":  # a classifier head's nn.Flatten reshapes; other modules: by shapes alone
+        name = {nn.Flatten: "flatten", nn.Unflatten: "unflatten"}.get(type(gm.get_submodule(n.target)), "")
+    else:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     if name in _PERMUTES:
         args = [a for a in n.args[1:] if isinstance(a, int)]
         dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else None
@@ -167,15 +171,15 @@ def _evidence(gm: fx.GraphModule, value: fx.Node, down: bool, limit: int = 64) -
                     found.update(a for a, b in where.items() if b == k)
                     continue
                 after = _shape(u)
-                nxt = {a: _moved(u, b, sh, after) for a, b in where.items()}
+                nxt = {a: _moved(gm, u, b, sh, after) for a, b in where.items()}
                 nxt = {a: b for a, b in nxt.items() if b is not None}
                 if nxt:
                     todo.append((u, after, nxt))
         else:
             if node.op not in ("call_module", "call_function", "call_method") or not node.args:
                 continue
-            first = node.args[0]
-            if not isinstance(first, fx.Node) or _shape(first) is None:
+            first = next((a for a in node.args if isinstance(a, fx.Node)), None)  # add(0, x): x
+            if first is None or _shape(first) is None:
                 continue
             k = _acts_on(gm, node, len(_shape(first)))
             if k is not None:
@@ -185,7 +189,7 @@ def _evidence(gm: fx.GraphModule, value: fx.Node, down: bool, limit: int = 64) -
             before = _shape(first)
             back = {}
             for b in range(len(before)):
-                to = _moved(node, b, before, sh)
+                to = _moved(gm, node, b, before, sh)
                 for a, at in where.items():
                     if to is not None and at == to:
                         back[a] = b

@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from repfold.patterns import onnx_rules
+from repfold.patterns.linear import block_matmul
 
 from . import _driver, _engine, _graph
 from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
@@ -283,12 +284,7 @@ class OnnxContext:
         return None
 
     def unique(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return _fresh(self.names, base)
 
     def new_const(self, like, values: np.ndarray) -> gs.Constant:
         """A new initializer named after ``like``, in ``like``'s dtype (cast once from float64).
@@ -322,6 +318,16 @@ class OnnxContext:
         return out
 
 
+
+
+def _fresh(names: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``names`` (which then holds it)."""
+    name, i = base, 0
+    while name in names:
+        i += 1
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
 
 
 def _stored_values(var: gs.Constant) -> np.ndarray:
@@ -540,6 +546,8 @@ def fold_onnx(
     else:
         private = onnx.ModelProto()
         private.CopyFrom(model)  # the fold edits the proto it is given
+    shapes, dtypes, known = _infer(private)
+    regroups = _split_regroups(private.graph, shapes, dtypes, known)
     graph = gs.import_onnx(private)  # initializer values stay in ``private``'s protos until read
     if len(graph.nodes) != len(private.graph.node):
         raise AssertionError("onnx-graphsurgeon imported a different node list")
@@ -548,7 +556,7 @@ def fold_onnx(
     graph.toposort()
     live = _live(graph)
     dead_before = {id(n) for n in graph.nodes if id(n) not in live}
-    ctx = OnnxContext(graph, private.graph, *_infer(model), pending=pending, opsets=model.opset_import)
+    ctx = OnnxContext(graph, private.graph, shapes, dtypes, known, pending=pending, opsets=model.opset_import)
     tensors = graph.tensors()
 
     steps, step_of = _driver.match(  # step_of: node id -> step name; weight-only values are constants, not ops
@@ -596,14 +604,72 @@ def fold_onnx(
     report.regions = plan.regions
     report.unseen = plan.unseen
     if not plan.folds:  # nothing to fold: the model as it came, not even re-sorted (bitwise the same run)
+        _join_regroups(private.graph, regroups)
         report.ops_after, report.params_after = report.ops_before, report.params_before
         return private, report
     made_by = {name: tensors[name].inputs[0] for name in plan.members if tensors[name].inputs}  # before the rewrite
     _driver.rewrite(plan, steps, _OnnxEdits(ctx, graph, tensors, steps, made_by, dead_before), label, release=True)
     graph.toposort()
     _write_back(graph, protos, private.graph, read_before | ctx.added)
+    _join_regroups(private.graph, regroups)
     report.ops_after, report.params_after = op_counts(private), n_params(private)
     return private, report
+
+
+def _split_regroups(g: onnx.GraphProto, shapes: dict, dtypes: dict, known: dict) -> list[tuple[str, str, str]]:
+    """Write each Reshape that regroups a value's last two axes, ``(..., h, d) -> (..., r, k)``, for a block
+    matmul as two: a merge to ``(..., h·d)``, then the split (the dynamo exporter fuses an attention's head
+    merge with PEFT's OFT block split into one Reshape). Only the merged value, ``h·d`` channels on one
+    axis, is one a block rotation is a channel map of. ``shapes``, ``dtypes`` and ``known`` learn the new
+    values; the new merges are ``(node, its output, its shape)`` names, for :func:`_join_regroups`.
+    """
+    names = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {v.name for v in g.input}
+    names |= {n.name for n in g.node}
+    readers = Counter(i for n in g.node for i in n.input) + Counter(o.name for o in g.output)
+    einsums = {n.input[0]: n for n in g.node if n.op_type == "Einsum" and len(n.input) == 2}
+    made = []
+    for k in reversed(range(len(g.node))):  # inserting before k leaves the nodes before it in place
+        n = g.node[k]
+        e = einsums.get(n.output[0]) if n.op_type == "Reshape" and readers[n.output[0]] == 1 else None
+        if e is None:
+            continue
+        before, after = shapes.get(n.input[0]), shapes.get(n.output[0])
+        if before is None or after is None or len(before) != len(after) or len(after) < 3:
+            continue
+        eq = next((a.s.decode() for a in e.attribute if a.name == "equation"), "")
+        (h, d), (r, c), lead = before[-2:], after[-2:], before[:-2]
+        if not (block_matmul(eq) and lead == after[:-2] and all(isinstance(v, int) for v in (h, d, r, c))
+                and h * d == r * c and (h, d) != (r, c)):
+            continue
+        x = n.input[0]
+        mid, spec_name, name = (_fresh(names, f"{x}_merged"), _fresh(names, f"{x}_merged_shape"),
+                                _fresh(names, f"{n.name or 'Reshape'}_merge"))
+        spec = np.array([0] * len(lead) + [h * d], dtype=np.int64)  # 0: the input's own size (allowzero off)
+        g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
+        g.node.insert(k, onnx.helper.make_node("Reshape", [x, spec_name], [mid], name))
+        n.input[0] = mid
+        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = (*lead, h * d), dtypes.get(x), spec, spec.shape
+        made.append((name, mid, spec_name))
+    return made
+
+
+def _join_regroups(g: onnx.GraphProto, made: list[tuple[str, str, str]]) -> None:
+    """Put each merge :func:`_split_regroups` made back into the Reshapes that read it, where the fold
+    left it read by Reshapes alone (a row-major reshape of a reshape is one reshape)."""
+    if not made:
+        return
+    outputs = {o.name for o in g.output}
+    for name, mid, spec_name in made:
+        at = next((k for k, n in enumerate(g.node) if n.name == name), None)
+        readers = [n for n in g.node if mid in n.input]
+        if at is None or mid in outputs or any(n.op_type != "Reshape" or list(n.input).index(mid) != 0 or
+                                               list(n.input).count(mid) != 1 for n in readers):
+            continue
+        for n in readers:
+            n.input[0] = g.node[at].input[0]
+        del g.node[at]
+    read = _read_names(g)
+    _remove(g.initializer, lambda t: t.name in {s for _, _, s in made} and t.name not in read)
 
 
 def _live(graph: gs.Graph) -> set[int]:

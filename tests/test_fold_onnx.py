@@ -135,3 +135,50 @@ def test_nodes_and_initializers_unused_in_the_input_are_kept(exported):
     assert len(report.layered) == 4 and ops(folded) == ops(exported[1]) + Counter({"Relu": 1})
     assert any(n.name == "spare_relu" for n in folded.graph.node)
     assert any(t.name == "spare_weights" for t in folded.graph.initializer)
+
+
+def _regrouped(then: str) -> onnx.ModelProto:
+    """``x (2, 5, 4, 6)`` reshaped in one node to OFT's blocks ``(2, 5, 3, 8)``, rotated per block by an
+    Einsum, merged back to ``(2, 5, 24)``, then a MatMul the rotation folds into, or (``then="relu"``) a Relu
+    and a per-channel scale before it: the scale folds, the rotation has no layer to fold into."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = {"split": np.array([0, 0, 3, 8]), "merge": np.array([0, 0, 24]),
+              "R": rng.normal(size=(3, 8, 8)).astype(np.float32), "W": rng.normal(size=(24, 7)).astype(np.float32),
+              "s": rng.uniform(0.5, 2, size=24).astype(np.float32)}
+    nodes = [helper.make_node("Reshape", ["x", "split"], ["blocks"], "regroup"),
+             helper.make_node("Einsum", ["blocks", "R"], ["turned"], "rotate", equation="...rk,rkc->...rc"),
+             helper.make_node("Reshape", ["turned", "merge"], ["merged"], "back")]
+    last = "merged"
+    if then == "relu":
+        nodes += [helper.make_node("Relu", ["merged"], ["relu"], "relu"),
+                  helper.make_node("Mul", ["relu", "s"], ["scaled"], "scale")]
+        last = "scaled"
+    nodes.append(helper.make_node("MatMul", [last, "W"], ["y"], "layer"))
+    graph = helper.make_graph(nodes, "regrouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 7])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_reshape_that_regroups_heads_into_blocks_is_merged_first_and_put_back_where_kept():
+    """The dynamo exporter writes an attention's head merge and OFT's block split as one Reshape
+    ``(B, N, h, d) -> (B, N, r, k)``: the fold reads it as a merge to ``(B, N, h·d)`` then the split, so the
+    rotation folds into the layer after it; where it does not, the two Reshapes are one again."""
+    x = torch.randn(2, 5, 4, 6)
+    model = _regrouped("matmul")
+    folded, report = repfold.fold(model, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [r.folded for r in report.regions] == [True], str(report)
+    assert ops(folded) == Counter({"Reshape": 1, "MatMul": 1})  # the head merge, the layer
+    assert rel_err(torch.from_numpy(run(folded, x)), torch.from_numpy(run(model, x))) < 1e-5
+
+    model = _regrouped("relu")
+    folded, report = repfold.fold(model, return_report=True)
+    assert [r.folded for r in report.regions] == [True], str(report)  # the scale
+    assert ops(folded) == Counter({"Reshape": 2, "Einsum": 1, "Relu": 1, "MatMul": 1})
+    assert rel_err(torch.from_numpy(run(folded, x)), torch.from_numpy(run(model, x))) < 1e-5
+    model.graph.node.remove(model.graph.node[4])  # no scale: nothing folds, the model comes back as it was
+    model.graph.node[4].input[0] = "relu"
+    assert repfold.fold(model).SerializeToString() == model.SerializeToString()

@@ -248,6 +248,27 @@ def test_insert_puts_the_adapter_on_the_channel_axis_read_off_the_graph(size):
     assert adapter.axis == 1 and adapter.channels == 6
 
 
+class SummedThenHead(nn.Module):
+    """MobileOne's ``attn`` (an Identity): its input a sum that starts from ``0 +``, its reader a ReLU, a pool,
+    an ``nn.Flatten`` and the classifier's Linear; ``head=False``: no layer after it."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        self.conv, self.attn = nn.Conv2d(3, 6, 1), nn.Identity()
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)) if head else None
+
+    def forward(self, x):
+        y = self.attn(0 + self.conv(x) if self.head is None else x)
+        return y if self.head is None else self.head(y)
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["read-through-flatten", "made-through-add-of-zero"])
+def test_insert_reads_the_channel_axis_through_a_flatten_module_and_a_sum_from_zero(head):
+    """timm's ``mobileone_s0`` with ``before="attn"`` asked for ``axis=``."""
+    gm = repfold.insert(SummedThenHead(head).eval(), before="attn", example_inputs=torch.randn(1, 3 if not head else 6, 5, 5))
+    assert gm.get_submodule("repfold_adapters.attn").axis == 1
+
+
 class NoLayerNearby(nn.Module):
     def forward(self, x):
         return torch.tanh(x) * 2
