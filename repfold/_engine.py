@@ -25,7 +25,7 @@ weights and deletes the region's other ops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +138,7 @@ def plan(
     shape_reads: Callable[[str], list[tuple]] = lambda name: [],
     position: Callable[[str], int] = lambda name: 0,
     hazard: Callable[[str], str | None] = lambda name: None,
+    written: Collection[str] = (),
 ) -> Plan:
     """Find the adapter regions among ``steps`` and decide how each folds.
 
@@ -151,7 +152,10 @@ def plan(
     that shape behind, defined before the read); ``position`` a value's place
     in the graph's topological order;
     ``hazard`` says why a source cannot be read anywhere but where it is read
-    now (an in-place write to it), or None.
+    now (an in-place write to it), or None. ``written`` names the values an
+    op writes into in place (or through a view of them): the ops reading them
+    see a source of their own (the value they read is not the one the region
+    computed), and no fold rebuilds one of them to read the region's source.
 
     A region whose fold leaves layers of its own in place (a second adapter
     after the first one's absorbing layer, EfficientNet-V2's projection
@@ -161,13 +165,15 @@ def plan(
     read them see a source of their own, so that they fold, or are reported
     kept, as a region of their own. So is a value a conv cannot take beside
     other branches (RepGhost's depthwise conv and identity BatchNorm after a
-    1x1 conv).
+    1x1 conv), and the output of each layer but the last that a kept region
+    chains in series (a projection without activation into the next block's
+    1x1 conv, an adapter between them).
     """
     fresh: set[str] = set()
-    cuts: set[str] = set()
+    cuts: set[str] = set(written)
     while True:
         result, more, more_cuts = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position,
-                                             hazard, fresh, cuts)
+                                             hazard, fresh, cuts, frozenset(written))
         if more <= fresh and more_cuts <= cuts:
             return result
         fresh |= more
@@ -175,7 +181,7 @@ def plan(
 
 
 def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str],
-               cuts: set[str]):
+               cuts: set[str], written: frozenset[str] = frozenset()):
     """One planning pass, with the values in ``fresh`` as sources whatever they compute, and those in ``cuts``
     sources to the ops that read them (the ops that compute them stay in their region, of which they are an
     exit); returns the plan and the values to be fresh, and to be cuts, next time."""
@@ -252,7 +258,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if v is not None and v.source != s.name:
             groups.setdefault(v.source, []).append(s.name)
 
-    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard)
+    ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard, written)
     folds: list[Fold] = []
     regions: list[Region] = []
     members_of: dict[str, str] = {}
@@ -277,6 +283,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         more_cuts.update(at_input)
         more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
         if not region.scale:
+            more_cuts.update(_in_series(src, members, by_name, state, consumers, flow))
             region.reason = why
             regions.append(region)
 
@@ -391,6 +398,23 @@ def _restarts(convs: set[str], members: list[str], by_name, consumers) -> tuple[
         else:
             at_conv.add(h)
     return at_conv, at_input
+
+
+def _in_series(src: str, members: list[str], by_name, state, consumers, flow) -> set[str]:
+    """Where to cut a region that chains layers in series, each on every path from the source to every exit:
+    after each of them but the last. A region that composes the model's own layers (EfficientNet's
+    projection, without an activation, into the next block's 1x1 conv, perhaps an adapter between) can fold
+    into no one layer; cut, each layer starts a region of its own, where the adapter and BatchNorms beside
+    it fold."""
+    g = flow.subgraph([src, *members])
+    shared = None
+    for e in _exits(members, consumers):
+        if _pure(state[e]):
+            continue
+        on = {d for d in [*_graph.dominators(g, src, e), e] if d in by_name and by_name[d].op.heavy}
+        shared = on if shared is None else shared & on
+    chain = [m for m in members if m in (shared or ())]  # members are in topological order
+    return set(chain[:-1])
 
 
 def _anchors(exits: list[str], members: list[str], by_name) -> set[str]:
@@ -514,6 +538,7 @@ class _Ctx:
     dtype: Callable[[str], Any]
     flow: Any  # the steps' dataflow graph (networkx), edges from each input to its step
     hazard: Callable[[str], str | None] = lambda name: None
+    written: frozenset[str] = frozenset()  # values written in place: their readers see another value
     inside: set[str] = field(default_factory=set)  # the ops of the region being settled
     # the region as first found, before _settle cut any of it off: its dataflow graph and its exits
     whole: Any = None
@@ -733,7 +758,8 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
     DBB's 1x1 then 3x3 beside them) read a value ``d`` every path to ``e`` crosses, which some path from
     the source reaches through no layer (``d`` is the source, or an adapter's sum with its identity before
     the block). Paths from ``d`` that cross one layer only mark the block's own layers: two of them, or
-    one where no path from ``d`` skips every layer. Such a sum may go into one of the layers after ``d``
+    one where no path from ``d`` skips every layer, or one beside another branch of layers (DBB's 1x1
+    then kxk, beside a 1x1 and an identity). Such a sum may go into one of the layers after ``d``
     even where a path crosses none, as nothing else can take it: the fold leaves one layer where the model
     has one at least. An adapter beside an identity (two layers in a row, or one alone) has no such
     paths, and may not go into one of its own layers (the model has none there). In a region of the
@@ -741,12 +767,16 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
     such a block too (RepGhost's depthwise conv beside a BatchNorm of its input, ``x + conv(x)``): the
     sum goes into the layer, which stays one layer."""
     heavy = lambda m: int(ctx.by_name[m].op.heavy)
-    for d in reversed(_graph.dominators(region, src, e)):  # the nearest the sum first: no adapter layer before it
-        if _graph.fewest(region, src, d, heavy) > 0:
+    for k, d in enumerate(reversed(_graph.dominators(region, src, e))):  # the nearest the sum first: no
+        if _graph.fewest(region, src, d, heavy) > 0:  # adapter layer before it
             continue
         after = {h for h in _graph.descendants(region, d) if heavy(h) and (h == e or e in _graph.descendants(region, h))}
+        # where the branches start (from the value nearest the sum: from one further up, an adapter beside
+        # an identity before the block would count as one of its branches)
+        firsts = [h for h in after if _graph.fewest(region, d, h, heavy) == 1] if k == 0 else []
         alone = [h for h in after if _graph.fewest(region, d, h, heavy) == 1 and _graph.fewest(region, h, e, heavy) == 0]
-        if len(alone) >= 2 or (alone and (_graph.fewest(region, d, e, heavy) > 0 or not ctx.adapter)):
+        if len(alone) >= 2 or (alone and (_graph.fewest(region, d, e, heavy) > 0 or not ctx.adapter
+                                          or len(firsts) >= 2)):
             return after
     return set()
 
@@ -769,7 +799,10 @@ def _into(src, e, h, ctx: _Ctx) -> Fold:
 
 
 def _sinks(src, e, folded, ctx: _Ctx, reasons) -> list[Fold] | None:
-    """Exit ``e`` taken by every op that reads it, each rebuilt to read the source."""
+    """Exit ``e`` taken by every op that reads it, each rebuilt to read the source (not where ``e`` is written
+    in place: they read what the write made of it)."""
+    if e in ctx.written:
+        return None
     outside = [c for c in ctx.consumers(e) if c not in set(folded)]
     folds = []
     for c in outside:

@@ -448,6 +448,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
         shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label, order),
+        written={n.name for n in effects.written()},
     )
     report.regions = plan.regions + _lost_adapters(gm, plan.regions, label)
     report.unseen = plan.unseen
@@ -572,9 +573,22 @@ class Effects:
     @classmethod
     def root_of(cls, gm: fx.GraphModule, n: fx.Node) -> fx.Node:
         """:meth:`root` of node ``n`` of ``gm``'s graph."""
-        while n.args and isinstance(n.args[0], fx.Node) and (_name(n) in _VIEWS or cls.mutates_node(gm, n)):
+        while n.args and isinstance(n.args[0], fx.Node) and (_name(n) in _VIEWS or cls.mutates_node(gm, n)
+                                                             or _returns_its_input(gm, n)):
             n = n.args[0]
         return n
+
+    def written(self) -> set[fx.Node]:
+        """The values read after an op wrote into them in place (directly or through another view of the same
+        memory) since they were made: what such a reader sees is not what made the value computed."""
+        order = {n: k for k, n in enumerate(self.gm.graph.nodes)}
+        found = set()
+        for n in self.gm.graph.nodes:
+            writers = [w for w in self.writes.get(self.root(n), ()) if w not in self.private]
+            last = max((order[u] for u in n.users if not is_shape_read(u)), default=-1)
+            if any(order[n] < order[w] < last for w in writers):
+                found.add(n)
+        return found
 
     def live(self) -> set[fx.Node]:
         """The nodes that run for a reason: impure ones and what they read, directly or not."""
@@ -595,6 +609,16 @@ class Effects:
         if not late:
             return None
         return f"is written in place by {label(late[0].name)} after it is read: a fold cannot move where it is read"
+
+
+def _returns_its_input(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """An eval-mode dropout or an identity: its result is its input tensor itself."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+        return type(m) is nn.Identity or (type(m) in dropouts and not m.training)
+    return n.op == "call_function" and _name(n) in ("dropout", "alpha_dropout", "feature_alpha_dropout") and \
+        n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True) is False
 
 
 def _name(n: fx.Node) -> str:

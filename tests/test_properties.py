@@ -342,6 +342,11 @@ REGRESSIONS = [
     # projection "folded" into its down-projection, which still ran (a layer the model does not have)
     ([("branches", (4, 4, [(1, 1), (3, 3), ("avg", 3, 3)], 2, 1, "zeros", 1, False, False)), ("cf>tok", (2, 2))],
      4, 4, [("before", "u0", RELAID)], {"hidden_dim": 4, "groups": 2, "scale": 0.5}),
+    # DBB's 1x1 -> 3x3 beside a 1x1 and an identity: taken for an adapter beside an identity, the block did
+    # not sum into its 3x3 (ONNX: a second fold did, so folding twice changed the model)
+    ([("branches", (4, 4, [(1, 1), (1, 1)], 1, 1, "zeros", 1, False, True)),
+      ("branches", (4, 4, [(1, 1), ("dbb", 3, 3)], 1, 1, "zeros", 1, True, False))], 4, 4,
+     [("before", "u0", "fold")], _ONE),
 ]
 
 

@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 from conftest import export, rel_err
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from test_properties import (
     Conv,
@@ -161,11 +161,26 @@ def call(model, x):
         return outputs(copy.deepcopy(model)(x.clone()))
 
 
+_WRITES = {"inplace": True, "shape": False, "twice": False, "buffer": False, "outputs": "one"}
+_ONE = {"hidden_dim": 1, "groups": 1, "scale": 0.5}
+
+
+# A block without activation ends in an nn.Identity, whose output (the sum itself) the in-place ops after
+# each unit wrote: the layers after it read the written sum, the fold composed them with the unwritten one.
+@example(([("conv", (4, 4, 1, 1, 1, 0, "zeros", 1)), ("branches", (4, 4, [(1, 1), (1, 1)], 1, 1, "zeros", 1, False,
+                                                                   False)),
+           ("cf>cl", (4, 4)), ("dense", (4, 4, 0, False)), ("dense", (4, 4, 0, False))], 4, 4,
+          [("before", "u4.layer", "fold")], _ONE), _WRITES)
+# ... and where only the reads after a write see another value (a view made after the writes does not)
+@example(([("conv", (4, 4, 1, 1, 1, 0, "zeros", 1)), ("cf>tok", (4, 4)), ("dense", (4, 4, 0, False)),
+           ("attn", (4, 1)), ("dense", (4, 4, 1, False))], 4, 4,
+          [("before", "u4.layer", "fold"), ("lora", "u4.lora", "fold")], _ONE), _WRITES)
 @given(architectures(), extras())
 def test_random_architectures_with_effects_fold_exactly_in_fx(arch, more):
     base, gm, x, adapters = build(arch, more, torch.float64)
     y = call(gm, x)
-    assert max(rel_err(a, b) for a, b in zip(y, call(base, x))) > 1e-6, "the adapters must change the output"
+    # (the in-place ReLUs after each unit may zero all the adapters change: such a model checks nothing)
+    assume(max(rel_err(a, b) for a, b in zip(y, call(base, x))) > 1e-6)
     folded, report = repfold.fold(gm, example_inputs=x, return_report=True)
     got = call(folded, x)
     assert len(got) == len(y) and all(rel_err(a, b) <= 1e-9 for a, b in zip(got, y))
@@ -206,6 +221,6 @@ def test_random_architectures_with_effects_fold_via_onnx(arch, more):
 
     want, got = run(adapted), run(folded)
     plain = export(copy.deepcopy(base), x.clone(), dynamo=False)
-    assert max(rel_err(a, b) for a, b in zip(want, run(plain))) > 1e-4, "the adapters must change the output"
+    assume(max(rel_err(a, b) for a, b in zip(want, run(plain))) > 1e-4)  # (as in fx: ReLUs may zero it all)
     assert len(got) == len(want) and all(rel_err(a, b) <= 1e-5 for a, b in zip(got, want))
     assert all(r.folded or r.reason for r in report.regions)

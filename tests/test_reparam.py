@@ -73,6 +73,8 @@ BLOCKS = {
     "dilated": lambda: Branches(C, [[conv(C, 5, dil=2)], [conv(C, 1)]]),
     # DBB's 1x1 -> kxk branch, exact where the 1x1 adds no constant before the zero padding
     "dbb": lambda: Branches(C, [[conv(C, 3)], [conv(C, 1), conv(C, 3)]], identity=False),
+    # the same beside a 1x1 and an identity: three branches, not an adapter's two layers beside an identity
+    "dbb-identity": lambda: Branches(C, [[conv(C, 1)], [conv(C, 1), conv(C, 3)]]),
     # reflect padding on every branch that reads any
     "reflect": lambda: Branches(C, [[conv(C, 3, mode="reflect")], [conv(C, 1)]]),
     # two reflect-padded 3x3s: the exporters share one Pad between them
@@ -145,7 +147,8 @@ def test_fx_branches_become_one_conv(name, dtype, tol):
     assert len(report.layered) == 1 and report.layered[0].folded, report
 
 
-@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "avgpool", "reflect", "reflect2"])
+@pytest.mark.parametrize("name", ["repvgg", "acnet", "depthwise", "dbb", "dbb-identity", "avgpool", "reflect",
+                                  "reflect2"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_branches_become_one_conv(name, dynamo):
     """(Reflect padding exports as a Pad before its Conv: the two are read as one padded conv.)"""

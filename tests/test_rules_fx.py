@@ -173,6 +173,40 @@ def test_backward_fold_refused_when_the_conv_output_feeds_more():
     assert "also feeds ops outside the region" in report.regions[0].reason
 
 
+class Bottleneck(nn.Module):
+    """A linear bottleneck into the next block's 1x1 conv (EfficientNet, MobileNet-V2: a projection and its
+    BatchNorm, no activation, no residual), an adapter between them or not."""
+
+    def __init__(self, adapter: bool) -> None:
+        super().__init__()
+        self.project, self.bn1 = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.adapter = Adapter(6) if adapter else nn.Identity()
+        self.expand, self.bn2 = nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.expand(self.adapter(self.bn1(self.project(x))))))
+
+
+def test_an_adapter_between_two_layers_in_series_folds_into_one_of_them():
+    """The region chains the projection, the adapter and the 1x1 conv (all linear): no one layer takes it,
+    so it is cut after the projection, and the adapter folds into the conv (it was kept)."""
+    out, report, err = fold(Bottleneck(adapter=True), image())
+    assert err < 1e-12 and [r.folded for r in report.regions] == [True], str(report)
+    assert op_counts(out)["Conv2d"] == 2 and not op_counts(out).get("BatchNorm2d")
+
+
+def test_the_models_own_layers_in_series_are_no_adapter_region():
+    """Without the adapter the same chain was reported as an adapter region, kept; now its BatchNorms fold."""
+    model, x = Bottleneck(adapter=False).double().eval(), image().double()
+    out, report = repfold.fold(model, example_inputs=x, return_report=True)
+    assert not [r for r in report.regions if not r.folded], str(report)
+    assert op_counts(out)["Conv2d"] == 2 and not op_counts(out).get("BatchNorm2d")
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-12
+
+
 class Tokens(nn.Module):
     """LayerNorm, then a user-written linear piece, then separate q/k/v Linears or a fused one."""
 

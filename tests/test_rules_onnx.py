@@ -78,6 +78,7 @@ CASES = {
     "lora": (LoRA, tokens, None),
     "f-linear": (lambda: Functional(LinearAdapter()), tokens, None),
     "slice-concat": (SliceConcat, tokens, None),
+    "between-layers-in-series": (lambda: fx_rules.Bottleneck(adapter=True), image, None),
 }
 
 

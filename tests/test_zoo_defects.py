@@ -151,6 +151,42 @@ def test_a_source_written_in_place_is_kept_with_the_reason():
     assert torch.allclose(folded(x), model(x), rtol=0, atol=1e-12)
 
 
+class WrittenInside(nn.Module):
+    """A value inside a region, ``layer(h) + lora(h)``, written in place before the next layer reads it:
+    through an ``nn.Identity`` (the same tensor), directly, or through a view (the property generator's
+    blocks without activation, with in-place effects after each unit)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.layer, self.lora, self.next = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.identity, self.how = nn.Identity(), how
+
+    def forward(self, x):
+        t = torch.tanh(x)
+        y = self.layer(t) + self.lora(t)
+        if self.how == "identity":
+            z = self.identity(y)
+            z.mul_(1.5)
+            torch.relu_(z)
+        elif self.how == "direct":
+            torch.relu_(y)
+        else:
+            torch.relu_(y.view(-1, 4))
+        return self.next(y)
+
+
+@pytest.mark.parametrize("how", ["identity", "direct", "view"])
+def test_a_value_written_in_place_inside_a_region_is_read_as_written(how):
+    """The next layer read the written value; the fold composed it with the region as if unwritten (a silent
+    wrong output). Now the write ends the region there: the two branches fold into one layer, the write and
+    the next layer stay."""
+    model, x = WrittenInside(how).double().eval(), torch.randn(2, 3, 4, dtype=torch.float64)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-12
+    assert [len(r.into) for r in report.regions if r.folded] == [1], str(report)  # one of the two, not next
+
+
 def without_adapter(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose ``adapter`` is an identity: the base model."""
     base = copy.deepcopy(model)
