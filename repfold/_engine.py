@@ -278,7 +278,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         """The region stays as it is: reported when it is an adapter region (a scale region is the model's
         own). One that carries a conv's kernel map is planned again with the conv as the start of a region,
         as before kernel maps (a BatchNorm then folds into it on its own)."""
-        at_conv, at_input = _restarts(_kernel_origins(members, by_name, state, cuts), members, by_name, consumers)
+        at_conv, at_input = _restarts(_kernel_origins(members, by_name, state, cuts), src, members, by_name,
+                                      consumers, flow)
         more.update(at_conv)
         more_cuts.update(at_input)
         more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
@@ -383,26 +384,44 @@ def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:
     return found
 
 
-def _restarts(convs: set[str], members: list[str], by_name, consumers) -> tuple[set[str], set[str]]:
+def _restarts(convs: set[str], src: str, members: list[str], by_name, consumers, flow) -> tuple[set[str], set[str]]:
     """Where regions start next time for the convs whose kernel maps could not fold: ``(convs that start one
     themselves, values to cut)``: the value a conv reads where other ops of the region read it too (parallel
     branches, RepGhost's depthwise conv beside a BatchNorm of its input after a conv of their own: the
     branches sum as a region of their own). A cut, so that what computes the value stays in its region (an
-    adapter's sum with its identity, before a block, stays the adapter's)."""
+    adapter's sum with its identity, before a block, stays the adapter's). Where that value is the region's
+    source, the cut is where the branches have joined (EfficientViM's ``x + γ·(BN(dwconv(x)) - x)`` before an
+    adapter): the block is then a region of the model's own, and the adapter's starts at its sum."""
     inside = set(members)
     at_conv, at_input = set(), set()
+    join = None
     for h in convs:
         u = by_name[h].inputs[0]
         if u in inside and sum(c in inside for c in consumers(u)) > 1:
             at_input.add(u)
-        else:
-            at_conv.add(h)
+            continue
+        if u == src and sum(c in inside for c in consumers(u)) > 1:
+            join = join or _rejoin(src, members, consumers, flow)
+            if join is not None and join in _graph.descendants(flow.subgraph([src, *members]), h):
+                at_input.add(join)
+                continue
+        at_conv.add(h)
     return at_conv, at_input
 
 
+def _rejoin(src: str, members: list[str], consumers, flow) -> str | None:
+    """The nearest value every path from ``src`` to the region's exits crosses (its immediate
+    post-dominator in the region), or None."""
+    sink = object()
+    g = flow.subgraph([src, *members]).reverse(copy=True)
+    g.add_edges_from((sink, e) for e in _exits(members, consumers))
+    after = _graph.dominators(g, sink, src)
+    return after[-1] if len(after) > 1 else None
+
+
 def _in_series(src: str, members: list[str], by_name, state, consumers, flow) -> set[str]:
-    """Where to cut a region that chains layers in series, each on every path from the source to every exit:
-    after each of them but the last. A region that composes the model's own layers (EfficientNet's
+    """Where to cut a region that chains layers in series, each on every path from the source to every exit
+    (each exit read by ops no rule knows, an activation): after each of them but the last. A region that composes the model's own layers (EfficientNet's
     projection, without an activation, into the next block's 1x1 conv, perhaps an adapter between) can fold
     into no one layer; cut, each layer starts a region of its own, where the adapter and BatchNorms beside
     it fold."""
@@ -411,6 +430,8 @@ def _in_series(src: str, members: list[str], by_name, state, consumers, flow) ->
     for e in _exits(members, consumers):
         if _pure(state[e]):
             continue
+        if any(c in by_name for c in consumers(e)):  # an op that could go on with the region reads the exit: the
+            return set()  # region was cut short there, perhaps a branch beside its layer (a LoRA's pair)
         on = {d for d in [*_graph.dominators(g, src, e), e] if d in by_name and by_name[d].op.heavy}
         shared = on if shared is None else shared & on
     chain = [m for m in members if m in (shared or ())]  # members are in topological order

@@ -347,6 +347,11 @@ REGRESSIONS = [
     ([("branches", (4, 4, [(1, 1), (1, 1)], 1, 1, "zeros", 1, False, True)),
       ("branches", (4, 4, [(1, 1), ("dbb", 3, 3)], 1, 1, "zeros", 1, True, False))], 4, 4,
      [("before", "u0", "fold")], _ONE),
+    # ONNX: a LoRA's pair, cut off from its layer, was cut again between its two layers as "layers in
+    # series": the region folded into the LoRA's first layer, and the pair ran on (two MatMuls more)
+    ([("cf>cl", (4, 4)), ("dense", (4, 4, 0, False)), ("cl>cf", (4, 4)),
+      ("branches", (4, 4, [(1, 1), (1, 1)], 2, 1, "zeros", 1, False, False)), ("cf>cl", (2, 2)),
+      ("dense", (4, 4, 1, False))], 4, 4, [("before", "u5.layer", RELAID), ("lora", "u5.lora", RELAID)], _ONE),
 ]
 
 
