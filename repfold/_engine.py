@@ -392,7 +392,7 @@ def _restarts(convs: set[str], src: str, members: list[str], by_name, consumers,
     adapter's sum with its identity, before a block, stays the adapter's). Where that value is the region's
     source, the cut is where the branches have joined (EfficientViM's ``x + γ·(BN(dwconv(x)) - x)`` before an
     adapter): the block is then a region of the model's own, and the adapter's starts at its sum."""
-    inside = set(members)
+    inside, region = set(members), flow.subgraph([src, *members])
     at_conv, at_input = set(), set()
     join = None
     for h in convs:
@@ -401,19 +401,19 @@ def _restarts(convs: set[str], src: str, members: list[str], by_name, consumers,
             at_input.add(u)
             continue
         if u == src and sum(c in inside for c in consumers(u)) > 1:
-            join = join or _rejoin(src, members, consumers, flow)
-            if join is not None and join in _graph.descendants(flow.subgraph([src, *members]), h):
+            join = join or _rejoin(src, region, members, consumers)
+            if join is not None and join in _graph.descendants(region, h):
                 at_input.add(join)
                 continue
         at_conv.add(h)
     return at_conv, at_input
 
 
-def _rejoin(src: str, members: list[str], consumers, flow) -> str | None:
+def _rejoin(src: str, region, members: list[str], consumers) -> str | None:
     """The nearest value every path from ``src`` to the region's exits crosses (its immediate
-    post-dominator in the region), or None."""
+    post-dominator in the region's dataflow graph ``region``), or None."""
     sink = object()
-    g = flow.subgraph([src, *members]).reverse(copy=True)
+    g = region.reverse(copy=True)
     g.add_edges_from((sink, e) for e in _exits(members, consumers))
     after = _graph.dominators(g, sink, src)
     return after[-1] if len(after) > 1 else None
@@ -792,12 +792,12 @@ def _parallel(region, src: str, e: str, ctx: _Ctx) -> set[str]:
         if _graph.fewest(region, src, d, heavy) > 0:  # adapter layer before it
             continue
         after = {h for h in _graph.descendants(region, d) if heavy(h) and (h == e or e in _graph.descendants(region, h))}
-        # where the branches start (from the value nearest the sum: from one further up, an adapter beside
-        # an identity before the block would count as one of its branches)
-        firsts = [h for h in after if _graph.fewest(region, d, h, heavy) == 1] if k == 0 else []
-        alone = [h for h in after if _graph.fewest(region, d, h, heavy) == 1 and _graph.fewest(region, h, e, heavy) == 0]
+        firsts = [h for h in after if _graph.fewest(region, d, h, heavy) == 1]  # where the branches start
+        alone = [h for h in firsts if _graph.fewest(region, h, e, heavy) == 0]
+        # (branches counted from the value nearest the sum only: from one further up, an adapter beside an
+        # identity before the block would count as one of them)
         if len(alone) >= 2 or (alone and (_graph.fewest(region, d, e, heavy) > 0 or not ctx.adapter
-                                          or len(firsts) >= 2)):
+                                          or (k == 0 and len(firsts) >= 2))):
             return after
     return set()
 

@@ -168,6 +168,9 @@ def test_a_reshape_that_regroups_heads_into_blocks_is_merged_first_and_put_back_
     rotation folds into the layer after it; where it does not, the two Reshapes are one again."""
     x = torch.randn(2, 5, 4, 6)
     model = _regrouped("matmul")
+    W = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))
+    unrotated = torch.from_numpy(x.reshape(2, 5, 24).numpy() @ W)
+    assert rel_err(torch.from_numpy(run(model, x)), unrotated) > 1e-3  # the random rotation matters
     folded, report = repfold.fold(model, return_report=True)
     onnx.checker.check_model(folded, full_check=True)
     assert [r.folded for r in report.regions] == [True], str(report)

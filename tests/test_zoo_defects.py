@@ -181,6 +181,10 @@ def test_a_value_written_in_place_inside_a_region_is_read_as_written(how):
     wrong output). Now the write ends the region there: the two branches fold into one layer, the write and
     the next layer stay."""
     model, x = WrittenInside(how).double().eval(), torch.randn(2, 3, 4, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain.lora.weight.zero_(), plain.lora.bias.zero_()
+        assert rel_err(plain(x), model(x)) > 1e-3  # the branch (random, non-zero) matters
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-12
