@@ -41,6 +41,7 @@ SOURCE = "<source>"
 
 
 _UNKNOWN = "the shape of its input is unknown"
+_UNSETTLED = "the graph's shapes disagree with the sizes its ops compute"
 
 
 class RepfoldError(RuntimeError):
@@ -219,6 +220,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         try:
             with folding(s):
                 state[s.name] = s.op.transfer(ins, ch)
+            if shape(s.name) not in (None, state[s.name].shape):  # the graph's shapes are not settled: the
+                raise NotAffine(_UNSETTLED)  # algebra would follow sizes the value does not have
         except NotAffine as e:
             ch.axis = saved
             if isinstance(e, KernelBlocked):  # a conv's output moved: next time the conv starts a region instead

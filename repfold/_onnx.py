@@ -144,17 +144,24 @@ class OnnxContext:
         self._float64: dict[int, np.ndarray | None] = {}
         self.weights = WeightOnly(graph, proto, list(opsets))
 
-    def rank(self, var) -> int | None:
+    def dims(self, var) -> tuple | None:
+        """``var``'s dims as the graph declares them (its value_info, a graph output's type) or as
+        inference tells them, whichever knows an axis's size: an exporter may name the sizes of an output
+        it could tell (the TorchScript exporter's ``Mul72_dim_2``), which would read as dynamic."""
         if isinstance(var, gs.Constant):
-            return len(var.shape)
-        if var.shape is not None:
-            return len(var.shape)
-        dims = self.shapes.get(var.name)
+            return tuple(var.shape)
+        declared, inferred = var.shape, self.shapes.get(var.name)
+        if declared is None or inferred is None or len(declared) != len(inferred):
+            return tuple(declared) if declared is not None else inferred
+        return tuple(i if isinstance(i, (int, np.integer)) and i >= 0 else d for d, i in zip(declared, inferred))
+
+    def rank(self, var) -> int | None:
+        dims = self.dims(var)
         return None if dims is None else len(dims)
 
     def shape(self, var) -> tuple[int, ...] | None:
         """The static shape of ``var``, a named (dynamic) dim counted as 1; None if any dim is unknown."""
-        dims = var.shape if isinstance(var, gs.Constant) else (var.shape or self.shapes.get(var.name))
+        dims = self.dims(var)
         if dims is None:
             return None
         out = []
@@ -169,7 +176,7 @@ class OnnxContext:
 
     def named_axes(self, var) -> set[int]:
         """Axes of ``var`` whose size is a name (dynamic): :meth:`shape` counts them as 1."""
-        dims = None if isinstance(var, gs.Constant) else (var.shape or self.shapes.get(var.name))
+        dims = None if isinstance(var, gs.Constant) else self.dims(var)
         return {a for a, d in enumerate(dims or ()) if isinstance(d, str)}
 
     def dtype(self, var):

@@ -185,3 +185,52 @@ def test_a_reshape_that_regroups_heads_into_blocks_is_merged_first_and_put_back_
     model.graph.node.remove(model.graph.node[4])  # no scale: nothing folds, the model comes back as it was
     model.graph.node[4].input[0] = "relu"
     assert repfold.fold(model).SerializeToString() == model.SerializeToString()
+
+
+class _PaddedPair(torch.nn.Module):
+    """A reflect-padded conv whose output is also the model's output, an adapter, a circular-padded conv:
+    the TorchScript exporter names the sizes of the first output (``Mul72_dim_2``) though it knows them,
+    and spells the circular pad as Slices and Concats of the adapter's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 4, 2, padding=1, padding_mode="reflect")
+        self.b = torch.nn.Conv2d(4, 4, 2, padding=1, padding_mode="circular")
+        self.down, self.up = torch.nn.Conv2d(4, 1, 1), torch.nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))
+        return self.b(h + self.up(self.down(h))), h
+
+
+def test_an_output_whose_sizes_the_exporter_named_is_folded_with_its_real_sizes(monkeypatch):
+    """The fold once read such an output's named sizes as dynamic (counted as 1): the circular pad's Slices
+    of a (1, 4, 1, 1) value looked like the whole value, and the folded model padded by whole copies
+    ((2, 4, 14, 14) for (2, 4, 6, 6)). Inference knows the sizes: they win. Where they did not, the
+    engine sees that the sizes its algebra follows are not the graph's, and folds nothing it cannot place."""
+    torch.manual_seed(0)
+    model, x = _PaddedPair().eval(), torch.randn(2, 4, 4, 4)
+    proto = export(model, x, dynamo=False)
+    assert any(d.dim_param for d in proto.graph.output[1].type.tensor_type.shape.dim)  # the exporter named them
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        model.up.weight.zero_(), model.up.bias.zero_()
+        assert rel_err(torch.from_numpy(want[0]), model(x)[0]) > 1e-3  # the adapter matters
+    folded, report = repfold.fold(proto, return_report=True)
+    assert [r.folded for r in report.regions if not r.scale] == [True], str(report)
+    sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {proto.graph.input[0].name: x.numpy()})
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-5 for g, w in zip(got, want))
+
+    # the declared sizes alone (as before): nothing folds that the engine cannot place
+    from repfold._onnx import OnnxContext
+
+    monkeypatch.setattr(OnnxContext, "dims", lambda self, var: None if var.shape is None and var.name not in
+                        self.shapes else tuple(var.shape if var.shape is not None else self.shapes[var.name]))
+    folded = repfold.fold(proto)
+    sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {proto.graph.input[0].name: x.numpy()})
+    assert all(g.shape == w.shape and rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-5
+               for g, w in zip(got, want))
