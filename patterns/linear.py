@@ -67,14 +67,22 @@ class Dense:
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         v = ch.require(ins[0], self.axis, self.kind)
-        if "W" in vars(self) or not isinstance(v.M, LowRank) or self.groups != 1:
+        M = v.M
+        plain = isinstance(M, float) and isinstance(v.c, float) and v.c == 0.0
+        if plain and "W" not in vars(self) and self.groups == 1:
+            # A scaled source (most of a backbone's own layers): the map is the weight itself, needed only
+            # if a fold takes it. Kept as the product with a factored identity, it is read (and converted)
+            # then, not for every layer of the model.
+            n = self.weight.shape[1]
+            M = LowRank(M, np.zeros((n, 0)), np.zeros((0, n)))
+        if "W" in vars(self) or not isinstance(M, LowRank) or self.groups != 1:
             W = self.W
         else:
             # A factored map: multiply the weight as stored (float32, say) a block at a time, in float64,
             # and read it again when the product is written out rather than keep it.
             W = OnDemand(self.weight.shape, lambda: stored(self.weight))
-        c = matvec(fetch(W), v.c)
-        return v.with_map(matmul(W, v.M), c if self.b is None else c + self.b, W.shape[0])
+        c = 0.0 if plain else matvec(fetch(W), v.c)
+        return v.with_map(matmul(W, M), c if self.b is None else c + self.b, W.shape[0])
 
     def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray | Product, np.ndarray | None]:
         """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't.
@@ -295,10 +303,9 @@ def _onnx_emit(nodes, ctx, kind: str):
         first, weight = nodes[0], nodes[0].inputs[1]
         new_input = swap.get(first.inputs[0], first.inputs[0])
         dtype = ctx.dtype(weight)
-        if kind == "MatMul":
-            w = cast(W, dtype, transpose=True)
-        elif kind == "Gemm":
-            w = cast(W, dtype, transpose=not first.attrs.get("transB", 0))
+        if kind in ("MatMul", "Gemm"):
+            transpose = kind == "MatMul" or not first.attrs.get("transB", 0)
+            w = ctx.later(weight, W.shape[::-1] if transpose else W.shape, lambda: cast(W, dtype, transpose=transpose))
         else:  # Conv: back to (out, in/groups, 1, ...)
             w = cast(collapse_groups(W, first.attrs.get("group", 1)), dtype).reshape(ctx.value_shape(weight))
         ins = [new_input, ctx.new_const(weight, w)]

@@ -18,6 +18,7 @@ partial window, and ends a region.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -81,12 +82,18 @@ def _avg_pool(size, stride, begin, end) -> AvgPool:
 # --- torch.fx --------------------------------------------------------------------------
 
 ONNX_OPS = frozenset({"AveragePool"})
-_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
+@functools.cache
+def _functions() -> dict:
+    """The functional average pools and their spatial rank (on first use: torch is not imported for ONNX)."""
+    return {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
 _ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
 def fx_keys() -> set:
-    return {nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_FUNCTIONS}
+    return {nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_functions()}
 
 
 def _pool(n, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> AvgPool | None:
@@ -107,14 +114,14 @@ def match_fx(node, ctx) -> Match | None:
         op = _pool(n, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                    getattr(m, "divisor_override", None))
         x = node.args[0]
-    elif node.op == "call_function" and node.target in _FUNCTIONS:
+    elif node.op == "call_function" and node.target in _functions():
         args = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
         args.update(zip(_ARGS, node.args))
         args.update(node.kwargs)
         x = args.get("input")
         if any(not isinstance(args[k], (int, tuple, list, type(None), bool)) for k in _ARGS[1:] if k in args):
             return None  # a size computed at run time
-        op = _pool(_FUNCTIONS[node.target], args.get("kernel_size"), args["stride"], args["padding"],
+        op = _pool(_functions()[node.target], args.get("kernel_size"), args["stride"], args["padding"],
                    args["ceil_mode"], args["count_include_pad"], args["divisor_override"])
     else:
         return None

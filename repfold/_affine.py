@@ -397,7 +397,9 @@ def matmul(W: np.ndarray, M: np.ndarray | float | LowRank) -> np.ndarray | LowRa
     if isinstance(M, LowRank):
         return Product(W, M)
     if isinstance(M, Product):
-        return W @ M
+        if M.F.rank:
+            return W @ M
+        M = np.asarray(M)  # a layer's own weight, scaled (a layer reading a source): dense, as it is
     return LowRank(0.0, W, M) if _factored(W, M) else W @ M
 
 

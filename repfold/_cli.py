@@ -287,6 +287,9 @@ def loads(original: Path, folded: Path, changed: bool) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
+        # nothing runs: the weights need not be packed for its kernels (a copy of every MatMul's weight,
+        # most of the load's time and memory on a large model)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 (onnxruntime raises its own types for every refusal)

@@ -378,6 +378,30 @@ def read_external(t: onnx.TensorProto):
     return a.reshape(tuple(t.dims))
 
 
+class Later:
+    """A pending tensor made when it is written: its shape and dtype are known now, its values (a fold's
+    product, read from the layer it replaces) are computed then, while the tensors before it are written."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, make: Callable[[], object]) -> None:
+        import numpy as np
+
+        self.shape, self.dtype, self.make = tuple(int(n) for n in shape), np.dtype(dtype), make
+        self.nbytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+    def __call__(self):
+        import numpy as np
+
+        values = np.ascontiguousarray(self.make(), dtype=self.dtype)
+        if values.shape != self.shape:
+            raise AssertionError(f"a new weight came out {values.shape}, not {self.shape}")
+        return values
+
+
+def _made(values):
+    """A pending tensor's array (a :class:`Later` made now)."""
+    return values() if isinstance(values, Later) else values
+
+
 def mark_pending(t: onnx.TensorProto, name: str, values) -> None:
     """Make ``t`` the tensor ``name`` holding ``values`` (an array the caller keeps, by name, until writing)."""
     t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
@@ -411,7 +435,7 @@ def load_left_out(model: onnx.ModelProto, pending: dict | None = None, below: in
         if kind is None or (below is not None and _length(t) >= below):
             continue
         if kind == PENDING:
-            _set_inline(t, pending.pop(t.name).tobytes())
+            _set_inline(t, _made(pending.pop(t.name)).tobytes())
         else:
             info = _external_fields(t)
             _set_inline(t, _read_bytes(info["location"], int(info["offset"]), int(info["length"])))
@@ -435,6 +459,7 @@ def write_with_external_data(
     total = sum(n for _, n in tensors)
     sources: dict[str, int] = {}
     done = 0
+    made = _Ahead([t.name for t, _ in tensors if left_out(t) == PENDING], pending)
     try:
         with open(data, "wb") as out:
             for t, length in tensors:
@@ -451,7 +476,7 @@ def write_with_external_data(
                         src = sources[info["location"]] = os.open(info["location"], os.O_RDONLY)
                     _copy_range(src, int(info["offset"]), length, out)
                 elif kind == PENDING:
-                    out.write(memoryview(pending.pop(t.name)).cast("B"))
+                    out.write(memoryview(made.take(t.name)).cast("B"))
                 else:
                     out.write(t.raw_data)
                     t.ClearField("raw_data")
@@ -460,9 +485,37 @@ def write_with_external_data(
                 if progress and length >= _LARGE:
                     progress(done, total)
     finally:
+        made.close()
         for fd in sources.values():
             os.close(fd)
     write_model(model, path)
+
+
+class _Ahead:
+    """The pending tensors' arrays in writing order, the next few :class:`Later` ones made in threads while
+    the writer writes (NumPy's products and file reads release the GIL); at most ``_AHEAD`` are held."""
+
+    def __init__(self, names: list[str], pending: dict | None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.names, self.pending, self.next = names, pending, 0
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self.futures: dict[str, object] = {}
+
+    def take(self, name: str):
+        while len(self.futures) < _AHEAD and self.next < len(self.names):
+            ahead = self.names[self.next]
+            self.next += 1
+            self.futures[ahead] = self.pool.submit(_made, self.pending.pop(ahead))
+        return self.futures.pop(name).result()
+
+    def close(self) -> None:
+        for f in self.futures.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+_AHEAD = 4  # new weights made ahead of the writer (ViT-g's fc1 in float32: 4 x 37 MB)
 
 
 def _copy_range(src: int, offset: int, length: int, out) -> None:

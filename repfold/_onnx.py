@@ -13,7 +13,7 @@ from repfold.patterns import onnx_rules
 from repfold.patterns.linear import block_matmul
 
 from . import _driver, _engine, _graph
-from ._io import ANCHORED, PLAIN_DTYPES, left_out, mark_pending, read_external
+from ._io import ANCHORED, PLAIN_DTYPES, Later, left_out, mark_pending, read_external
 from ._report import FoldReport
 
 # Ops whose value ``raw_const`` computes when all their inputs are constants and
@@ -303,14 +303,28 @@ class OnnxContext:
 
         name = self.unique(f"{like.name}_folded")
         tensor = self.proto.initializer.add()
-        values = np.ascontiguousarray(np.asarray(values).astype(self.dtype(like), copy=False))
         self.added.add(name)
+        if isinstance(values, Later):  # made when written: its values are read from nowhere before
+            mark_pending(tensor, name, values)
+            self.pending[name] = values
+            return gs.Constant(name, LazyValues(tensor))
+        values = np.ascontiguousarray(np.asarray(values).astype(self.dtype(like), copy=False))
         if self.pending is not None:
             mark_pending(tensor, name, values)
             self.pending[name] = values
             return gs.Constant(name, values)
         _fill_tensor(tensor, name, values)
         return gs.Constant(name, LazyValues(tensor))
+
+    def later(self, like, shape: tuple[int, ...], make):
+        """``make()`` (a new weight in ``like``'s dtype, of ``shape``), or, where the command line writes a
+        data file and ``like`` is read from one, a :class:`~repfold._io.Later` that makes it as it is
+        written: the fold's products are computed while the tensors before them are written, and never
+        all held at once. (``make`` reads ``like``'s file again then: the input's files stay.)"""
+        tensor = getattr(getattr(like, "_values", None), "tensor", None)
+        if self.pending is None or not isinstance(tensor, onnx.TensorProto) or left_out(tensor) != ANCHORED:
+            return make()
+        return Later(shape, self.dtype(like), make)
 
     def new_node(self, op: str, inputs: list, attrs: dict, like: gs.Variable) -> gs.Variable:
         """A new node whose output is named after (and typed like) ``like``."""

@@ -310,6 +310,41 @@ def on_disk(dynamic, tmp_path, monkeypatch):
     return tmp_path / "in.onnx", base
 
 
+def test_only_the_layers_a_fold_replaces_are_read_and_never_all_held(on_disk, tmp_path, monkeypatch):
+    """Weights left on disk are read for the layers a fold replaces (planning, then writing) and for the
+    adapters; a layer of the model's own that only reads its input (``proj``, ``fc2``) is not read at
+    all, and its weight is not converted. The new weights are made as they are written."""
+    from repfold import _io, _onnx
+    from repfold._cli import main
+
+    src, _ = on_disk
+    reads, real = Counter(), _io.read_external
+    monkeypatch.setattr(_onnx, "read_external", lambda t: reads.update([t.name]) or real(t))
+    made, later = [], _io.Later.__call__
+    monkeypatch.setattr(_io.Later, "__call__", lambda self: made.append(self.shape) or later(self))
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "-q"]) == 0
+    folded = {t.name for t in onnx.load(str(tmp_path / "out.onnx"), load_external_data=False).graph.initializer}
+    graph = onnx.load(str(src), load_external_data=False).graph
+    weights = {n.input[1] for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv")} & {
+        t.name for t in graph.initializer}
+    replaced = weights - folded
+    assert len(made) == 4  # qkv and fc1 of both blocks, made as they were written
+    kept_read = {n for n in reads if n in weights - replaced}
+    assert not kept_read, kept_read  # (other tensors are read: biases, scales, a position embedding)
+    assert max(reads[n] for n in replaced) <= 2
+
+
+def test_the_command_line_never_imports_torch(dynamic, tmp_path):
+    """Folding a file needs no torch (seconds and hundreds of megabytes to import)."""
+    src, _ = dynamic
+    code = ("import sys; from repfold._cli import main; "
+            f"code = main([{str(src)!r}, '-o', {str(tmp_path / 'out.onnx')!r}, '-q', '--check']); "
+            "print(code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       check=False)
+    assert r.stdout.split() == ["0", "False"], r.stderr
+
+
 def test_weights_left_on_disk_fold_to_the_same_values(on_disk, tmp_path):
     """The command line reads only the layers it changes and copies the rest file to file (``_io``):
     the same tensors as folding the fully loaded model, the large ones page-aligned in the new file."""
