@@ -12,7 +12,7 @@ ORT        := onnxruntime-gpu
 # ruff pinned: a new release with new default rules cannot break `make lint`.
 RUFF       := ruff==0.17.6
 
-.PHONY: demo test test-slow fuzz bench lint clean zoo
+.PHONY: demo test test-slow fuzz bench bench-scaling lint clean zoo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/precision.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/onnx_fold.py $(BENCH_ARGS) $(if $(BENCH_ARGS),,--json benchmarks/results/onnx_fold_vit_base_patch16_224.json)
+
+# Fold time and memory against model size, ViT-S to ViT-g in fx, torch.export and ONNX, beside their floors
+# (benchmarks/results/scaling.{json,md,png}; about 25 minutes on 2 cores, 20 GB of memory, 9 GB of disk).
+bench-scaling: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/scaling.py
 
 # The model zoo into benchmarks/results/zoo.{md,json}: every torchvision classification/video/segmentation
 # model and one timm model per family, through fx, TorchScript ONNX and dynamo ONNX (193 models: about 100 min

@@ -118,9 +118,10 @@ def optimiser_leftovers(protos: dict[str, onnx.ModelProto], tmp: Path) -> dict[s
     return out
 
 
-def on_gpu(name: str, variants: dict, protos: dict, x: torch.Tensor, repeats: int, device: str,
-           provider: str | None) -> list[dict]:
-    """Batch-1 rows on the accelerator (the paper's setting): torch eager, and onnxruntime when it has ``provider``."""
+def on_gpu(name: str, variants: dict, protos: dict, batches: list[int], repeats: int, device: str,
+           providers: list[str]) -> tuple[list[dict], dict]:
+    """Rows on the accelerator (batch 1 is the paper's setting): torch eager and ``torch.compile``, and
+    onnxruntime with each of ``providers`` it can run; then the fx fold's own time there."""
     import copy
 
     def sync():
@@ -128,57 +129,73 @@ def on_gpu(name: str, variants: dict, protos: dict, x: torch.Tensor, repeats: in
             torch.cuda.synchronize()
 
     on = {k: copy.deepcopy(m).to(device) for k, m in variants.items()}
-    xd = x.to(device)
-
-    def call(m):
-        m(xd)
-        sync()
-
+    runtimes = {f"torch eager, {device}": on,
+                f"torch.compile, {device}": {k: torch.compile(m) for k, m in on.items()}}
     rows = []
-    with torch.no_grad():
-        eager = interleaved({k: (lambda m=m: call(m)) for k, m in on.items()}, 3 * repeats, warmup=10)
-        y = {k: m(xd).float().cpu() for k, m in on.items()}
-    scale = float(y["adapted"].abs().max())
-    timed = [(f"torch eager, {device}", eager, float((y["folded"] - y["adapted"]).abs().max()) / scale)]
-    if provider is not None:
-        sessions = {k: session(p, providers=[provider]) for k, p in protos.items()}
-        if all(s.get_providers()[0] == provider for s in sessions.values()):
+    for batch in batches:
+        x = torch.randn(batch, *variants["base"].pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(3))
+        xd, n = x.to(device), 3 * repeats if batch == 1 else repeats
+        timed = []
+        for runtime, models_on in runtimes.items():
+            with torch.no_grad():
+                def call(m, xd=xd):
+                    m(xd)
+                    sync()
+
+                ms = interleaved({k: (lambda m=m: call(m)) for k, m in models_on.items()}, n, warmup=10)
+                y = {k: m(xd).float().cpu() for k, m in models_on.items()}
+            timed.append((runtime, ms, float((y["folded"] - y["adapted"]).abs().max()) / float(y["adapted"].abs().max())))
+        for provider in providers:
+            sessions = {k: session(p, providers=[provider]) for k, p in protos.items()}
+            if not all(s.get_providers()[0] == provider for s in sessions.values()):
+                continue  # onnxruntime fell back to another provider: not this one's figure
             feed = {"image": x.numpy()}
-            ms = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, 3 * repeats, 10)
+            ms = interleaved({k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}, n, 10)
             out = {k: s.run(None, feed)[0] for k, s in sessions.items()}
             timed.append((f"onnxruntime, {provider.removesuffix('ExecutionProvider')}", ms,
-                          float(np.abs(out["folded"] - out["adapted"]).max()) / scale))
-    for runtime, ms, diff in timed:
-        rows.append({
-            "model": name, "batch": 1, "runtime": runtime, "base_ms": round(ms["base"], 2),
-            "adapted_ratio": round(ms["adapted"] / ms["base"], 3),
-            "folded_ratio": round(ms["folded"] / ms["base"], 3), "max_diff": diff,
-        })
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+                          float(np.abs(out["folded"] - out["adapted"]).max()) / float(np.abs(out["adapted"]).max())))
+        for runtime, ms, diff in timed:
+            rows.append({
+                "model": name, "batch": batch, "runtime": runtime, "base_ms": round(ms["base"], 2),
+                "adapted_ratio": round(ms["adapted"] / ms["base"], 3),
+                "folded_ratio": round(ms["folded"] / ms["base"], 3), "max_diff": diff,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    t = time.perf_counter()
+    repfold.fold(on["adapted"])  # the fx fold of the model where it is (its arithmetic runs in NumPy, float64)
+    sync()
+    fold = {"device": device, "fold_s": round(time.perf_counter() - t, 3)}
+    print(json.dumps(fold), flush=True)
+    return rows, fold
 
 
-def gpu_setting(asked: str) -> tuple[str, str | None] | None:
-    """(torch device, onnxruntime provider or None) to time on, or None: ``--gpu auto`` uses CUDA when present."""
+def gpu_setting(asked: str) -> tuple[str, list[str]] | None:
+    """(torch device, onnxruntime providers) to time on, or None: ``--gpu auto`` uses CUDA when present.
+
+    The providers are onnxruntime-gpu's CUDA and TensorRT ones, those this onnxruntime has (the plain
+    ``onnxruntime`` package has neither: then only torch is timed on the GPU).
+    """
     if asked == "no" or (asked == "auto" and not torch.cuda.is_available()):
         return None
     if asked == "cpu-check":  # internal: runs the GPU code path on the CPU, to test it without a GPU
-        return "cpu", "CPUExecutionProvider"
+        return "cpu", ["CPUExecutionProvider"]
     if not torch.cuda.is_available():
         raise SystemExit("inference.py: --gpu yes, but torch sees no CUDA device")
-    provider = "CUDAExecutionProvider"
-    return "cuda", provider if provider in ort.get_available_providers() else None
+    have = ort.get_available_providers()
+    return "cuda", [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
 
 
-def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: Path, gpu=None) -> dict:
+def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: Path, gpu=None,
+            cpu: bool = True) -> dict:
     base, adapted, folded = models(name, where)
     variants = {"base": base, "adapted": adapted, "folded": folded}
     x1 = torch.randn(1, *base.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(2))
-    protos = {"base": export(base, x1), "adapted": export(adapted, x1)}
-    protos["folded"] = repfold.fold(protos["adapted"])
-    sessions = {k: session(p) for k, p in protos.items()}
-    rows = []
-    for batch in batches:
+    protos, rows = {}, []
+    if cpu or (gpu is not None and gpu[1]):  # (a GPU-only run without onnxruntime's GPU providers: no ONNX)
+        protos = {"base": export(base, x1), "adapted": export(adapted, x1)}
+        protos["folded"] = repfold.fold(protos["adapted"])
+    sessions = {k: session(p) for k, p in protos.items()} if cpu else {}
+    for batch in batches if cpu else []:
         n = repeats if batch == 1 else max(3, repeats // 6)  # a batch of 32 takes seconds per run on 2 cores
         x = torch.randn(batch, *x1.shape[1:], generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
@@ -198,10 +215,15 @@ def measure(name: str, where: list[str], batches: list[int], repeats: int, tmp: 
                 "folded_ratio": round(ms["folded"] / ms["base"], 3), "max_diff": diff,
             })
             print(json.dumps(rows[-1]), flush=True)
+    device_fold = None
     if gpu is not None:
-        rows += on_gpu(name, variants, protos, x1, repeats, *gpu)
+        more, device_fold = on_gpu(name, variants, protos, batches, repeats, *gpu)
+        rows += more
+    if not protos:
+        return {"rows": rows, "device_fold": device_fold}
     return {
         "rows": rows,
+        "device_fold": device_fold,
         "onnx_ops_equal": counts(protos["folded"]) == counts(protos["base"]),
         "onnx_ops": {k: sum(counts(p).values()) for k, p in protos.items()},
         "ort_optimised_nodes": optimiser_leftovers(protos, tmp),
@@ -220,9 +242,15 @@ def table(results: dict) -> str:
               "onnxruntime-optimised nodes, base / adapted / folded (disabled, basic, extended, all) |"),
               "|---|---|---|---|"]
     for name, m in results.items():
+        if "onnx_ops" not in m:
+            continue
         o, lv = m["onnx_ops"], m["ort_optimised_nodes"]
         levels = "; ".join(f"{lv[k]['base']} / {lv[k]['adapted']} / {lv[k]['folded']}" for k in LEVELS)
         lines.append(f"| {name} | {o['base']} / {o['adapted']} / {o['folded']} | {m['onnx_ops_equal']} | {levels} |")
+    folds = [(name, m["device_fold"]) for name, m in results.items() if m.get("device_fold")]
+    if folds:
+        lines += ["", "fx fold of the model where it is: " + ", ".join(
+            f"{name} {f['fold_s']:.2f} s ({f['device']})" for name, f in folds)]
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +288,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed runs per variant at batch 1 (default 30, quick 3)")
     ap.add_argument("--out", help="folder for inference.{json,md,png} (default benchmarks/results, quick: results/quick)")
     ap.add_argument("--gpu", choices=["auto", "yes", "no", "cpu-check"], default="auto",
-                    help="also time batch 1 on a CUDA GPU (auto: when torch sees one)")
+                    help="also time on a CUDA GPU (auto: when torch sees one)")
+    ap.add_argument("--gpu-only", action="store_true", help="no CPU rows (a GPU machine's time is short)")
     args = ap.parse_args()
     gpu = gpu_setting(args.gpu)
     chosen, batches = (QUICK, [1]) if args.quick else (MODELS, [1, 32])
@@ -270,7 +299,8 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        results = {name: measure(name, where, batches, repeats, Path(d), gpu) for name, where in chosen.items()}
+        results = {name: measure(name, where, batches, repeats, Path(d), gpu, cpu=not args.gpu_only)
+                   for name, where in chosen.items()}
     (out / "inference.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "inference.md").write_text(table(results))
     plot(results, out / "inference.png")
