@@ -304,15 +304,13 @@ class OnnxContext:
         name = self.unique(f"{like.name}_folded")
         tensor = self.proto.initializer.add()
         self.added.add(name)
-        if isinstance(values, Later):  # made when written: its values are read from nowhere before
-            mark_pending(tensor, name, values)
-            self.pending[name] = values
-            return gs.Constant(name, LazyValues(tensor))
-        values = np.ascontiguousarray(np.asarray(values).astype(self.dtype(like), copy=False))
+        later = isinstance(values, Later)  # made when written: nothing reads its values before
+        if not later:
+            values = np.ascontiguousarray(np.asarray(values).astype(self.dtype(like), copy=False))
         if self.pending is not None:
             mark_pending(tensor, name, values)
             self.pending[name] = values
-            return gs.Constant(name, values)
+            return gs.Constant(name, LazyValues(tensor) if later else values)
         _fill_tensor(tensor, name, values)
         return gs.Constant(name, LazyValues(tensor))
 
@@ -321,8 +319,8 @@ class OnnxContext:
         data file and ``like`` is read from one, a :class:`~repfold._io.Later` that makes it as it is
         written: the fold's products are computed while the tensors before them are written, and never
         all held at once. (``make`` reads ``like``'s file again then: the input's files stay.)"""
-        tensor = getattr(getattr(like, "_values", None), "tensor", None)
-        if self.pending is None or not isinstance(tensor, onnx.TensorProto) or left_out(tensor) != ANCHORED:
+        tensor = _stored_tensor(like)
+        if self.pending is None or tensor is None or left_out(tensor) != ANCHORED:
             return make()
         return Later(shape, self.dtype(like), make)
 
@@ -351,16 +349,21 @@ def _fresh(names: set[str], base: str) -> str:
     return name
 
 
+def _stored_tensor(var) -> onnx.TensorProto | None:
+    """The initializer proto behind a constant whose values are not loaded yet, else None."""
+    tensor = getattr(getattr(var, "_values", None), "tensor", None)
+    return tensor if isinstance(tensor, onnx.TensorProto) else None
+
+
 def _stored_values(var: gs.Constant) -> np.ndarray:
     """An initializer's values, read-only, in one copy of its bytes and not cached on ``var``.
 
     (``Constant.values`` makes two copies and keeps one for the graph's lifetime.)
     """
-    lazy = getattr(var, "_values", None)
-    tensor = getattr(lazy, "tensor", None)
-    if isinstance(tensor, onnx.TensorProto) and left_out(tensor) == ANCHORED:  # left on disk by the command line
+    tensor = _stored_tensor(var)
+    if tensor is not None and left_out(tensor) == ANCHORED:  # left on disk by the command line
         return read_external(tensor)
-    if isinstance(tensor, onnx.TensorProto) and tensor.data_type in PLAIN_DTYPES and tensor.raw_data \
+    if tensor is not None and tensor.data_type in PLAIN_DTYPES and tensor.raw_data \
             and tensor.data_location != onnx.TensorProto.EXTERNAL:
         return np.frombuffer(tensor.raw_data, dtype=PLAIN_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
     return np.asarray(var.values)
