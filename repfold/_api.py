@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from ._insert import PREFIX, insert
-from ._trace import META_KEY, to_graph_module
+from ._trace import META_KEY, recorded_inputs, to_graph_module
 
 log = logging.getLogger("repfold")
 
@@ -38,8 +38,11 @@ def fold(
     fold exactly and at no extra cost are kept and explained in the report,
     which ``return_report=True`` returns as ``(model, report)``.
 
-    ``example_inputs`` shapes the fx graph; it defaults to the shapes
-    ``insert`` recorded, then to timm's ``pretrained_cfg['input_size']``.
+    ``example_inputs`` shapes the fx graph; it defaults to inputs like those
+    ``insert`` recorded (shapes and dtypes: token ids stay integers), then to
+    the input size the model declares (``image_size`` / ``img_size``, timm's
+    ``patch_embed.img_size``, a Hugging Face ``config.image_size``), then to
+    timm's ``pretrained_cfg['input_size']``.
     Regions made only of per-channel scales and shifts (SSF, IA3, LayerScale,
     eval-mode BatchNorm) fold too, into a neighbouring layer, wherever that is
     exact: so the folded model may have fewer operators than the model had
@@ -124,11 +127,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=N
         settings = meta.get("insert")
         if settings is None:
             raise ValueError(f"{path} does not say how its adapters were inserted")
-        shapes = meta.get("input_shapes")
-        if example_inputs is None and shapes:
-            p = next(model.parameters())
-            example_inputs = tuple(torch.zeros(s, dtype=p.dtype, device=p.device) for s in shapes)
+        made = example_inputs is None and meta.get("inputs") is not None
+        if example_inputs is None:  # inputs like those insert had (integer token ids too); files of
+            example_inputs = recorded_inputs(meta, model)  # earlier versions record float shapes
         gm = insert(model, example_inputs=example_inputs, **settings)
+        if made:  # the file's record itself, not one of inputs drawn from it (its integer range would narrow)
+            gm.meta[META_KEY]["inputs"] = meta["inputs"]
     missing = sorted(set(_adapter_state(gm)) - set(state))
     unexpected = sorted(set(state) - set(_adapter_state(gm)))
     if missing or unexpected:

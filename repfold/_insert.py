@@ -39,8 +39,19 @@ def _float_tensor(n: fx.Node) -> TensorMetadata | None:
     return meta if isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point else None
 
 
+_MIXING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "tensordot", "scaled_dot_product_attention"}
+_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "nansum", "nanmean"}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+
+
 def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
-    """The one floating tensor that flows into ``scope`` from outside, and the nodes inside."""
+    """The floating tensor that flows into ``scope`` from outside, and the nodes inside.
+
+    A scope that receives several (Llama's attention: the hidden states, and the rotary ``cos`` and ``sin``)
+    gets its adapter on the one its Linear or convolution layers read, as their first input, directly or
+    through layout ops; it is refused where that is not exactly one.
+    """
     inside = [n for n in gm.graph.nodes if scope in module_paths(n)]
     inside_set = set(inside)
     values: dict[fx.Node, None] = {}
@@ -48,13 +59,43 @@ def _entering(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
         for a in n.all_input_nodes:
             if a not in inside_set and a.op != "get_attr" and _float_tensor(a) is not None:
                 values.setdefault(a, None)
-    if len(values) != 1:
-        names = ", ".join(v.name for v in values) or "none"
-        raise ValueError(
-            f"module scope {scope!r} receives {len(values)} tensors ({names}); "
-            "an adapter needs exactly one"
-        )
-    return next(iter(values)), inside
+    if len(values) == 1:
+        return next(iter(values)), inside
+    names = ", ".join(v.name for v in values) or "none"
+    if not values:
+        raise ValueError(f"module scope {scope!r} receives 0 tensors (none); an adapter needs exactly one")
+    read = [v for v in values if _feeds_layer(gm, v, inside_set)]
+    if len(read) == 1:
+        return read[0], inside
+    which = f"{len(read)} of them ({', '.join(v.name for v in read)}) are" if read else "none of them is"
+    raise ValueError(
+        f"module scope {scope!r} receives {len(values)} tensors ({names}) and {which} the input of a Linear or "
+        "convolution in it; an adapter needs exactly one: name a scope that receives one"
+    )
+
+
+_LAYOUT = _PERMUTES | _RESHAPES | {"contiguous", "clone", "to", "type", "float", "dropout", "identity", "alias"}
+
+
+def _feeds_layer(gm: fx.GraphModule, value: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether ``value`` is the first input of a Linear or convolution in ``inside``, directly or through
+    layout ops (permutes, reshapes, copies, casts, dropout)."""
+    todo, seen = [value], set()
+    while todo:
+        node = todo.pop()
+        for u in node.users:
+            if u in seen or u not in inside or not u.args or u.args[0] is not node:
+                continue
+            seen.add(u)
+            if _acts_on(gm, u, 2) is not None:
+                return True
+            if u.op == "call_module":
+                layout = isinstance(gm.get_submodule(u.target), (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten))
+            else:
+                layout = (u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")) in _LAYOUT
+            if layout:
+                todo.append(u)
+    return False
 
 
 def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
@@ -67,12 +108,6 @@ def _leaving(gm: fx.GraphModule, scope: str) -> tuple[fx.Node, list[fx.Node]]:
         raise ValueError(f"module scope {scope!r} hands on {len(values)} tensors ({names}); an adapter needs exactly one")
     value = next(iter(values))
     return value, [u for u in value.users if u not in inside]
-
-
-_MIXING = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "tensordot", "scaled_dot_product_attention"}
-_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
-_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "nansum", "nanmean"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
 def _shape(n) -> tuple[int, ...] | None:
@@ -396,6 +431,14 @@ def insert(
     ``UserWarning``, one line each with the reason, or with ``strict=True``
     in a ``ValueError``, so that nobody trains an adapter that cannot deploy at
     zero cost.
+
+    What the example inputs were (shape, dtype, device; the range of integer
+    token ids; the values of bool masks) is recorded in
+    ``gm.meta["repfold"]["inputs"]``, so that ``fold(gm)`` and
+    ``load_adapters`` make inputs like them. Without ``example_inputs`` the
+    input size the model declares is used (``image_size`` / ``img_size`` on it
+    or its ``patch_embed``, a Hugging Face ``config.image_size``), else timm's
+    ``pretrained_cfg``.
     """
     names = [before] if isinstance(before, str) else list(before)
     after_names = [after] if isinstance(after, str) else list(after)
@@ -427,6 +470,7 @@ def insert(
                 )
             chosen.update(dict.fromkeys((where, h) for h in hits))
 
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     placed = {}
     for where, scope in chosen:
         if where == "before":
@@ -441,7 +485,7 @@ def insert(
         at = given % rank if given is not None else channel_axis(gm, value, scope)
         adapter = RepAdapter(
             meta.shape[at], hidden_dim, groups, scale, dropout, rank=rank, axis=at, bias=bias
-        ).to(dtype=meta.dtype, device=inputs[0].device)
+        ).to(dtype=meta.dtype, device=device)
         target = f"{PREFIX}.{scope.replace('.', '_')}" + ("_out" if where == "after" else "")
         gm.add_submodule(target, adapter)
         # right before its first reader, not after the value: an in-place write in between (``x = act(x);
@@ -469,7 +513,7 @@ def insert(
     gm.graph.lint()
     gm.recompile()
     gm.meta[META_KEY] = {
-        "input_shapes": [list(t.shape) for t in inputs],
+        "inputs": _trace.record_inputs(inputs),  # what fold and load_adapters make example inputs like
         "insert": {
             "before": names,
             "after": after_names,

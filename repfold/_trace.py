@@ -177,29 +177,124 @@ def own_parameters(gm: nn.Module, model: nn.Module, thaw: set[int] = frozenset()
                     module._parameters[name].requires_grad_(True)
 
 
-def example_inputs(model: nn.Module, given=None) -> tuple[torch.Tensor, ...]:
-    """Inputs to shape the graph with: ``given``, those recorded by ``insert``, or timm's config."""
+def example_inputs(model: nn.Module, given=None) -> tuple:
+    """Inputs to shape the graph with, from the first that says: ``given``; those ``insert`` recorded; the
+    input size the model declares (``image_size`` / ``img_size`` on it or its ``patch_embed``, a Hugging Face
+    ``config.image_size``); timm's ``pretrained_cfg['input_size']``."""
     if given is not None:
         return given if isinstance(given, tuple) else (given,)
-    dtype, device = _dtype_device(model)
-    shapes = getattr(model, "meta", {}).get(META_KEY, {}).get("input_shapes")
-    if shapes is None:
+    recorded = recorded_inputs(getattr(model, "meta", {}).get(META_KEY, {}), model)
+    if recorded is not None:
+        return recorded
+    size = declared_input_size(model)
+    if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        if "input_size" in cfg:
-            shapes = [[1, *cfg["input_size"]]]
-    if shapes is None:
+        size = tuple(cfg["input_size"]) if "input_size" in cfg else None
+    if size is None:
         raise ValueError(
             f"cannot tell the input shape of {type(model).__name__}: pass example_inputs="
         )
+    return _make([{"shape": [1, *size], "dtype": "float32"}], model)
+
+
+def record_inputs(inputs: tuple) -> list[dict] | None:
+    """What ``insert`` keeps of its example inputs (JSON, saved with the adapters) to make like ones later:
+    each tensor's shape, dtype and device; for an integer tensor (token ids) the range of its values, for a
+    bool tensor (a mask) its values; a plain Python value itself. None where an input is none of these."""
+    out = []
+    for t in inputs:
+        if t is None or isinstance(t, (bool, int, float, str)):
+            out.append({"value": t})
+            continue
+        if not isinstance(t, torch.Tensor):
+            return None
+        r = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "device": str(t.device)}
+        if t.dtype == torch.bool:
+            r["values"] = t.flatten().tolist()
+        elif not (t.is_floating_point() or t.is_complex()):  # drawn again in [low, high]: ids the model has
+            r["low"], r["high"] = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+        out.append(r)
+    return out
+
+
+def recorded_inputs(record: dict, model: nn.Module) -> tuple | None:
+    """Example inputs like those ``insert`` recorded in ``record`` (its ``gm.meta["repfold"]``, or a saved
+    adapter file's): ``inputs``, or the float shapes (``input_shapes``) of files saved before; None if none."""
+    if record.get("inputs") is not None:
+        return _make(record["inputs"], model)
+    if record.get("input_shapes") is not None:
+        return _make([{"shape": s, "dtype": "float32"} for s in record["input_shapes"]], model)
+    return None
+
+
+def _make(record: list[dict], model: nn.Module) -> tuple:
+    """Inputs from a record: seeded random floats of the model's own float dtype (a model cast after
+    ``insert`` takes inputs of its new dtype), integers drawn in the recorded range, bools as recorded; on the
+    model's device (the recorded one for a model without parameters)."""
+    dtype, device = _dtype_device(model)
     gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=gen).to(dtype=dtype, device=device) for s in shapes)
+    out = []
+    for r in record:
+        if "value" in r:
+            out.append(r["value"])
+            continue
+        kind = getattr(torch, r.get("dtype", "float32"))
+        at = device if device is not None else torch.device(r.get("device", "cpu"))
+        if kind == torch.bool:
+            t = torch.tensor(r["values"], dtype=torch.bool).reshape(r["shape"])
+        elif kind.is_floating_point or kind.is_complex:
+            t = torch.randn(r["shape"], generator=gen).to(dtype if dtype is not None else kind)
+        else:
+            low = r.get("low", 0)
+            t = torch.randint(low, r.get("high", low) + 1, r["shape"], generator=gen, dtype=kind)
+        out.append(t.to(at))
+    return tuple(out)
+
+
+def declared_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """``(channels, *spatial)`` from the input size a model says it takes, else None: an ``image_size`` or
+    ``img_size`` on the model or its ``patch_embed`` (torchvision's ViT, open_clip's visual tower, timm's
+    patch embedding, which wins over the config timm registered the model with), or a Hugging Face
+    ``config.image_size``. Channels: the config's ``num_channels``, else the first convolution's
+    ``in_channels`` of that rank, else 3."""
+    owners = [model, getattr(model, "patch_embed", None)]
+    for owner in owners:
+        for name in ("image_size", "img_size"):
+            spatial = _spatial(getattr(owner, name, None)) if isinstance(owner, nn.Module) else None
+            if spatial is not None:
+                return (_channels(model, len(spatial)), *spatial)
+    config = getattr(model, "config", None)
+    spatial = _spatial(getattr(config, "image_size", None))
+    if spatial is not None:
+        channels = getattr(config, "num_channels", None)
+        return (channels if isinstance(channels, int) else _channels(model, len(spatial)), *spatial)
+    return None
+
+
+def _spatial(size) -> tuple[int, ...] | None:
+    """An image size as a tuple of ints: ``32`` is 32x32, ``(32, 48)`` itself; None for anything else."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return (size, size)
+    if isinstance(size, (tuple, list)) and 1 <= len(size) <= 3 and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        return tuple(size)
+    return None
+
+
+def _channels(model: nn.Module, rank: int) -> int:
+    """The input channels of the model's first convolution over ``rank`` spatial axes, else 3."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == rank:
+            return m.in_channels
+    return 3
 
 
 def _dtype_device(model: nn.Module):
+    """The dtype and device of the model's first float parameter; Nones for a model without one."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
+    return None, None
 
 
 def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
