@@ -230,19 +230,25 @@ def _to_inplace_method(n: fx.Node) -> None:
 
 
 def _one_index(gm: fx.GraphModule, n: fx.Node) -> None:
-    """A write into a slice of a value, ``v = m[k1][k2]; v.fill_(c)``, as ``m[k1, k2] = c``.
+    """A write into a slice of a value as an index assignment: ``v = m[k1][k2]; v.fill_(c)`` as
+    ``m[k1, k2] = c``, and any other in-place op, ``v.mul_(a)``, as ``m[k1, k2] = v.mul(a)``.
 
     torch.export writes a slice per axis and names the view; the TorchScript
     ONNX exporter drops a write into a view the traced code names (fx's code
     names every value), or fails on a chain of indexes, while it carries an
     index assignment, as the model's own ``m[a:b, c:d] = count`` (Swin's
-    attention mask), exactly. Only ``fill_``, ``copy_`` and ``zero_`` of a view
-    that nothing else reads, whose result nothing reads, are rewritten, and
-    index links are merged only where each axis is sliced by at most one.
+    attention mask), exactly. Only a view that nothing else reads, written by
+    an op whose result nothing reads, is rewritten; index links are merged
+    only where each axis is sliced by at most one.
     """
     view = n.args[0]
-    arity = {"fill_": 2, "copy_": 2, "zero_": 1}.get(n.target)
-    if len(n.args) != arity or n.users or n.kwargs or not _private_index(view):
+    value_at = {"fill_": 1, "copy_": 1, "zero_": None}
+    fills = n.target in value_at
+    if n.target in ("fill_", "copy_") and len(n.args) != 2 or n.target == "zero_" and len(n.args) != 1:
+        return
+    if not fills and not hasattr(torch.Tensor, n.target[:-1]):
+        return
+    if n.users or not _private_index(view) or fills and n.kwargs:
         return
     while _private_index(view.args[0]):
         inner = view.args[0]
@@ -251,11 +257,18 @@ def _one_index(gm: fx.GraphModule, n: fx.Node) -> None:
             break
         view.args = (inner.args[0], key)
         gm.graph.erase_node(inner)
-    value = n.args[1] if arity == 2 else 0
-    n.op, n.target, n.args = "call_function", operator.setitem, (view.args[0], view.args[1], _number(gm, value))
-    gm.graph.erase_node(view)
-    if isinstance(value, fx.Node) and not value.users:
-        gm.graph.erase_node(value)
+    base, key = view.args
+    if fills:
+        value = n.args[1] if n.target != "zero_" else 0
+        n.op, n.target, n.args = "call_function", operator.setitem, (base, key, _number(gm, value))
+        gm.graph.erase_node(view)
+        if isinstance(value, fx.Node) and not value.users:
+            gm.graph.erase_node(value)
+        return
+    with gm.graph.inserting_before(n):
+        value = gm.graph.call_method(n.target[:-1], n.args, dict(n.kwargs))
+    value.meta = dict(n.meta)
+    n.op, n.target, n.args, n.kwargs = "call_function", operator.setitem, (base, key, value), {}
 
 
 def _number(gm: fx.GraphModule, value):

@@ -250,7 +250,8 @@ def _onnx_run(proto, x):
 
 class _SliceWrites(nn.Module):
     """Writes into slices of values it made, as torchvision's Swin (its shifted windows' mask: one slice per
-    axis) and Swin V2 (the key part of its qkv bias zeroed) do, beside a Linear to put an adapter before."""
+    axis) and Swin V2 (the key part of its qkv bias zeroed) do, and other in-place ops into views, beside a
+    Linear to put an adapter before."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -263,6 +264,8 @@ class _SliceWrites(nn.Module):
             for w in ((0, -4), (-4, -2), (-2, None)):
                 mask[h[0]:h[1], w[0]:w[1]] = count
                 count += 1
+        mask[0].mul_(-2)  # any other in-place op into a view (a select, a slice) was lost too
+        mask[:, 5:].relu_()
         bias = self.proj.bias.clone()
         bias[2:4].zero_()
         bias[6:].copy_(torch.ones(8)[:2])
