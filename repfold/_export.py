@@ -35,6 +35,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ._report import FoldReport
+from ._writes import as_method, aten_writes_self, index_assignments
 
 
 @functools.cache
@@ -110,11 +111,9 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
             n.target = getattr(torch, t.__name__.partition(".")[0])
         elif t in (aten.slice.Tensor, aten.select.int):
             _to_getitem(n)
-        elif _writes_self(t):
-            _to_inplace_method(n)
-    for n in aten_calls:  # (after every slice is an index: a chain's links are all rewritten)
-        if n.op == "call_method" and _writes_self(n.meta.pop(_ATEN, None)):
-            _one_index(gm, n)
+        elif aten_writes_self(t):
+            as_method(n)
+    index_assignments(gm)  # (after every slice is an index: a chain's links are all rewritten)
     for n in list(gm.graph.nodes):  # reads nothing uses (``ep.module()`` reads each num_batches_tracked so)
         if n.op == "get_attr" and not n.users:  # would keep a folded BatchNorm's tensors in the program
             gm.graph.erase_node(n)
@@ -199,108 +198,6 @@ def _same_dtype(n: fx.Node) -> bool:
     keys = set(n.kwargs) - {"dtype", "non_blocking", "copy", "memory_format"}
     return src is not None and val is not None and not keys and (val.dtype, val.device, val.shape) == (
         src.dtype, src.device, src.shape)
-
-
-_ATEN = "repfold_aten"  # node.meta key: the in-place ATen overload a method call stands for, while rewriting
-
-
-def _writes_self(t) -> bool:
-    """Whether the ATen overload ``t`` writes into its first argument (``fill_``, ``copy_``, ``zero_``) and
-    is a Tensor method of that name."""
-    schema = getattr(t, "_schema", None)
-    if schema is None or not schema.arguments or schema.is_mutable is False:
-        return False
-    info = schema.arguments[0].alias_info
-    name = t.__name__.partition(".")[0]
-    return bool(info is not None and info.is_write) and hasattr(torch.Tensor, name)
-
-
-def _to_inplace_method(n: fx.Node) -> None:
-    """An in-place ATen call, ``aten.fill_.Tensor(v, a)``, as the Tensor method ``v.fill_(a)``.
-
-    Both write the same values; but torch's TorchScript ONNX exporter carries a
-    write into a view only when it sees the method: the overload called
-    directly is traced as an op whose result nothing reads, and the write is
-    lost from the file (torchvision's Swin, through torch.export: its attention
-    mask stayed zero, the exported model 2% off).
-    """
-    n.meta[_ATEN] = n.target
-    n.op, n.target = "call_method", n.target.__name__.partition(".")[0]
-    n.args = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in n.args)
-
-
-def _one_index(gm: fx.GraphModule, n: fx.Node) -> None:
-    """A write into a slice of a value as an index assignment: ``v = m[k1][k2]; v.fill_(c)`` as
-    ``m[k1, k2] = c``, and any other in-place op, ``v.mul_(a)``, as ``m[k1, k2] = v.mul(a)``.
-
-    torch.export writes a slice per axis and names the view; the TorchScript
-    ONNX exporter drops a write into a view the traced code names (fx's code
-    names every value), or fails on a chain of indexes, while it carries an
-    index assignment, as the model's own ``m[a:b, c:d] = count`` (Swin's
-    attention mask), exactly. Only a view that nothing else reads, written by
-    an op whose result nothing reads, is rewritten; index links are merged
-    only where each axis is sliced by at most one.
-    """
-    view = n.args[0]
-    value_at = {"fill_": 1, "copy_": 1, "zero_": None}
-    fills = n.target in value_at
-    if n.target in ("fill_", "copy_") and len(n.args) != 2 or n.target == "zero_" and len(n.args) != 1:
-        return
-    if not fills and not hasattr(torch.Tensor, n.target[:-1]):
-        return
-    if n.users or not _private_index(view) or fills and n.kwargs:
-        return
-    while _private_index(view.args[0]):
-        inner = view.args[0]
-        key = _merged_key(inner.args[1], view.args[1])
-        if key is None:
-            break
-        view.args = (inner.args[0], key)
-        gm.graph.erase_node(inner)
-    base, key = view.args
-    if fills:
-        value = n.args[1] if n.target != "zero_" else 0
-        n.op, n.target, n.args = "call_function", operator.setitem, (base, key, _number(gm, value))
-        gm.graph.erase_node(view)
-        if isinstance(value, fx.Node) and not value.users:
-            gm.graph.erase_node(value)
-        return
-    with gm.graph.inserting_before(n):
-        value = gm.graph.call_method(n.target[:-1], n.args, dict(n.kwargs))
-    value.meta = dict(n.meta)
-    n.op, n.target, n.args, n.kwargs = "call_function", operator.setitem, (base, key, value), {}
-
-
-def _number(gm: fx.GraphModule, value):
-    """The Python number a write's value stands for where torch.export made a scalar a lifted constant
-    (``m[k] = 3`` as ``fill_(v, lift_fresh_copy(c))``, which the TorchScript exporter cannot export); else
-    ``value``."""
-    const = value.args[0] if isinstance(value, fx.Node) and value.target is torch.ops.aten.lift_fresh_copy.default \
-        and len(value.users) == 1 else None
-    if not isinstance(const, fx.Node) or const.op != "get_attr":
-        return value
-    t = getattr(gm, const.target, None) if "." not in const.target else gm.get_submodule(
-        const.target.rpartition(".")[0]).__dict__.get(const.target.rpartition(".")[2])
-    return t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else value
-
-
-def _private_index(v) -> bool:
-    """Whether ``v`` is an index (``m[k]``) of a value, that one op alone reads."""
-    return isinstance(v, fx.Node) and v.target is operator.getitem and len(v.users) == 1 \
-        and isinstance(v.args[0], fx.Node) and v.meta.get("val") is not None
-
-
-def _merged_key(first, second) -> tuple | None:
-    """One index for ``x[first][second]``, both tuples of slices; None where an axis is sliced by both."""
-    full = slice(None)
-    first, second = (k if isinstance(k, tuple) else (k,) for k in (first, second))
-    if not all(isinstance(k, tuple) and all(isinstance(s, slice) for s in k) for k in (first, second)):
-        return None
-    size = max(len(first), len(second))
-    a, b = first + (full,) * (size - len(first)), second + (full,) * (size - len(second))
-    if any(s != full and t != full for s, t in zip(a, b)):
-        return None
-    return tuple(t if s == full else s for s, t in zip(a, b))
 
 
 def _to_getitem(n: fx.Node) -> None:

@@ -32,6 +32,7 @@ from ._trace import (
     shape,
     to_graph_module,
 )
+from ._writes import index_assignments
 
 
 class FxContext:
@@ -410,6 +411,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     gm.eval()
     inline_submodules(gm)
     shape(gm, inputs)  # shapes by interpreting the graph: no code is generated until the end
+    index_assignments(gm)  # writes into views spelled as the exporters keep them (repfold._writes)
     traced = gm.meta.get(META_KEY, {}).get("trace")  # insert's: torch.export where fx could not
     report = FoldReport("fx" if traced in (None, "torch.fx") else f"fx, traced by {traced}",
                         ops_before=op_counts(gm), params_before=n_params(gm))

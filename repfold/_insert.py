@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from . import _trace
 from ._adapters import RepAdapter
 from ._trace import META_KEY, TraceError, WritesBuffers, is_shape_read, module_paths, shape, to_graph_module
+from ._writes import index_assignments
 
 PREFIX = "repfold_adapters"
 
@@ -327,6 +328,7 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
     try:
         gm = to_graph_module(model, leaf_modules, leaf_functions)
         shape(gm, inputs)
+        index_assignments(gm)  # writes into views as the exporters keep them (torch.export's: in to_graph_module)
         hidden = _hidden(gm, model, patterns)
         if hidden is None:
             return gm, inputs, "torch.fx"
