@@ -7,7 +7,10 @@ Each op keeps the map and moves the layout (see ``repfold._affine``)::
 as long as the channel axis stays whole: permute / transpose, reshape / view /
 flatten / squeeze / unsqueeze, roll, slicing and concatenation along other
 axes, pads by zero amounts (window partitions are made of these), and pads
-that copy positions (reflect, replicate/edge, circular/wrap). ``Same``
+that copy positions (reflect, replicate/edge, circular/wrap). A pad with
+zeros (Swin's window partition of a size its window does not divide) only
+where the constant is zero: ``pad(M·x) = M·pad(x)``, but ``pad(M·x + c)``
+holds 0, not ``c``, at the new positions. ``Same``
 passes a value through unchanged: eval-mode dropout, identity, contiguous,
 clone, a cast to the same dtype.
 
@@ -122,6 +125,31 @@ class CopyPad(_Layout):
             return np.pad(pos, self.widths, mode=self.mode), cax
 
         return ch.relayout(v, shape, lambda p: np.pad(p, self.widths, mode=self.mode), reduced)
+
+
+@dataclass
+class ZeroPad(_Layout):
+    """A pad with zeros, ``widths`` one ``(before, after)`` pair per axis: exact for ``M·x`` (``M·0 = 0``), not
+    for a constant ``c``, which the new positions do not hold. Those hold no position of the source (-1)."""
+
+    widths: tuple[tuple[int, int], ...]
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        if len(self.widths) != v.rank or any(a < 0 or b < 0 for a, b in self.widths):
+            raise NotAffine(f"pads {self.widths} do not fit a rank-{v.rank} value")
+        shape = tuple(n + a + b for n, (a, b) in zip(v.shape, self.widths))
+
+        def reduced(pos, cax):
+            if any(self.widths[cax]):
+                raise NotAffine("pads the channel axis")
+            return np.pad(pos, self.widths, constant_values=-1), cax
+
+        out = ch.relayout(v, shape, lambda p: np.pad(p, self.widths, constant_values=-1), reduced)
+        if np.any(v.c):
+            raise NotAffine("pads with zeros a value with a constant (the new positions hold 0, not the constant; "
+                            "an adapter inserted with bias=False has none)")
+        return out
 
 
 _FX_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -276,10 +304,12 @@ def match_fx(node, ctx) -> Match | None:
             literal = isinstance(arg, (tuple, list)) and all(isinstance(p, int) for p in arg)
             return Match(Same(sticky=not literal), (x,), label)
         rank = ctx.rank(x)
-        if pads is not None and mode in _FX_PAD_MODES and len(pads) % 2 == 0 and len(pads) // 2 <= rank:
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        zeros = mode == "constant" and value in (None, 0, 0.0)
+        if pads is not None and (mode in _FX_PAD_MODES or zeros) and len(pads) % 2 == 0 and len(pads) // 2 <= rank:
             pairs = [(pads[i], pads[i + 1]) for i in range(0, len(pads), 2)]  # last axis first
-            widths = [(0, 0)] * (rank - len(pairs)) + pairs[::-1]
-            return Match(CopyPad(tuple(widths), _FX_PAD_MODES[mode]), (x,), label)
+            widths = tuple([(0, 0)] * (rank - len(pairs)) + pairs[::-1])
+            return Match(ZeroPad(widths) if zeros else CopyPad(widths, _FX_PAD_MODES[mode]), (x,), label)
         return None
     if t is operator.getitem:
         index = _slices(ctx, node.args[1])
@@ -352,13 +382,14 @@ def match_onnx(node, ctx) -> Match | None:
         mode = node.attrs.get("mode", "constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
         rank = ctx.rank(x)
-        if pads is None or mode not in _ONNX_PAD_MODES or rank is None or len(node.inputs) > 3:
+        zeros = mode == "constant" and (len(node.inputs) < 3 or _zero(ctx, node.inputs[2]))
+        if pads is None or (mode not in _ONNX_PAD_MODES and not zeros) or rank is None or len(node.inputs) > 3:
             return None
         pads = [int(p) for p in pads]
         if len(pads) != 2 * rank or any(pads[a] or pads[a + rank] for a in ctx.named_axes(x)):
             return None
         widths = tuple(zip(pads[:rank], pads[rank:]))
-        return Match(CopyPad(widths, mode), (x,), label)
+        return Match(ZeroPad(widths) if zeros else CopyPad(widths, mode), (x,), label)
     if op == "Slice":
         return _onnx_slice(node, ctx, label)
     if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):
@@ -367,6 +398,14 @@ def match_onnx(node, ctx) -> Match | None:
             return None  # the engine would see a named (dynamic) size as 1: it could not place the parts
         return Match(Concat(node.attrs.get("axis", 0)), tuple(node.inputs), label)
     return None
+
+
+def _zero(ctx, value) -> bool:
+    """Whether a Pad's ``constant_value`` input is omitted (an empty name) or a constant zero."""
+    if not value.name:
+        return True
+    v = ctx.raw_const(value)
+    return v is not None and v.size == 1 and not np.any(v)
 
 
 def _leading_named(before: set[int], after: set[int]) -> bool:

@@ -13,6 +13,13 @@ absorbs only an ``M`` that keeps those blocks (anything else would densify
 it). A layer without a bias takes one for ``c ≠ 0`` (a Linear, a conv, a
 Gemm: no new operator), except ONNX's bare MatMul, where a bias would be an
 Add more: it absorbs only ``c = 0``.
+
+A bias computed at run time (Swin V2's ``F.linear(x, W, b)`` with ``b`` a
+copy of the qkv bias whose key slice is zeroed on every call) is no constant
+the algebra can carry: such a layer (:class:`RuntimeBias`) ends a region, and
+takes one on its input only where the region's constant is zero,
+``W' = W·M`` with its bias input as it is. (``W·c`` would have to be added to
+the computed bias: an op more, and Swin V2's zeroing would undo part of it.)
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class Dense:
     computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW): an adapter's, not stored
     evaluable: bool = False  # computed, and storing it costs no more (HRA's W·H): a region even alone
     takes_bias: bool = True  # a bias-less layer may take one without a new operator (not ONNX's bare MatMul)
+    bias_computed: bool = False  # a value computed at run time is added after it (ONNX's MatMul + Add of one)
 
     heavy = True
 
@@ -100,9 +108,57 @@ class Dense:
         M = v.M if isinstance(v.M, Product) and self.groups == 1 else np.asarray(v.M)
         if collapse_groups(M, self.groups) is None:
             raise NotAffine(densify_reason(self.groups, shape[1]))
+        if self.b is None and self.bias_computed and np.any(v.c):
+            raise NotAffine(no_constant_reason())
         if self.b is None and self.takes_bias and np.any(v.c):  # it takes a bias: no new operator
             return M, np.full(shape[0], v.c) if isinstance(v.c, float) else v.c
         return M, bias_for(v.c, self.b, shape[0], self.kind)
+
+
+RUNTIME_BIAS = "its bias is computed at run time"
+
+
+def no_constant_reason() -> str:
+    return (f"{RUNTIME_BIAS}, so the region's constant W·c has no bias to go into; "
+            "insert the adapter with bias=False (W·M alone folds)")
+
+
+@dataclass
+class RuntimeBias:
+    """``y = W·v + b`` along ``axis``, ``b`` computed at run time (no constant): the bias input stays as it is.
+
+    Its output is no affine map of its input with a constant shift, so a region ends here; the layer takes a
+    region on its input (a forward fold, ``W' = W·M``) only where the region's constant ``c`` is zero: the
+    constant ``W·c`` has no stored bias to go into (an adapter inserted with ``bias=False`` has none).
+    """
+
+    weight: np.ndarray
+    axis: int
+    kind: str = "Linear"
+
+    heavy = True
+
+    @property
+    def W(self) -> np.ndarray:
+        return self.weight
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        raise NotAffine(f"{RUNTIME_BIAS}: its output is no constant shift of its input")
+
+    def absorb_input(self, v: Affine, ch: Channels, slots=(0,)) -> tuple[np.ndarray | Product, None]:
+        v = ch.require(v, self.axis, self.kind)
+        n = self.weight.shape[1]
+        if isinstance(v.M, Kernel):
+            raise NotAffine(f"the region is a k×k conv's kernel map, which a {self.kind} cannot take")
+        if not isinstance(v.M, float) and v.M.shape != (n, n):
+            raise NotAffine(f"needs a {n}x{n} map, the region is {v.M.shape[0]}x{v.M.shape[1]}")
+        if np.any(v.c):
+            raise NotAffine(no_constant_reason())
+        W = matmul(self.weight, v.M)
+        return (np.asarray(W) if isinstance(W, LowRank) else W), None
+
+    def absorb_output(self, v: Affine, ch: Channels) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotAffine(f"{RUNTIME_BIAS}: the region's map of it would have to be computed too")
 
 
 def densify_reason(groups: int, channels: int) -> str:
@@ -245,9 +301,13 @@ def match_fx(node, ctx) -> Match | None:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         b = None if bias is None else ctx.const(bias)
         rank = ctx.rank(x)
-        if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None or (bias is not None and b is None):
+        if not isinstance(w, np.ndarray) or w.ndim != 2 or rank is None:
             return None
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if bias is not None and b is None:  # a bias computed at run time (Swin V2's, its key slice zeroed)
+            if not isinstance(bias, fx.Node) or ctx.shape(bias) != (w.shape[0],) or ctx.const(x) is not None:
+                return None
+            return Match(RuntimeBias(w, rank - 1), (x,), f"{node.name} (F.linear)", emit=_fx_runtime_bias_emit(node, ctx))
         op = Dense(w, b, rank - 1, computed=weight.op != "get_attr", evaluable=ctx.evaluable(weight, w.size))
         return Match(op, (x,), f"{node.name} (F.linear)", emit=_fx_linear_emit(node, ctx))
     return None
@@ -268,6 +328,18 @@ def _fx_linear_emit(node, ctx):
         else:
             bn = ctx.new_param(_hint(bias), b, bias)
         return ctx.graph.call_function(F.linear, (x, w, bn))
+
+    return emit
+
+
+def _fx_runtime_bias_emit(node, ctx):
+    """``emit`` for ``F.linear(x, weight, bias)`` with a computed bias: a new weight, the same bias input."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs["bias"]
+
+    def emit(swap: dict, W, b: None):
+        x = swap.get(node.args[0], node.args[0])
+        return ctx.graph.call_function(F.linear, (x, ctx.new_param(_hint(weight), W, weight), bias))
 
     return emit
 
@@ -347,15 +419,19 @@ def match_onnx(node, ctx) -> Match | None:
         W, rank = ctx.weight(w, lambda a: a.T), ctx.rank(x)
         if W is None or len(W.shape) != 2 or rank is None or rank < 2 or ctx.weight(x) is not None:
             return None
-        covers, b = (node,), None
+        covers, b, computed_bias = (node,), None, False
         nxt = ctx.only_consumer(node.outputs[0])
         if nxt is not None and nxt.op == "Add":
             other = next(i for i in nxt.inputs if i is not node.outputs[0])
             bv = ctx.const(other)
             if bv is not None and bv.size == W.shape[0] and bv.shape[-1] == W.shape[0] and bv.ndim <= rank:
                 covers, b = (node, nxt), bv.reshape(-1)
+            elif bv is None:  # a bias computed at run time (not from stored tensors alone): the Add stays
+                sh = ctx.shape(other)  # (one value per channel: not a residual sum)
+                computed_bias = bool(sh) and sh[-1] == W.shape[0] and all(n == 1 for n in sh[:-1]) \
+                    and len(sh) <= rank and not ctx.named_axes(other)
         op = Dense(W, b, rank - 1, computed=ctx.computed(w), evaluable=ctx.evaluable(w, int(np.prod(W.shape))),
-                   kind="MatMul", takes_bias=False)
+                   kind="MatMul", takes_bias=False, bias_computed=computed_bias)
         return Match(op, (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs
