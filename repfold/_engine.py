@@ -126,6 +126,10 @@ class Plan:
     members: dict[str, str]
     redirects: dict[str, str] = field(default_factory=dict)
     unseen: list[str] = field(default_factory=list)  # layers whose input shape is unknown: no region can reach
+    # layers an adapter region's fold removes (not its absorbers), each with the region's source; and every op
+    # this plan accounts for (folded, rebuilt, or in a region reported kept): see :func:`_undone`
+    removed: dict[str, str] = field(default_factory=dict)
+    accounted: set[str] = field(default_factory=set)
 
 
 def plan(
@@ -172,13 +176,35 @@ def plan(
     """
     fresh: set[str] = set()
     cuts: set[str] = set(written)
+    removed: dict[str, str] = {}  # adapter layers a fold of any pass removed -> that region's source
     while True:
         result, more, more_cuts = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position,
                                              hazard, fresh, cuts, frozenset(written))
+        for h, src in result.removed.items():
+            removed.setdefault(h, src)
         if more <= fresh and more_cuts <= cuts:
+            _undone(result, removed, steps, label)
             return result
         fresh |= more
         cuts |= more_cuts
+
+
+def _undone(result: Plan, removed: dict[str, str], steps: Sequence[Step], label: Callable[[str], str]) -> None:
+    """Report as kept the adapter layers a fold of an earlier pass removed that the final plan neither folds
+    nor reports: a pass that starts regions elsewhere must not make an adapter vanish from the report while
+    its layers still run (a LoRA's branch beside a patch embedding's conv, once summed into it, planned again
+    from each conv: only its scale folded, into its own up-projection, and three convs ran where PEFT's
+    merge leaves one)."""
+    by_name = {s.name: s for s in steps}
+    lost: dict[str, list[str]] = {}
+    for h, src in removed.items():
+        if h not in result.accounted:
+            lost.setdefault(src, []).append(h)
+    for src, layers in lost.items():
+        names = ", ".join(by_name[h].label for h in layers)
+        result.regions.append(Region(label(src), [by_name[h].label for h in layers], folded=False, reason=(
+            f"its layers {names} still run: a fold found for them was given up when the graph was planned "
+            "again with regions starting elsewhere, and no region of the final plan folds them")))
 
 
 def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str],
@@ -198,6 +224,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     lone = set() if scales else _lone_layers(steps)
     more: set[str] = set()  # values to be sources next time
     more_cuts: set[str] = set()
+    blocked: set[str] = set()  # convs whose kernel maps an op moving positions ended
     as_cut: dict[str, Affine | None] = {}
 
     def read(i: str) -> Affine | None:
@@ -225,7 +252,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         except NotAffine as e:
             ch.axis = saved
             if isinstance(e, KernelBlocked):  # a conv's output moved: next time the conv starts a region instead
-                more.update(_kernel_origins(s.inputs, by_name, state, cuts))
+                # (unless it is one of parallel branches a fold of this pass sums: see ``summed``)
+                blocked.update(_kernel_origins(s.inputs, by_name, state, cuts))
             elif hasattr(s.op, "absorb") and not isinstance(e, Relaid) and not _pure(ins[0]) \
                     and len(consumers(s.inputs[0])) > 1:
                 # a conv that cannot carry the map it reads, beside other branches of its input (RepGhost's
@@ -267,6 +295,14 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     members_of: dict[str, str] = {}
     redirects: dict[str, str] = {}
     absorbers: set[str] = set()  # layers a fold of this plan rebuilds: one fold each
+    folded_ops: set[str] = set()  # the ops of the regions this plan folds
+    # convs whose kernel maps a fold of this plan sums, as parallel branches of one source: a LoRA's branch
+    # beside a patch embedding's conv (lora_B·lora_A, summed into the base conv before the flatten). Started
+    # again at each conv, as a conv whose map an op moving positions ends would be, the branches would be
+    # sources apart and their sum no region (only the LoRA's scale folded, three convs ran): they stay
+    summed: set[str] = set()
+    kept_ops: set[str] = set()  # the ops of the adapter regions this plan reports kept
+    removed: dict[str, str] = {}  # layers the folds of adapter regions remove (not their absorbers) -> source
 
     def is_adapter(members: list[str]) -> tuple[bool, list[str]]:
         heavy = sum(by_name[m].op.heavy for m in members)
@@ -290,6 +326,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             more_cuts.update(_in_series(src, members, by_name, state, consumers, flow))
             region.reason = why
             regions.append(region)
+            kept_ops.update(members)
 
     kinds = {src: is_adapter(members) for src, members in groups.items()}
     # adapter regions first: a layer a scale region could also fold into goes to the adapter
@@ -360,14 +397,23 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         members_of.update({m: src for m in gone})
         redirects.update(moved)
         done = set(settled)
+        folded_ops.update(done)
+        origins = _kernel_origins(settled, by_name, state, cuts)
+        if len(origins) > 1:
+            summed.update(origins)
+        if adapter:
+            rebuilt = {f.absorber for f in chosen}
+            removed.update({m: src for m in gone if by_name[m].op.heavy and m not in rebuilt})
         left = [m for m in members if m not in done]
         if any(by_name[m].op.heavy for m in left):  # layers the fold leaves running: a region of their own,
             # from the values they read, which stay this region's exits (FastViT's 1x1 block beside an
             # identity BatchNorm, after a large-kernel conv's summed branches)
             more_cuts.update(_entries(left, by_name))
             region.ops = [by_name[m].label for m in members if m in done]
+    more.update(blocked - summed)
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
-    return Plan(folds, regions, members_of, redirects, unseen), more, more_cuts
+    accounted = folded_ops | absorbers | kept_ops
+    return Plan(folds, regions, members_of, redirects, unseen, removed, accounted), more, more_cuts
 
 
 def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:
