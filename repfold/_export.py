@@ -117,9 +117,32 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
     for n in list(gm.graph.nodes):  # reads nothing uses (``ep.module()`` reads each num_batches_tracked so)
         if n.op == "get_attr" and not n.users:  # would keep a folded BatchNorm's tensors in the program
             gm.graph.erase_node(n)
+    _rename_lifted(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _rename_lifted(gm: fx.GraphModule) -> None:
+    """The constants torch.export lifted (``attn.lifted_tensor_9``: a ``torch.tensor([1, 3])`` in a forward)
+    under names of their own (``attn.repfold_const_9``). Exported again under the old names, they clash with
+    the constants the new export lifts (``ep.module()`` of it raises "`lifted_tensor_9` is not a buffer", so
+    the dynamo ONNX exporter and ``run_decompositions()`` fail on the graph insert returns)."""
+    for n in gm.graph.nodes:
+        owner, _, name = n.target.rpartition(".") if n.op == "get_attr" else ("", "", "")
+        if not name.startswith("lifted_tensor_"):
+            continue
+        holder = gm.get_submodule(owner) if owner else gm
+        if isinstance(holder._buffers.get(name), torch.Tensor) or name not in holder.__dict__:
+            continue  # a buffer, or an attribute of another kind: left as it is
+        new = name.replace("lifted_tensor_", "repfold_const_", 1)
+        while hasattr(holder, new):
+            new += "_"
+        setattr(holder, new, holder.__dict__.pop(name))
+        for other in gm.graph.nodes:  # every read of it (one get_attr each, as a rule)
+            if other.op == "get_attr" and other.target == n.target and other is not n:
+                other.target = f"{owner}.{new}" if owner else new
+        n.target = f"{owner}.{new}" if owner else new
 
 
 def _as_layer_call(gm: fx.GraphModule, n: fx.Node):

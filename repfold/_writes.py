@@ -53,11 +53,15 @@ def aten_writes_self(t) -> bool:
     return bool(info is not None and info.is_write) and hasattr(torch.Tensor, t.__name__.partition(".")[0])
 
 
-def as_method(n: fx.Node) -> None:
+def as_method(n: fx.Node) -> bool:
     """An in-place ATen call, ``aten.fill_.Tensor(v, a)``, as the Tensor method ``v.fill_(a)``: the same
-    write, in the spelling the TorchScript exporter keeps."""
+    write, in the spelling the TorchScript exporter keeps; whether it was rewritten. A call with a list
+    that holds ``None`` (``index_put_``'s indices of ``x[:, i]``, which the method does not take) stays."""
+    if any(isinstance(a, (list, tuple)) and any(e is None for e in a) for a in (*n.args, *n.kwargs.values())):
+        return False
     n.op, n.target = "call_method", n.target.__name__.partition(".")[0]
     n.args = tuple(tuple(a) if isinstance(a, (list, tuple)) else a for a in n.args)
+    return True
 
 
 def index_assignments(gm: fx.GraphModule) -> int:
@@ -66,9 +70,11 @@ def index_assignments(gm: fx.GraphModule) -> int:
     or ``tensor_meta`` (shape propagation) to tell a tensor from a tuple."""
     done = 0
     for n in list(gm.graph.nodes):
-        if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
-                and not n.target.startswith("_") and _assignment(gm, n):
-            done += 1
+        if n.target in ("index_put_", torch.ops.aten.index_put_.default):
+            done += _index_put(gm, n)
+        elif n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
+                and not n.target.startswith("_"):
+            done += _assignment(gm, n)
     if done:
         gm.graph.lint()
         gm.recompile()
@@ -103,6 +109,23 @@ def _assignment(gm: fx.GraphModule, n: fx.Node) -> bool:
         value = gm.graph.call_method(n.target[:-1], n.args, dict(n.kwargs))
     value.meta = dict(n.meta)
     n.op, n.target, n.args, n.kwargs = "call_function", operator.setitem, (base, key, value), {}
+    return True
+
+
+def _index_put(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``index_put_(m, [None, i], v)`` as the ``m[:, i] = v`` it stands for (torch.export's spelling of an
+    index assignment, which the TorchScript exporter cannot export: its ``None``s, its lifted scalar)."""
+    args = list(n.args) + [n.kwargs.get(k) for k in ("accumulate",) if k in n.kwargs]
+    if len(args) not in (3, 4) or len(args) == 4 and args[3] is not False or not _is_tensor(args[0]):
+        return False
+    x, indices, value = args[:3]
+    if not isinstance(indices, (list, tuple)) or not all(i is None or isinstance(i, fx.Node) for i in indices):
+        return False
+    key = tuple(slice(None) if i is None else i for i in indices)
+    n.replace_all_uses_with(x)  # (it returns the value it wrote into)
+    n.op, n.target, n.args, n.kwargs = "call_function", operator.setitem, (x, key, _number(gm, value)), {}
+    if isinstance(value, fx.Node) and not value.users:
+        gm.graph.erase_node(value)
     return True
 
 

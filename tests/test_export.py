@@ -266,6 +266,7 @@ class _SliceWrites(nn.Module):
                 count += 1
         mask[0].mul_(-2)  # any other in-place op into a view (a select, a slice) was lost too
         mask[:, 5:].relu_()
+        mask[:, torch.tensor([1, 3])] = 1.5  # index_put_ with a None index: no TorchScript export at all
         bias = self.proj.bias.clone()
         bias[2:4].zero_()
         bias[6:].copy_(torch.ones(8)[:2])
