@@ -116,8 +116,9 @@ def _index_put(gm: fx.GraphModule, n: fx.Node) -> bool:
     """``index_put_(m, [None, i], v)`` as the ``m[:, i] = v`` it stands for (torch.export's spelling of an
     index assignment, which the TorchScript exporter cannot export: its ``None``s, its lifted scalar)."""
     args = list(n.args) + [n.kwargs.get(k) for k in ("accumulate",) if k in n.kwargs]
-    if len(args) not in (3, 4) or len(args) == 4 and args[3] is not False or not _is_tensor(args[0]):
-        return False
+    if len(args) not in (3, 4) or len(args) == 4 and args[3] is not False or not _is_tensor(args[0]) \
+            or not _reads_input(n):
+        return False  # (a write of weights alone, FourierFT's ΔW, is a constant to the exporters: left as it is)
     x, indices, value = args[:3]
     if not isinstance(indices, (list, tuple)) or not all(i is None or isinstance(i, fx.Node) for i in indices):
         return False
@@ -127,6 +128,20 @@ def _index_put(gm: fx.GraphModule, n: fx.Node) -> bool:
     if isinstance(value, fx.Node) and not value.users:
         gm.graph.erase_node(value)
     return True
+
+
+def _reads_input(n: fx.Node) -> bool:
+    """Whether ``n`` depends on an input of the graph (a placeholder), directly or not."""
+    todo, seen = list(n.all_input_nodes), set()
+    while todo:
+        a = todo.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op == "placeholder":
+            return True
+        todo.extend(a.all_input_nodes)
+    return False
 
 
 def _is_tensor(n) -> bool:
