@@ -113,6 +113,9 @@ class CopyPad(_Layout):
     widths: tuple[tuple[int, int], ...]
     mode: str
 
+    def pad(self, positions: np.ndarray) -> np.ndarray:
+        return np.pad(positions, self.widths, mode=self.mode)
+
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         (v,) = ins
         if len(self.widths) != v.rank or any(a < 0 or b < 0 for a, b in self.widths):
@@ -122,34 +125,26 @@ class CopyPad(_Layout):
         def reduced(pos, cax):
             if any(self.widths[cax]):
                 raise NotAffine("pads the channel axis")
-            return np.pad(pos, self.widths, mode=self.mode), cax
+            return self.pad(pos), cax
 
-        return ch.relayout(v, shape, lambda p: np.pad(p, self.widths, mode=self.mode), reduced)
+        return ch.relayout(v, shape, self.pad, reduced)
 
 
 @dataclass
-class ZeroPad(_Layout):
-    """A pad with zeros, ``widths`` one ``(before, after)`` pair per axis: exact for ``M·x`` (``M·0 = 0``), not
-    for a constant ``c``, which the new positions do not hold. Those hold no position of the source (-1)."""
+class ZeroPad(CopyPad):
+    """A pad with zeros: exact for ``M·x`` (``M·0 = 0``), not for a constant ``c``, which the new positions
+    do not hold. Those hold no position of the source (-1)."""
 
-    widths: tuple[tuple[int, int], ...]
+    mode: str = "constant"
+
+    def pad(self, positions: np.ndarray) -> np.ndarray:
+        return np.pad(positions, self.widths, constant_values=-1)
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
-        (v,) = ins
-        if len(self.widths) != v.rank or any(a < 0 or b < 0 for a, b in self.widths):
-            raise NotAffine(f"pads {self.widths} do not fit a rank-{v.rank} value")
-        shape = tuple(n + a + b for n, (a, b) in zip(v.shape, self.widths))
-
-        def reduced(pos, cax):
-            if any(self.widths[cax]):
-                raise NotAffine("pads the channel axis")
-            return np.pad(pos, self.widths, constant_values=-1), cax
-
-        out = ch.relayout(v, shape, lambda p: np.pad(p, self.widths, constant_values=-1), reduced)
-        if np.any(v.c):
+        if np.any(ins[0].c):
             raise NotAffine("pads with zeros a value with a constant (the new positions hold 0, not the constant; "
                             "an adapter inserted with bias=False has none)")
-        return out
+        return super().transfer(ins, ch)
 
 
 _FX_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
