@@ -172,7 +172,10 @@ def plan(
     other branches (RepGhost's depthwise conv and identity BatchNorm after a
     1x1 conv), and the output of each layer but the last that a kept region
     chains in series (a projection without activation into the next block's
-    1x1 conv, an adapter between them).
+    1x1 conv, an adapter between them); where it chains none, the value an
+    adapter's branches part from, past a layer, when something else reads it
+    too (MobileNet-V3's block output, read by the next block and by an adapter
+    before an FPN's 1x1 conv): the adapter's region then starts there.
     """
     fresh: set[str] = set()
     cuts: set[str] = set(written)
@@ -323,7 +326,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         more_cuts.update(at_input)
         more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
         if not region.scale:
-            more_cuts.update(_in_series(src, members, by_name, state, consumers, flow))
+            series = _in_series(src, members, by_name, state, consumers, flow)
+            more_cuts.update(series or _branch_points(src, members, by_name, consumers, flow))
             region.reason = why
             regions.append(region)
             kept_ops.update(members)
@@ -485,6 +489,31 @@ def _in_series(src: str, members: list[str], by_name, state, consumers, flow) ->
         shared = on if shared is None else shared & on
     chain = [m for m in members if m in (shared or ())]  # members are in topological order
     return set(chain[:-1])
+
+
+def _branch_points(src: str, members: list[str], by_name, consumers, flow) -> set[str]:
+    """Where to cut a kept region at a fan-out past a layer: for each sum of the region with a layer on one
+    of its branches (an adapter's sum with its identity, a LoRA's with its base layer), the nearest value
+    every path from the source to the sum crosses, where a layer lies on every path from the source to that
+    value and something besides the sum's branches reads it. The region grew through the model's own layers
+    and on past the value the adapter reads (MobileNet-V3's block output, read by the next block and by an
+    adapter before an FPN's 1x1 conv); as a whole it folds into no one layer. Cut there, the layers before
+    it are a region of their own (a BatchNorm folds into its conv), and the adapter's region starts at the
+    value it reads, beside the next block's."""
+    g = flow.subgraph([src, *members])
+    heavy = lambda m: int(by_name[m].op.heavy)
+    found = set()
+    for j in members:
+        if len({i for i in by_name[j].inputs if i in g}) < 2:
+            continue
+        doms = _graph.dominators(g, src, j)
+        d = doms[-1] if doms else src
+        if d == src or d in found or _graph.most(g, d, j, heavy) == 0 or _graph.fewest(g, src, d, heavy) == 0:
+            continue
+        branches = _graph.ancestors(g, j) | {j}
+        if any(c not in branches for c in consumers(d)):  # a fan-out: the adapter is not all that reads it
+            found.add(d)
+    return found
 
 
 def _anchors(exits: list[str], members: list[str], by_name) -> set[str]:

@@ -51,8 +51,8 @@ BACKBONES.update({
              {"before": ["attn", "mlp"]}, 32),
     "beit": (_timm("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2),
              {"before": ["attn", "mlp"]}, 32),
-    # MobileNetV3: before the squeeze-excite's and the head's biased 1x1 convs (fold), and before the
-    # bias-free 1x1 convs of the blocks (kept in fx, see KEPT)
+    # MobileNetV3: before the squeeze-excite's and the head's biased 1x1 convs, and before the bias-free
+    # 1x1 convs of the blocks (each takes a bias); all fold
     "mobilenetv3": (_timm("mobilenetv3_small_050"), {"before": ["conv_pw", "conv_reduce", "conv_head"]}, 64),
 })
 
@@ -61,12 +61,10 @@ BACKBONES.update({
 KEPT = {
     # class attention reads the class token alone (a slice of the tokens)
     "cait": ({"fx": 1, "onnx": 1}, "no layer can absorb it"),
-    # blocks 1.1, 2.1 and 4.1: the adapter before conv_pw follows squeeze-excite's gate or a conv_pwl and its
-    # BatchNorm with nothing non-linear between, and the region's map (the wider value's) fits no layer.
-    # The other conv_pw take a bias where they had none (no new operator), the 9 squeeze-excite conv_reduce
-    # and the conv_head have biases: they fold. (ONNX kept a fourth until a region's left layers started a
-    # region of their own at a cut, the values they read staying the first region's exits.)
-    "mobilenetv3": ({"fx": 3, "onnx": 3}, "no layer can absorb it"),
+    # (mobilenetv3 keeps none: in blocks 1.1, 2.1 and 4.1 the adapter before conv_pw reads the previous
+    # block's output, its conv_pwl's BatchNorm, which the block's residual sum reads too; the region grew from
+    # before that conv_pwl through the adapter into conv_pw and folded into no one layer. It is now cut where
+    # the adapter's branches part from the value it reads: tests/test_fanout.py)
 }
 
 
