@@ -6,6 +6,9 @@
     python benchmarks/zoo.py --list                 # the generated list and the models left out, with why
     python benchmarks/zoo.py --source timm; python benchmarks/zoo.py --resume   # timm first, then the rest
     python benchmarks/zoo.py --resume --redo timm:tresnet_l                   # run some models again
+    python benchmarks/zoo.py --shard 2/4 [--resume]  # every 4th model from the 2nd, into zoo.shard2of4.{json,md}
+    python benchmarks/zoo.py --merge                # zoo.{json,md} from zoo.json and every zoo.shard*.json
+    python benchmarks/zoo.py --models hf:bert,hf:bert+lora --paths fx,export --out /tmp/zoo
 
 Which models (generated, never picked by hand)
 ----------------------------------------------
@@ -19,6 +22,16 @@ Which models (generated, never picked by hand)
   ``_``-separated parts, trailing digits dropped: ``xxs24`` is ``xxs``) wins; names without a size token come after all that
   have one; ties go to the first in natural order (digit runs compared as
   numbers, so ``resnet10t`` comes before ``resnet101``).
+* Hugging Face transformers (where it is installed; ids ``hf:FAMILY``): each
+  family of ``HF_FAMILIES`` whose config class exists (vision: ViT, DeiT, BEiT,
+  DINOv2, CLIP and SigLIP vision towers, Swin, ConvNeXt, SegFormer; text:
+  BERT, RoBERTa, Llama, Mistral, Qwen2, Gemma, the T5 encoder), built from a
+  small config (2 layers, width 32) with random weights, no download,
+  ``return_dict=False`` (True where the model then fails) and
+  ``use_cache=False``; a text model reads int64 token ids (batch 1,
+  ``HF_SEQ`` tokens), a vision model 1x3x32x32 pixel values. With peft
+  installed, each family also as ``hf:FAMILY+lora``: PEFT LoRA (rank 4) on
+  every Linear of its repeated blocks (by last name), random non-zero A and B.
 * Left out, each with its reason in zoo.md: by rule ``EXCLUDE_RULES`` (float32
   weights over 1 GB, counted on the meta device without allocating them) and
   by name ``EXCLUDED`` (models that need inputs other than one image/clip).
@@ -47,22 +60,40 @@ How each model runs
   before up to 4 dense 1x1 convs and up to 4 dense kxk convs, evenly spread
   over the graph order, with ``bias=False`` adapters when ``repfold.insert``
   takes that keyword. ``groups=2``, retried with ``groups=1`` when a width is
-  odd. Adapter weights random (std 0.2).
+  odd. Adapter weights random (std 0.2). Hugging Face families in
+  ``HF_BEFORE`` get the scopes a user of the family names instead (BERT's
+  ``attention`` holds its residual add; T5's names are CamelCase); a
+  ``+lora`` row gets PEFT's LoRA instead of repfold's adapters.
 
 Paths and checks (one row per model, one cell group per path)
 -------------------------------------------------------------
+The truth is the user's: the eager model with adapters (the GraphModule
+``insert`` returned, or PEFT's model, run in PyTorch: ``ya``); the cost to beat
+is the base model's and, where the ecosystem has one, its own merge.
+
 * ``fx``: ``repfold.insert`` / ``repfold.fold`` on the nn.Module (traced by
   torch.fx, or by torch.export where fx fails, as ``insert`` does itself);
-  ``onnx``: the TorchScript exporter (``dynamo=False``, opset 17);
+  ``onnx``: the TorchScript exporter (``dynamo=False``, opset 17; a Hugging
+  Face model behind a one-argument forward, see ``export``);
   ``dynamo``: ``torch.onnx.export(..., dynamo=True)``. ONNX protos are folded
-  with ``repfold.fold(proto, return_report=True)`` and run in onnxruntime (CPU).
+  with ``repfold.fold(proto, return_report=True)`` and run in onnxruntime (CPU);
+  ``export``: ``torch.export.export(model with adapters)`` (non-strict), then
+  ``repfold.fold(ep)``, run as ``folded.module()``; its operators are the
+  program's ATen call_function targets (by operator, in-place as out-of-place:
+  ``aten_counts``) against the base model's exported program.
 * (a) noop: the fold of the model without adapters gives bitwise equal outputs.
-* (b) with adapters: they change the output by more than ``EFFECT`` (else
-  "no effect"); every region
-  folds with float32 error <= 1e-5 of the output's max abs (or, where the
+* (b) with adapters: they change the eager output by more than ``EFFECT`` (else
+  "no effect"). Three errors, each relative to the reference's max abs:
+  the fold's own (``max_err``: the folded artifact against the unfolded one),
+  the exporter's own (``export_err``: the unfolded export, run in
+  onnxruntime or as the program's module, against eager ``ya``; the base's
+  export against the eager base is ``base_export_err``) and the end-to-end
+  (``e2e_err``: the folded artifact, the file a user deploys, against eager
+  ``ya``; on the fx path the unfolded artifact is the eager model, so
+  ``e2e_err`` is ``max_err``). Each is judged against 1e-5 (or, where the
   model's own float32 rounding is larger, ``NOISE_MARGIN`` times that
   rounding: the model's float32 output against its float64 output,
-  ``f32_noise``), or is kept with a
+  ``f32_noise``). Every region folds, or is kept with a
   reason; operator counts of the folded model <= the base model's traced or
   exported the same way (ONNX: ``Constant`` not counted) when everything
   folded, else <= the model's with adapters; parameter count <= the base's
@@ -72,17 +103,33 @@ Paths and checks (one row per model, one cell group per path)
   layers"), and so is a report with no region at all for the adapters
   inserted (one region may hold two adapters, around one conv, so fewer
   regions than adapters is no fault by itself).
+* (b') against the reference merge, made and counted the same way as the
+  folded artifact (traced as ``fold`` traces a module, exported by the same
+  exporter): PEFT's ``merge_and_unload()`` for a ``+lora`` row, timm's
+  ``reparameterize_model`` of the base for a timm model with a module that has
+  ``fuse`` / ``reparameterize`` / ``switch_to_deploy`` (where a region is kept,
+  a kept adapter runs and says why: then the fold of the base stands against
+  timm's merge, ``ref_of``). More operators or parameters (beyond biases new
+  layers took) than the reference is "over reference".
 * (c) the fold time of the model with adapters.
 * axis: each adapter's width must equal the width of the channel axis of
   the nearest Linear/Conv/MultiheadAttention that reads its value through
   shape-keeping ops (else the nearest that wrote it); a mismatch is a "wrong
   axis" (``axis_check``).
 
-A path's status: ``ok``; ``wrong`` (a noop that is not bitwise, or a fold
-error over tolerance); ``crash`` (repfold raised, or its output does not run);
-``not traceable`` (torch.fx or the exporter fails on the model itself, before
-repfold); ``export failed`` (the exporter fails on repfold's graph with
-adapters); ``no adapters`` (no scope to put one). Each model runs in its own
+A path's status, the worst that holds (``judge``): ``crash`` (repfold raised,
+or its output does not run); ``wrong`` (a noop that is not bitwise, a fold
+error over tolerance, or an end-to-end error over tolerance where the
+exporter is faithful); ``unfaithful export`` (the exporter's own error over
+tolerance: the user's file is off, not by the fold; a finding, and a repfold
+defect where the base's export is faithful, which ``problems`` says);
+``over reference``; ``over base``; ``export failed`` (the exporter fails on
+the model with adapters); ``not traceable`` (torch.fx or the exporter fails on
+the model itself, before repfold); ``no adapters`` (no scope to put one);
+``ok``. zoo.md sums them per path and, per ecosystem (torchvision, timm, hf,
+hf + peft), counts the models exact against eager on every path, within the
+base's and the reference's cost on every path, with an unfaithful exporter,
+wrong, or crashed. Each model runs in its own
 process with a timeout (``--timeout``), so nothing stops the run.
 """
 
@@ -133,12 +180,20 @@ TV_SIZE_KWARGS = {
 }
 
 ATTN_MLP = {"attn", "attention", "selfattn", "mlp", "ffn", "feedforward", "ff"}
-NOT_ATTN_MLP = {"drop", "dropout", "norm", "act", "pool", "proj", "scale", "ls", "gamma", "bias", "gate", "head"}
+NOT_ATTN_MLP = {"drop", "dropout", "norm", "layernorm", "act", "pool", "proj", "scale", "ls", "gamma", "bias", "gate",
+                "head"}
 MAX_CONVS = 4  # per kind (1x1, kxk) in a CNN
 TOL = 1e-5
 NOISE_MARGIN = 10  # a fold error within this many times the model's own float32 rounding is rounding too
 EFFECT = 1e-4  # the adapters must move the output by more than this (10x TOL), relative, or "no effect"
-PATHS = ("fx", "onnx", "dynamo")
+PATHS = ("fx", "onnx", "dynamo", "export")
+# fx ops that only read or check shapes (no tensor work), not counted against a reference merge: the fold keeps
+# the asserts of branches it folded (they are effects), a merge that rewrote the module has none (LCNet-V2)
+FX_SHAPE_OPS = ("getattr", "_assert", "eq", "size", "dim")
+ONNX_PATHS = ("onnx", "dynamo")
+# A path's statuses, worst first (``judge``); the first three come from a stage that raised.
+STATUSES = ("crash", "wrong", "unfaithful export", "over reference", "over base", "export failed", "not traceable",
+            "no adapters", "ok")
 
 # The fixed subset of tests/test_zoo.py (`--subset ci`): families spread wide, small members.
 CI_SUBSET = (
@@ -163,13 +218,59 @@ CI_SUBSET = (
     "timm:pvt_v2_b0",
     "timm:poolformer_s12",
     "timm:levit_128s",
+    "hf:vit",
+    "hf:bert",
 )
-# Paths per CI model (all three where not listed): the dynamo exporter takes 10-60 s a model on 2 cores.
+# Hugging Face transformers rows of the CI subset (only where transformers is installed): fx only.
+CI_HF = ("hf:vit", "hf:bert")
+# Paths per CI model (fx and TorchScript where not listed): the dynamo exporter takes 10-60 s a model on 2
+# cores; the torch.export path runs on two.
 CI_PATHS = {m: ("fx", "onnx") for m in CI_SUBSET}
 CI_PATHS.update({m: PATHS for m in ("torchvision:resnet18", "timm:vit_tiny_patch16_224")})
+CI_PATHS.update({m: ("fx",) for m in CI_HF})
 # fx only: ViT-B/32's export is most of its time (88M weights), torchvision MViT's TorchScript export fails in
 # onnxruntime, timm MViT-v2's export is slow (the file stays under 5 minutes on 2 shared cores)
 CI_PATHS.update({m: ("fx",) for m in ("torchvision:vit_b_32", "torchvision:mvit_v2_s", "timm:mvitv2_tiny")})
+
+
+# Hugging Face transformers families, built from small configs with random weights (no download):
+# family -> (input kind, config class, model class or None for AutoModel, config keywords).
+_HF_VISION = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 32, "patch_size": 8}
+_HF_TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+            "vocab_size": 100}
+_HF_DECODER = {**_HF_TEXT, "num_key_value_heads": 2}
+HF_FAMILIES: dict[str, tuple[str, str, str | None, dict]] = {
+    "vit": ("vision", "ViTConfig", None, _HF_VISION),
+    "deit": ("vision", "DeiTConfig", None, _HF_VISION),
+    "beit": ("vision", "BeitConfig", None, _HF_VISION),
+    "dinov2": ("vision", "Dinov2Config", None, {**_HF_VISION, "mlp_ratio": 2}),
+    "clip": ("vision", "CLIPVisionConfig", "CLIPVisionModel", _HF_VISION),
+    "siglip": ("vision", "SiglipVisionConfig", "SiglipVisionModel", _HF_VISION),
+    "swin": ("vision", "SwinConfig", None, {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1],
+                                            "num_heads": [1, 2], "window_size": 4}),
+    "convnext": ("vision", "ConvNextConfig", None, {"image_size": 32, "hidden_sizes": [16, 32], "depths": [1, 1],
+                                                    "num_stages": 2}),
+    "segformer": ("vision", "SegformerConfig", None, {
+        "image_size": 32, "num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [16, 32],
+        "patch_sizes": [7, 3], "strides": [4, 2], "num_attention_heads": [1, 2], "mlp_ratios": [2, 2]}),
+    "bert": ("text", "BertConfig", None, _HF_TEXT),
+    "roberta": ("text", "RobertaConfig", None, _HF_TEXT),
+    "llama": ("text", "LlamaConfig", None, _HF_DECODER),
+    "mistral": ("text", "MistralConfig", None, _HF_DECODER),
+    "qwen2": ("text", "Qwen2Config", None, _HF_DECODER),
+    "gemma": ("text", "GemmaConfig", None, {**_HF_DECODER, "head_dim": 8}),
+    "t5": ("text", "T5Config", "T5EncoderModel", {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                                                  "num_heads": 4, "vocab_size": 100}),
+}
+# Where the rule's scopes are not the family's attention and MLP inputs, the scopes a user of the family names
+# (BERT's "attention" holds the residual add of its output, so its input is the residual stream; T5's names
+# are CamelCase words the rule does not split; ConvNeXt's blocks have no such scope, and the CNN rule finds
+# only its downsampling conv).
+HF_BEFORE = {"bert": ["self", "intermediate"], "roberta": ["self", "intermediate"],
+             "t5": ["SelfAttention", "DenseReluDense"], "convnext": ["pwconv1", "pwconv2"]}
+HF_SEQ = 16  # token ids per text input (batch 1), drawn from [5, 90)
+LORA_RANK = 4
 
 
 # ----------------------------------------------------------------------------------------------- model list
@@ -203,11 +304,45 @@ def torchvision_models() -> list[tuple[str, str]]:
     return [(kind, name) for kind, mod in mods.items() for name in tvm.list_models(module=mod)]
 
 
+def hf_models() -> list[dict]:
+    """The Hugging Face rows (none without transformers): per family of ``HF_FAMILIES`` that builds from its
+    config class, ``hf:FAMILY`` (repfold's adapters) and, with peft installed, ``hf:FAMILY+lora``."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    import transformers
+
+    lora = importlib.util.find_spec("peft") is not None
+    rows = []
+    for family, (_, config, model_class, _) in HF_FAMILIES.items():
+        if not hasattr(transformers, config) or (model_class and not hasattr(transformers, model_class)):
+            continue
+        rows.append({"id": f"hf:{family}", "source": "hf", "family": family})
+        if lora:
+            rows.append({"id": f"hf:{family}+lora", "source": "hf", "family": family, "variant": "lora"})
+    return rows
+
+
 def model_list() -> list[dict]:
-    """Every model the zoo tries: {id, source, family}, torchvision first, then timm by family."""
+    """Every model the zoo tries: {id, source, family[, variant]}, torchvision first, then timm by family, then
+    Hugging Face transformers."""
     rows = [{"id": f"torchvision:{n}", "source": "torchvision", "family": k} for k, n in torchvision_models()]
     rows += [{"id": f"timm:{n}", "source": "timm", "family": f} for f, n in timm_families()]
-    return rows
+    return rows + hf_models()
+
+
+def hf_entry(model_id: str) -> dict:
+    family, plus, variant = model_id.partition(":")[2].partition("+")
+    if family not in HF_FAMILIES or (plus and variant != "lora"):
+        raise SystemExit(f"unknown Hugging Face model {model_id!r}: hf:FAMILY or hf:FAMILY+lora, FAMILY one of "
+                         + ", ".join(HF_FAMILIES))
+    return {"id": model_id, "source": "hf", "family": family, **({"variant": "lora"} if plus else {})}
+
+
+def ecosystem(row: dict) -> str:
+    """The ecosystem a row's model and reference merge come from (zoo.md's summary by ecosystem)."""
+    return "hf + peft" if row.get("variant") == "lora" else row.get("source", "?")
 
 
 def resolve(name: str, listed: list[dict]) -> dict:
@@ -215,6 +350,8 @@ def resolve(name: str, listed: list[dict]) -> dict:
     by_id = {r["id"]: r for r in listed}
     if name in by_id:
         return by_id[name]
+    if name.startswith("hf:"):
+        return hf_entry(name)
     for prefix in ("torchvision:", "timm:"):
         if prefix + name in by_id:
             return by_id[prefix + name]
@@ -262,6 +399,10 @@ def _input(entry: dict, size):
     import torch
 
     gen = torch.Generator().manual_seed(1)
+    if entry["source"] == "hf":
+        if HF_FAMILIES[entry["family"]][0] == "text":
+            return torch.randint(5, 90, (1, HF_SEQ), generator=gen)
+        size = HF_FAMILIES[entry["family"]][3]["image_size"]
     if entry["family"] == "video":
         t, s = size
         return torch.randn(1, 3, t, s, s, generator=gen)
@@ -281,9 +422,27 @@ def weight_bytes(entry: dict) -> int | None:
         return None
 
 
+def hf_model(family: str, return_dict: bool = False):
+    """A Hugging Face model of ``family`` from its small config (random weights), returning a tuple
+    (``return_dict=False``; ``build`` retries with True where a model then fails: DINOv2, Swin and ConvNeXt
+    read their encoder's output by name) and no cache (``use_cache=False``), so that it traces and exports."""
+    import transformers
+
+    _, config, model_class, kw = HF_FAMILIES[family]
+    cfg = getattr(transformers, config)(**kw)
+    cfg.return_dict = return_dict
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    if model_class:
+        return getattr(transformers, model_class)(cfg)
+    return transformers.AutoModel.from_config(cfg)
+
+
 def _make(entry: dict, size):
     """The model at ``size`` (None: its default)."""
     bare = entry["id"].partition(":")[2]
+    if entry["source"] == "hf":
+        return hf_model(entry["family"])
     if entry["source"] == "torchvision":
         kind = entry["family"]
         if size is None:
@@ -304,7 +463,10 @@ def build(entry: dict):
 
     bare = entry["id"].partition(":")[2]
     errors = []
-    if entry["source"] == "torchvision":
+    if entry["source"] == "hf":
+        candidates = [("config", lambda: hf_model(entry["family"])),
+                      ("config, return_dict=True", lambda: hf_model(entry["family"], return_dict=True))]
+    elif entry["source"] == "torchvision":
         sizes = {"video": TV_VIDEO_SIZES, "segmentation": TV_SEG_SIZES}.get(entry["family"], TV_CLS_SIZES)
         sized = any(bare.startswith(p) for p in TV_SIZE_KWARGS)
         fixed = None if sized else _make(entry, None)
@@ -665,10 +827,24 @@ def _ort(proto, x):
     return s.run(None, {feeds[0].name: x.numpy()})
 
 
-def export(model, x, dynamo: bool):
+def export(model, x, dynamo: bool, one_arg: bool = False):
+    """The ONNX export of ``model`` at ``x``. ``one_arg``: the TorchScript exporter gets the model behind a
+    forward of one argument (Hugging Face models: that exporter passes every default argument positionally,
+    which transformers' forward refuses beside the keywords it sets itself, "got multiple values for argument
+    'use_cache'"; a user wraps the model so)."""
     import onnx
     import torch
 
+    if one_arg and not dynamo:
+        class OneArg(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x)
+
+        model = OneArg(model).eval()
     with quiet():
         if dynamo:
             return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
@@ -715,24 +891,88 @@ def _noop(report, y0, y, res: dict) -> None:
                               for k in kinds if after.get(k, 0) > before.get(k, 0)}
 
 
-def _fold_checked(adapted, y, ya, run_stage: str, run, res: dict):
-    """Fold ``adapted`` (outputs ``ya``; the base's ``y``) and record into ``res`` the adapters' effect, the
-    fold time, its regions and the folded model's error (``run(folded)``: its outputs); the fold and report."""
-    import repfold
-
+def _effect(res: dict, ya: list, y: list) -> None:
+    """How much the adapters move the eager model's output (the same on every path)."""
     res["effect"] = rel_err(ya, y)
     res["changed"] = res["effect"] > EFFECT
+
+
+def _fold_checked(adapted, ya_art, truth, run_stage: str, run, res: dict, **fold_kw):
+    """Fold ``adapted`` (the artifact with adapters: the module, ONNX file or program, whose outputs are
+    ``ya_art``) and record into ``res`` the fold time, its regions, the fold's own error (the folded artifact
+    against ``adapted``: ``max_err``) and the end-to-end error (the folded artifact against ``truth``, the eager
+    model with adapters: ``e2e_err``); ``run(folded)`` gives the folded artifact's outputs. The fold and report."""
+    import repfold
+
     t = time.perf_counter()
-    folded, report = at("crash", "fold", repfold.fold, adapted, return_report=True)
+    folded, report = at("crash", "fold", repfold.fold, adapted, return_report=True, **fold_kw)
     res["fold_s"] = time.perf_counter() - t
     _regions(report, res)
-    res["max_err"] = rel_err(at("crash", run_stage, run, folded), ya)
+    got = at("crash", run_stage, run, folded)
+    res["max_err"] = rel_err(got, ya_art)
+    res["e2e_err"] = rel_err(got, truth)
+    res["new_bias"] = sum(getattr(r, "new_bias", 0) for r in report.regions)
     return folded, report
 
 
-def path_fx(model, x, y, gm) -> dict:
-    """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in) exact and no more operators; time."""
+def _vs_base(res: dict, report, got: dict, base: dict, adapted: dict, params_delta, ignore=()) -> None:
+    """Operators of the folded artifact (``got``) against the base's (``base``) when every region folded,
+    else against the artifact with adapters (``adapted``); parameters against the base's when every region
+    folded (``params_delta``: a callable giving the difference)."""
+    ref = base if not report.kept else adapted
+    res["ops_ok"], res["ops_over"] = ops_within(got, ref, ignore)
+    res["ops_vs"] = "base" if not report.kept else "with adapters"
+    res["ops_n"] = sum(v for k, v in got.items() if k not in ignore)
+    res["base_ops_n"] = sum(v for k, v in ref.items() if k not in ignore)
+    if not report.kept:  # fewer is fine: a constant scale of the model's own may fold too (README)
+        res["params_delta"] = params_delta()
+        _params_ok(report, res)
+
+
+def _vs_reference(res: dict, report, got: dict, params: int, ref, noop: tuple, ignore=()) -> None:
+    """Operators and parameters of the folded artifact against the ecosystem's own merge, made the same way
+    (``ref``: None, or (name, whether it holds the adapters, a callable giving its (operator counts, stored
+    values))). A reference without the adapters (timm's ``reparameterize_model`` of the base) stands for the
+    folded model only when every region folded (a kept adapter runs, and says why, in the report); else it is
+    compared with the fold of the base (``noop``: its (operator counts, stored values)), ``ref_of`` says
+    which."""
+    if ref is None:
+        return
+    name, covers_adapters, counts = ref
+    res["ref"] = name
+    new_bias = res.get("new_bias", 0)
+    if report.kept and not covers_adapters:
+        (got, params), new_bias, res["ref_of"] = noop, 0, "the fold without adapters"
+    try:
+        ref_ops, ref_params = counts()
+    except Exception as e:  # noqa: BLE001 (the ecosystem's own merge failing to trace or export is noted)
+        res["ref_error"] = _line(e)
+        return
+    res["ref_ops_ok"], res["ref_over"] = ops_within(got, ref_ops, ignore)
+    res["ref_ops_n"] = sum(v for k, v in ref_ops.items() if k not in ignore)
+    res["ref_got_n"] = sum(v for k, v in got.items() if k not in ignore)
+    res["ref_params_delta"] = params - ref_params
+    res["ref_params_ok"] = res["ref_params_delta"] <= new_bias
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """README: a frozen nn.MultiheadAttention's fused inference path does not export."""
     import torch
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def path_fx(model, x, y, gm, ya, ref=None) -> dict:
+    """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in; eager outputs ``ya``) exact against the eager
+    model and no more operators than the base (and the reference merge ``ref``); time."""
+    import torch
+    from torch import fx
 
     import repfold
     from repfold._fx import op_counts
@@ -743,45 +983,116 @@ def path_fx(model, x, y, gm) -> dict:
         _noop(rep0, at("crash", "run folded base", lambda: flat(base(x))), y, res)
     if gm is None:
         return res
-    with torch.no_grad():
-        ya = at("crash", "run with adapters", lambda: flat(gm(x)))
-    folded, report = _fold_checked(gm, y, ya, "run folded", torch.no_grad()(lambda f: flat(f(x))), res)
-    ref = op_counts(base) if not report.kept else report.ops_before
-    res["ops_ok"], res["ops_over"] = ops_within(same_kinds(op_counts(folded)), same_kinds(ref))
-    res["ops_vs"] = "base" if not report.kept else "with adapters"
-    if not report.kept:  # fewer is fine: a constant scale of the model's own may fold too (README)
-        res["params_delta"] = _stored(folded) - _stored(model)
-        _params_ok(report, res)
+    _effect(res, ya, y)
+    kw = {} if isinstance(gm, fx.GraphModule) else {"example_inputs": (x,)}  # a PEFT model: inputs given
+    # the artifact with adapters is the eager model itself: the fold's error is the end-to-end error
+    folded, report = _fold_checked(gm, ya, ya, "run folded", torch.no_grad()(lambda f: flat(f(x))), res, **kw)
+    got = same_kinds(op_counts(folded))
+    _vs_base(res, report, got, same_kinds(op_counts(base)), same_kinds(report.ops_before),
+             lambda: _stored(folded) - _stored(model))
+
+    def ref_counts():  # the reference traced as fold traces a module (torch.export where fx fails)
+        _, rep = repfold.fold(ref[1], example_inputs=(x,), return_report=True)
+        return same_kinds(rep.ops_before), _stored(ref[1])
+
+    _vs_reference(res, report, got, _stored(folded), ref and (ref[0], ref[2], ref_counts),
+                  (same_kinds(op_counts(base)), _stored(base)), ignore=FX_SHAPE_OPS)
     return res
 
 
-def path_onnx(model, x, gm, dynamo: bool) -> dict:
-    import torch
-
+def path_onnx(model, x, y, gm, ya, dynamo: bool, ref=None, one_arg: bool = False) -> dict:
+    """An ONNX exporter: the base's export (its faithfulness to eager ``y``: ``base_export_err``), the noop
+    fold bitwise; the export of ``gm`` (its faithfulness to eager ``ya``: ``export_err``), its fold exact against
+    the export (``max_err``) and the eager model (``e2e_err``), and its cost against the base's and the
+    reference merge's exports."""
     import repfold
     from repfold._onnx import n_weights, op_counts
 
     res: dict = {}
-    base = at("not traceable", "export", export, model, x, dynamo)
-    y = at("not traceable", "onnxruntime on the export", _ort, base, x)
+    base = at("not traceable", "export", export, model, x, dynamo, one_arg)
+    yb = at("not traceable", "onnxruntime on the export", _ort, base, x)
+    res["base_export_err"] = rel_err(yb, y)
     folded0, rep0 = at("crash", "fold without adapters", repfold.fold, base, return_report=True)
-    _noop(rep0, at("crash", "onnxruntime on the folded base", _ort, folded0, x), y, res)
+    _noop(rep0, at("crash", "onnxruntime on the folded base", _ort, folded0, x), yb, res)
     if gm is None:
         return res
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # README: a frozen MHA's fused path does not export
-    try:
-        adapted = at("export failed", "export with adapters", export, gm, x, dynamo)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-    ya = at("export failed", "onnxruntime on the export with adapters", _ort, adapted, x)
-    folded, report = _fold_checked(adapted, y, ya, "onnxruntime on the folded model", lambda f: _ort(f, x), res)
-    ref = op_counts(base) if not report.kept else op_counts(adapted)
-    res["ops_ok"], res["ops_over"] = ops_within(op_counts(folded), ref)
-    res["ops_vs"] = "base" if not report.kept else "with adapters"
-    if not report.kept:
-        res["params_delta"] = n_weights(folded) - n_weights(base)
-        _params_ok(report, res)
+    _effect(res, ya, y)
+    with no_mha_fastpath():
+        adapted = at("export failed", "export with adapters", export, gm, x, dynamo, one_arg)
+    yo = at("export failed", "onnxruntime on the export with adapters", _ort, adapted, x)
+    res["export_err"] = rel_err(yo, ya)
+    folded, report = _fold_checked(adapted, yo, ya, "onnxruntime on the folded model", lambda f: _ort(f, x), res)
+    got = op_counts(folded)
+    _vs_base(res, report, got, op_counts(base), op_counts(adapted),
+             lambda: n_weights(folded) - n_weights(base), ignore=("Constant",))
+
+    def ref_counts():
+        proto = export(ref[1], x, dynamo, one_arg)
+        return op_counts(proto), n_weights(proto)
+
+    _vs_reference(res, report, got, n_weights(folded), ref and (ref[0], ref[2], ref_counts),
+                  (op_counts(folded0), n_weights(folded0)), ignore=("Constant",))
+    return res
+
+
+def export_program(model, x):
+    """``torch.export.export(model, (x,))`` as a user calls it (non-strict), eval mode, quietly."""
+    import torch
+
+    with quiet(), no_mha_fastpath():
+        return torch.export.export(model, (x,), strict=False)
+
+
+def aten_counts(ep) -> dict[str, int]:
+    """An ExportedProgram's operators: its call_function targets (ATen ops, getitem), by operator (not
+    overload: ``conv2d.padding`` and ``conv2d.default`` are one), an in-place op as its out-of-place twin (the
+    base's ``out += identity`` is ``add_``; a program re-exported from the folded graph may write ``add``)."""
+    counts: dict[str, int] = {}
+    for n in ep.graph.nodes:
+        if n.op == "call_function":
+            op = getattr(n.target, "overloadpacket", None)  # aten.conv2d.padding and .default: one operator
+            k = str(op) if op is not None else str(getattr(n.target, "__name__", n.target))
+            k = re.sub(r"(?<=[a-z0-9])_$", "", k)  # aten.add_ -> aten.add
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def path_export(model, x, y, gm, ya, ref=None) -> dict:
+    """torch.export: the base's program (faithfulness to eager: ``base_export_err``), its noop fold bitwise;
+    ``torch.export.export(gm)`` (``export_err`` against eager ``ya``) folded by ``repfold.fold(ep)``, the folded
+    program's ``module()`` against the program (``max_err``) and against eager (``e2e_err``); its ATen operators
+    against the base's program (and the reference merge's)."""
+    import torch
+
+    import repfold
+
+    def run(ep):
+        with torch.no_grad():
+            return flat(ep.module()(x))
+
+    res: dict = {}
+    base = at("not traceable", "torch.export", export_program, model, x)
+    yb = at("not traceable", "run the exported program", run, base)
+    res["base_export_err"] = rel_err(yb, y)
+    folded0, rep0 = at("crash", "fold without adapters", repfold.fold, base, return_report=True)
+    _noop(rep0, at("crash", "run the folded base program", run, folded0), yb, res)
+    if gm is None:
+        return res
+    _effect(res, ya, y)
+    adapted = at("export failed", "torch.export with adapters", export_program, gm, x)
+    ye = at("export failed", "run the program with adapters", run, adapted)
+    res["export_err"] = rel_err(ye, ya)
+    folded, report = _fold_checked(adapted, ye, ya, "run the folded program", run, res)
+    got = aten_counts(folded)
+    _vs_base(res, report, got, aten_counts(base), aten_counts(adapted),
+             lambda: _stored(folded.module()) - _stored(base.module()))
+
+    def ref_counts():
+        ep = export_program(ref[1], x)
+        return aten_counts(ep), _stored(ep.module())
+
+    _vs_reference(res, report, got, _stored(folded.module()), ref and (ref[0], ref[2], ref_counts),
+                  (aten_counts(folded0), _stored(folded0.module())))
     return res
 
 
@@ -809,7 +1120,12 @@ def tolerance(res: dict) -> float:
 
 
 def judge(res: dict) -> str:
-    """A finished path's status from its checks."""
+    """A finished path's status from its checks, the worst first: ``wrong`` (the noop fold changed the
+    outputs; or the fold's own error, folded against the unfolded artifact, is over tolerance; or the deployed
+    artifact is off the eager model with adapters while the exporter is faithful), ``unfaithful export`` (the
+    exporter's own error, the unfolded export against eager, is over tolerance: the user's file is off, and
+    not by repfold), ``over reference`` (more operators or parameters than the ecosystem's own merge), ``over
+    base`` (more than the base model), ``no adapters``, ``ok``."""
     # Without adapters the outputs must be bitwise the same, unless the fold found something of the
     # model's own to fold (two heads summed: LeViT's distillation head) and said so; then within TOL.
     tol = tolerance(res)
@@ -817,12 +1133,55 @@ def judge(res: dict) -> str:
         return "wrong"
     if res.get("max_err", 0) > tol:
         return "wrong"
+    if res.get("export_err", 0) > tol:
+        return "unfaithful export"
+    if res.get("e2e_err", 0) > tol:
+        return "wrong"
+    if res.get("ref_ops_ok") is False or res.get("ref_params_ok") is False:
+        return "over reference"
+    if res.get("ops_ok") is False or res.get("params_ok") is False:
+        return "over base"
     if "max_err" not in res and res.get("noop_bitwise") is not None and res.get("adapters") == 0:
         return "no adapters"
     return "ok"
 
 
 # ----------------------------------------------------------------------------------------------- one model
+
+def hf_lora(model) -> tuple:
+    """PEFT LoRA (rank ``LORA_RANK``) on every Linear of the model's repeated blocks, by its last name, with
+    random non-zero A and B (as if trained: PEFT starts B at zero); (the PEFT model in eval mode, the target
+    names, the LoRA layer count, ``merge_and_unload``'s model)."""
+    import peft
+    import torch
+    from torch import nn
+
+    names = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", n)})
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=names, lora_dropout=0.0)
+    adapted = peft.get_peft_model(copy.deepcopy(model), config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    adapted.eval()
+    layers = sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    return adapted, names, layers, copy.deepcopy(adapted).merge_and_unload().eval()
+
+
+def timm_reference(model):
+    """timm's own merge (``reparameterize_model``: ``fuse()`` / ``reparameterize()`` / ``switch_to_deploy()`` of
+    each module that has one), or None for a model with none of those."""
+    if not any(hasattr(m, a) for m in model.modules() if m is not model
+               for a in ("fuse", "reparameterize", "switch_to_deploy")):
+        return None
+    from timm.utils.model import reparameterize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reparameterize_model(model).eval()
+
 
 def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     """One row of the zoo: everything about ``model_id``; never raises (a crash is in the row)."""
@@ -831,9 +1190,13 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     source = model_id.partition(":")[0]
     if source in ("timm", "torchvision"):
         entry = {"id": model_id, "source": source, "family": _family(model_id)}
+    elif source == "hf":
+        entry = hf_entry(model_id)
     else:
         entry = resolve(model_id, [])
     row = {"id": entry["id"], "source": entry["source"], "family": entry["family"], "paths": {}}
+    if entry.get("variant"):
+        row["variant"] = entry["variant"]
     t_model = time.perf_counter()
 
     def save():
@@ -855,11 +1218,13 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         row["build_error"] = _line(e)
         save()
         return row
+    if entry["source"] == "hf" and model.config.return_dict:
+        row["build_note"] = "return_dict=True (False fails)"
     with torch.no_grad():
         y = flat(model(x))
     try:  # the model's own float32 rounding: its outputs against the same model in float64
         with torch.no_grad():
-            y64 = flat(copy.deepcopy(model).double()(x.double()))
+            y64 = flat(copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x))
         row["f32_noise"] = rel_err(y, y64)
     except Exception:  # noqa: BLE001, S110 (a model that does not run in float64: TOL alone)
         pass
@@ -868,7 +1233,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     # The traced base graph: the scopes to choose from, and whether torch.fx can trace the model at all.
     from repfold._trace import shape, to_graph_module
 
-    gm, gm0 = None, None
+    gm, gm0, ya, ref = None, None, None, None
     try:
         with quiet():
             gm0 = to_graph_module(model)
@@ -877,8 +1242,6 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     except Exception as e:  # noqa: BLE001 (untraceable is a result)
         row["trace_error"] = _line(e)
         try:  # as repfold.insert does: torch.export where torch.fx fails
-            import torch
-
             with quiet():
                 gm0 = to_graph_module(torch.export.export(model, (x,), strict=False).module())
                 shape(gm0, (x,))
@@ -887,20 +1250,53 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
             gm0 = None
             row["traced"] = "failed"
             row["trace_error"] += f"; torch.export: {_line(e2)}"
-    if gm0 is not None:
+    if entry.get("variant") == "lora":  # PEFT's adapters, PEFT's merge as the reference
+        try:
+            with quiet():
+                gm, names, n, merged = hf_lora(model)
+            row.update(scope_kind="lora", adapters=n, lora_targets=names)
+            ref = ("merge_and_unload", merged, True)
+        except Exception as e:  # noqa: BLE001 (PEFT failing on the model is a result, not a repfold crash)
+            row["adapter_error"] = _line(e)
+    elif gm0 is not None:
         try:
             chosen, kind, notes = choose_scopes(gm0)
+            if entry["family"] in HF_BEFORE and entry["source"] == "hf":
+                chosen, kind = HF_BEFORE[entry["family"]], "named"
             row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5])
             if chosen:
                 with quiet():
                     gm, note = insert_adapters(model, x, chosen, kind)
                 randomize_adapters(gm)
                 gm.eval()
+                row["adapters"] = len(gm.meta.get("repfold", {}).get("adapters", chosen))
                 row["insert_note"] = note
                 row["axis_checked"], row["wrong_axis"] = axis_check(gm)
         except Exception as e:  # noqa: BLE001 (an insert that fails is a result)
+            gm = None
             row["insert_error"] = _line(e)
             row["insert_trace"] = traceback.format_exc(limit=-3)[-800:]
+    if gm is not None:  # the user's truth: the eager model with adapters
+        try:
+            with torch.no_grad():
+                ya = flat(gm(x))
+        except Exception as e:  # noqa: BLE001 (the model insert returned does not run)
+            gm = None
+            row["insert_error"] = f"the model with adapters does not run: {_line(e)}"
+    if entry["source"] == "timm" and gm is not None:
+        try:
+            made = timm_reference(model)
+            if made is not None:
+                ref = ("reparameterize_model", made, False)
+        except Exception as e:  # noqa: BLE001 (timm's own merge failing is noted)
+            row["ref_error"] = _line(e)
+    if ref is not None:
+        row["reference"] = ref[0]
+        try:  # the reference merge's own faithfulness, for the record
+            with torch.no_grad():
+                row["ref_err"] = rel_err(flat(ref[1](x)), ya if ref[2] else y)
+        except Exception as e:  # noqa: BLE001
+            row["ref_error"] = _line(e)
     save()
 
     for p in paths:
@@ -911,23 +1307,26 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                     res = {"status": "not traceable", "error": row["trace_error"], "stage": "trace"}
                 else:
                     source = model if row["traced"] == "fx" else gm0
-                    if gm is not None and gm.meta.get("repfold", {}).get("trace") == "torch.export":
+                    if gm is not None and getattr(gm, "meta", {}).get("repfold", {}).get("trace") == "torch.export":
                         row["insert_traced_by"] = "torch.export"
                         if source is model:  # insert traced by torch.export: the same graph stands for the model
-                            import torch
-
                             with quiet():
                                 source = to_graph_module(torch.export.export(model, (x,), strict=False).module())
                     with quiet():  # an untraceable model: its exported graph stands for it (same ops as gm's)
-                        res = path_fx(source, x, y, gm)
+                        res = path_fx(source, x, y, gm, ya, ref)
+            elif p == "export":
+                with quiet():
+                    res = path_export(model, x, y, gm, ya, ref)
             else:
                 with quiet():
-                    res = path_onnx(model, x, gm, dynamo=p == "dynamo")
+                    res = path_onnx(model, x, y, gm, ya, p == "dynamo", ref, one_arg=entry["source"] == "hf")
             res["adapters"] = row.get("adapters", 0) if gm is not None else 0
             res["f32_noise"] = row.get("f32_noise")
             res.setdefault("status", judge(res))
             if gm is None and "insert_error" in row:
                 res["status"], res["stage"], res["error"] = "crash", "insert", row["insert_error"]
+            elif gm is None and "adapter_error" in row:  # PEFT itself fails on the model: not repfold's
+                res["status"], res["stage"], res["error"] = "not traceable", "peft", row["adapter_error"]
         except Stage as e:
             res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
             if e.kind == "crash":
@@ -990,10 +1389,26 @@ def problems(row: dict) -> list[str]:
             out.append(f"{p} folded into an adapter's own layer, which still runs: {r['into_adapter'][0]}")
         if r.get("max_err", 0) > tol:
             out.append(f"{p} fold error {r['max_err']:.1e} > {tol:.1e}")
+        if r.get("export_err", 0) > tol:
+            out.append(f"{p} unfaithful export: the export with adapters is {r['export_err']:.1e} off eager")
+            if r.get("base_export_err", math.inf) <= tol:  # the base exports faithfully: what insert made does not
+                out.append(f"{p} export of the model with adapters unfaithful while the base's is faithful "
+                           f"({r['base_export_err']:.1e}): a repfold defect" if row.get("variant") != "lora" else
+                           f"{p} export of PEFT's model unfaithful while the base's is faithful "
+                           f"({r['base_export_err']:.1e})")
+        elif r.get("e2e_err", 0) > tol and r.get("max_err", 0) <= tol:
+            out.append(f"{p} end-to-end error {r['e2e_err']:.1e} > {tol:.1e} (the deployed artifact against eager)")
         if r.get("ops_ok") is False:
             out.append(f"{p} more operators than {r.get('ops_vs', 'base')}: {r.get('ops_over')}")
         if r.get("params_ok") is False:
             out.append(f"{p} more parameters than base (+{r.get('params_delta')})")
+        of = f" ({r['ref_of']})" if r.get("ref_of") else ""
+        if r.get("ref_ops_ok") is False:
+            out.append(f"{p} over reference{of}: more operators than {r.get('ref')}: {r.get('ref_over')}")
+        if r.get("ref_params_ok") is False:
+            out.append(f"{p} over reference{of}: more parameters than {r.get('ref')} (+{r.get('ref_params_delta')})")
+        if r.get("ref_error"):
+            out.append(f"{p} reference {r.get('ref')} failed: {r['ref_error']}")
         if r.get("changed") is False:
             out.append(f"{p} adapters had no effect on the output")
     return out
@@ -1016,6 +1431,8 @@ def _cell(r: dict | None) -> str:
         bits.append("**no region found**")
     if "max_err" in r:
         bits.append(f"err {r['max_err']:.1e}")
+    if "e2e_err" in r and "export_err" in r:  # the fx path's artifact is the eager model: its e2e is its err
+        bits.append(f"e2e {r['e2e_err']:.1e}, export {r['export_err']:.1e}")
     if r.get("noop_bitwise"):
         bits.append("noop bitwise")
     elif r.get("noop_folded") and r.get("noop_err", 1.0) <= tolerance(r):
@@ -1029,6 +1446,14 @@ def _cell(r: dict | None) -> str:
         bits.append("**more params**")
     elif r.get("params_delta", 0) > 0:
         bits.append(f"+{r['params_delta']} params: new biases")
+    if r.get("ref_ops_ok") is False or r.get("ref_params_ok") is False:
+        over = r.get("ref_over") or f"+{r.get('ref_params_delta')} params"
+        bits.append(f"**over {r.get('ref')}**: {over}")
+    elif "ref_ops_n" in r:
+        of = " (the fold without adapters: regions kept)" if r.get("ref_of") else ""
+        bits.append(f"ops {r['ref_got_n']} ≤ {r['ref_ops_n']} of {r['ref']}{of}")
+    elif r.get("ref_error"):
+        bits.append(f"{r.get('ref')} failed: {short(r['ref_error'], 50)}")
     if r.get("noop_layered", r.get("noop_folded")):
         bits.append(f"**noop folded layers {len(r.get('noop_layered', r.get('noop_folded')))}**")
     if r.get("changed") is False:
@@ -1045,6 +1470,7 @@ def summary(rows: list[dict]) -> dict:
          "fx traced": sum(1 for r in tried if r.get("traced") == "fx"),
          "traced by torch.export (fx failed)": sum(1 for r in tried if r.get("traced") == "torch.export"),
          "insert traced by torch.export": sum(1 for r in tried if r.get("insert_traced_by")),
+         "with a reference merge": sum(1 for r in tried if r.get("reference")),
          "timeouts": sum(1 for r in tried if r.get("timeout")),
          "wrong axis (models)": sum(1 for r in tried if r.get("wrong_axis"))}
     for p in PATHS:
@@ -1052,13 +1478,55 @@ def summary(rows: list[dict]) -> dict:
         if not done:
             continue
         s[f"{p}: run"] = len(done)
-        for st in ("ok", "wrong", "crash", "not traceable", "export failed", "no adapters"):
+        for st in STATUSES:
             s[f"{p}: {st}"] = sum(1 for d in done if d.get("status") == st)
+        s[f"{p}: exact against eager"] = sum(1 for d in done if d.get("e2e_err", math.inf) <= tolerance(d))
         s[f"{p}: noop not bitwise"] = sum(1 for d in done if d.get("noop_bitwise") is False)
         s[f"{p}: ops over base"] = sum(1 for d in done if d.get("ops_ok") is False)
+        s[f"{p}: ops over reference"] = sum(1 for d in done if d.get("ref_ops_ok") is False)
         s[f"{p}: regions folded"] = sum(d.get("folded", 0) for d in done)
         s[f"{p}: regions kept"] = sum(d.get("kept", 0) for d in done)
     return s
+
+
+def verdict(row: dict) -> dict:
+    """One model's answers to the user's questions, over the paths it ran: is every deployed artifact exact
+    against the eager model with adapters (``exact``; None: no path got that far), does every one cost no more
+    than the base and the reference merge (``cost_ok``; None: none measured), did an exporter itself betray
+    the model (``unfaithful``), did anything crash (``crash``: repfold, the harness, a timeout)."""
+    done = row.get("paths", {}).values()
+    e2e = [(d["e2e_err"], tolerance(d)) for d in done if "e2e_err" in d]
+    costs = [d.get(k) for d in done for k in ("ops_ok", "params_ok", "ref_ops_ok", "ref_params_ok")
+             if k in d]
+    crash = bool(row.get("timeout") or row.get("died") or row.get("insert_error")
+                 or any(d.get("status") == "crash" for d in done))
+    return {"exact": all(e <= t for e, t in e2e) if e2e else None,
+            "cost_ok": all(costs) if costs else None,
+            "unfaithful": any(d.get("status") == "unfaithful export" for d in done),
+            "wrong": any(d.get("status") == "wrong" for d in done), "crash": crash}
+
+
+def by_ecosystem(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per ecosystem (torchvision, timm, hf, hf + peft): models tried, judged end to end (a path got as far
+    as a deployed artifact; rows of runs before ``e2e_err`` have none), exact against eager on every path,
+    cost within the base and the reference on every path, any exporter unfaithful, any wrong, any crash."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if "excluded" in r:
+            continue
+        v, d = verdict(r), out.setdefault(ecosystem(r), dict.fromkeys(
+            ("tried", "judged end to end", "exact against eager", "cost ≤ base, reference", "exporter unfaithful",
+             "wrong", "crashes"), 0))
+        d["tried"] += 1
+        d["judged end to end"] += v["exact"] is not None
+        d["exact against eager"] += v["exact"] is True
+        d["cost ≤ base, reference"] += v["cost_ok"] is True
+        d["exporter unfaithful"] += v["unfaithful"]
+        d["wrong"] += v["wrong"]
+        d["crashes"] += v["crash"]
+    if len(out) > 1:
+        out["all"] = {k: sum(d[k] for d in out.values()) for k in next(iter(out.values()))}
+    return out
 
 
 def kept_by_reason(rows: list[dict]) -> dict[str, dict[str, int]]:
@@ -1076,14 +1544,27 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
     lines = ["# repfold model zoo", "",
              "Generated by `python benchmarks/zoo.py` (`make zoo`); the rules for the model list, inputs, adapters",
              "and checks are in the script's docstring. Paths: **fx** (`repfold.insert`/`fold` on the module),",
-             "**onnx** (TorchScript exporter, opset 17), **dynamo** (`torch.onnx.export(dynamo=True)`).",
-             "A cell: status, regions folded/kept (reasons), max fold error relative to the output's max abs,",
-             "whether the fold without adapters is bitwise, and the fold time.", ""]
+             "**onnx** (TorchScript exporter, opset 17), **dynamo** (`torch.onnx.export(dynamo=True)`), **export**",
+             "(`torch.export.export` of the model with adapters, then `repfold.fold(ep)`). Every deployed artifact is",
+             "judged against the eager model with adapters (the user's truth).",
+             "A cell: status, regions folded/kept (reasons), the fold's own error (folded against unfolded artifact)",
+             "relative to the output's max abs, on the exporter paths the end-to-end error (folded artifact against",
+             "eager) and the exporter's own (unfolded export against eager), whether the fold without adapters is",
+             "bitwise, the operators against the reference merge where the row has one, and the fold time.", ""]
     if note:
         lines += [note, ""]
     total = sum(r.get("time_s", 0) for r in rows if "excluded" not in r)
     lines += [(f"Time: {total / 60:.1f} min over {len(rows)} models (each in its own process, one at a time, "
                f"{os.cpu_count()} CPUs, nice 19), per-model timeout as given by `--timeout`."), ""]
+    eco = by_ecosystem(rows)
+    if eco:
+        cols = list(next(iter(eco.values())))
+        lines += ["## By ecosystem", "",
+                  ("A model counts as exact when every path's deployed artifact is within tolerance of the eager "
+                   "model with adapters, and within cost when no path has more operators or parameters than the "
+                   "base or the reference merge (PEFT's `merge_and_unload`, timm's `reparameterize_model`)."), "",
+                  "| ecosystem | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {k} | " + " | ".join(str(d[c]) for c in cols) + " |" for k, d in eco.items()] + [""]
     lines += ["## Summary", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s.items()] + [""]
     kept = kept_by_reason(rows)
     if kept:
@@ -1100,14 +1581,15 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
     lines += [f"| `{k}` | {v} |" for k, v in EXCLUDED.items()]
     lines += [f"| `{r['id']}` | {r['excluded']} |" for r in rows if "excluded" in r and r["id"] not in EXCLUDED]
     lines += ["", "## Models", "",
-              "| model | family | input | traced | adapters | axis | fx | onnx | dynamo | time |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | family | input | traced | adapters | axis | " + " | ".join(PATHS) + " | time |",
+              "|---|---|---|---|---|---|" + "---|" * len(PATHS) + "---|"]
     for r in rows:
         if "excluded" in r:
             continue
         if "input" not in r:
             lines.append(f"| `{r['id']}` | {r['family']} | – | **build failed**: {short(r.get('build_error'), 80)}"
-                         f"{' (timeout)' if r.get('timeout') else ''} | | | | | | {r.get('time_s', '')} |")
+                         f"{' (timeout)' if r.get('timeout') else ''} | | |" + " |" * len(PATHS)
+                         + f" {r.get('time_s', '')} |")
             continue
         traced = r.get("traced", "?") + (f": {short(r.get('trace_error'), 60)}" if r.get("trace_error") else "")
         traced += "; insert: torch.export" if r.get("insert_traced_by") else ""
@@ -1115,6 +1597,8 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
         if r.get("insert_error"):
             ad += f"; **insert crash**: {short(r['insert_error'], 60)}"
         ad += "".join(f" ({n})" for n in r.get("insert_note", []))
+        if r.get("reference"):
+            ad += f"; reference: {r['reference']}"
         axis = (f"**wrong axis** ({len(r['wrong_axis'])})" if r.get("wrong_axis")
                 else f"ok ({r['axis_checked']})" if r.get("axis_checked") else "–")
         cells = [_cell(r["paths"].get(p)) for p in PATHS]
@@ -1163,6 +1647,33 @@ def run_in_subprocess(entry: dict, paths: tuple, timeout: float) -> dict:
         return row
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), 1 <= I <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise SystemExit(f"--shard takes I/N with 1 <= I <= N, not {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def merge_shards(out: Path, stem: str, order: list[str]) -> None:
+    """OUT/STEM.json and .md from OUT/STEM.json and the shards' OUT/STEM.shard*.json: one row per model, a shard's
+    (the newest file's) over an older one, in the order of the model list (then any others)."""
+    files = sorted(out.glob(f"{stem}.shard*of*.json"), key=lambda f: f.stat().st_mtime)
+    if (out / f"{stem}.json").exists():
+        files.insert(0, out / f"{stem}.json")
+    rows: dict[str, dict] = {}
+    for f in files:
+        rows.update({r["id"]: r for r in json.loads(f.read_text())})
+    rank = {m: i for i, m in enumerate(order)}
+    merged = sorted(rows.values(), key=lambda r: rank.get(r["id"], len(rank)))
+    (out / f"{stem}.json").write_text(json.dumps(merged, indent=1, default=str))
+    missing = [m for m in order if m not in rows]
+    write_md(merged, out / f"{stem}.md",
+             note=f"{len(merged)} of {len(order)} models done." if missing else "")
+    print(f"merged {len(files)} files, {len(merged)} models ({len(missing)} of the list missing) into "
+          f"{out / (stem + '.md')}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated ids (torchvision:NAME, timm:NAME) or bare names")
@@ -1176,6 +1687,10 @@ def main(argv=None) -> None:
     ap.add_argument("--render", action="store_true", help="only write OUT/NAME.md again from OUT/NAME.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in OUT/NAME.json, run the rest")
     ap.add_argument("--redo", default="", help="with --resume: comma-separated ids to run again all the same")
+    ap.add_argument("--shard", help="I/N: run only the I-th of N shares of the list (1-based; every N-th model "
+                                    "from the I-th), into OUT/NAME.shardIofN.{json,md}; --resume resumes it")
+    ap.add_argument("--merge", action="store_true",
+                    help="write OUT/NAME.{json,md} from OUT/NAME.json and every OUT/NAME.shard*.json (newest wins)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -1186,11 +1701,16 @@ def main(argv=None) -> None:
     if a.models:
         entries = [resolve(m.strip(), listed) for m in a.models.split(",") if m.strip()]
     elif a.subset == "ci":
-        entries = [resolve(m, listed) for m in CI_SUBSET]
+        hf = {r["id"] for r in listed if r["source"] == "hf"}  # none without transformers
+        entries = [resolve(m, listed) for m in CI_SUBSET if not m.startswith("hf:") or m in hf]
     else:
         entries = listed
     if a.source:
         entries = [e for e in entries if e["source"] == a.source]
+    shard = ""
+    if a.shard:
+        i, n = parse_shard(a.shard)
+        entries, shard = entries[i - 1::n], f".shard{i}of{n}"
     if a.list:
         for e in entries:
             print(f"{e['id']:60s} {e['family']}" + (f"   LEFT OUT: {EXCLUDED[e['id']]}" if e["id"] in EXCLUDED else ""))
@@ -1198,6 +1718,9 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "zoo" if not (a.models or a.subset) else f"zoo_{a.subset or 'models'}"  # zoo.md: the full list only
+    if a.merge:
+        return merge_shards(out, stem, [e["id"] for e in entries])
+    stem += shard
     if a.render:
         return write_md(json.loads((out / f"{stem}.json").read_text()), out / f"{stem}.md")
     rows: dict[str, dict] = {}
