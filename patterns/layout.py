@@ -226,7 +226,7 @@ _FX_SAME_METHODS = {"contiguous", "clone"}
 
 @functools.cache
 def _fx_reshapes() -> set:
-    return {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.reshape,
+    return {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", torch.reshape,
             torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten}
 
 

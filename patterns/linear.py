@@ -12,7 +12,9 @@ A grouped 1×1 conv is the block-diagonal dense ``W`` it stands for; it
 absorbs only an ``M`` that keeps those blocks (anything else would densify
 it). A layer without a bias takes one for ``c ≠ 0`` (a Linear, a conv, a
 Gemm: no new operator), except ONNX's bare MatMul, where a bias would be an
-Add more: it absorbs only ``c = 0``.
+Add more: it absorbs only ``c = 0``, but in a region of the model's own
+scales whose per-channel shift the Add replaces (LeViT's BatchNorm1d after
+a bias-less Linear, as timm's merge turns it into a Linear with a bias).
 
 A bias computed at run time (Swin V2's ``F.linear(x, W, b)`` with ``b`` a
 copy of the qkv bias whose key slice is zeroed on every call) is no constant
@@ -64,7 +66,9 @@ class Dense:
     kind: str = "Linear"
     computed: bool = False  # its weight is computed at run time (PEFT's LoHa ΔW): an adapter's, not stored
     evaluable: bool = False  # computed, and storing it costs no more (HRA's W·H): a region even alone
-    takes_bias: bool = True  # a bias-less layer may take one without a new operator (not ONNX's bare MatMul)
+    # a bias-less layer may take one without a new operator; ONNX's bare MatMul ("add") only with an Add more,
+    # which it takes only in a region of the model's own scales whose shift op the Add replaces (a BatchNorm)
+    takes_bias: bool | str = True
     bias_computed: bool = False  # a value computed at run time is added after it (ONNX's MatMul + Add of one)
 
     heavy = True
@@ -110,7 +114,7 @@ class Dense:
             raise NotAffine(densify_reason(self.groups, shape[1]))
         if self.b is None and self.bias_computed and np.any(v.c):
             raise NotAffine(no_constant_reason())
-        if self.b is None and self.takes_bias and np.any(v.c):  # it takes a bias: no new operator
+        if self.b is None and np.any(v.c) and (self.takes_bias is True or self.takes_bias == "add" and ch.shift_adds):
             return M, np.full(shape[0], v.c) if isinstance(v.c, float) else v.c
         return M, bias_for(v.c, self.b, shape[0], self.kind)
 
@@ -387,6 +391,8 @@ def _onnx_emit(nodes, ctx, kind: str):
         if len(nodes) == 2:  # MatMul + Add(bias), in the Add's own input order
             add, mm_out = nodes[1], first.outputs[0]
             out = ctx.copy_node(add, [out if i is mm_out else ctx.new_const(i, b) for i in add.inputs])
+        elif kind == "MatMul" and b is not None:  # a bare MatMul taking a BatchNorm's shift: an Add replaces it
+            out = ctx.new_node("Add", [out, ctx.new_const(weight, b)], {}, first.outputs[0])
         return out
 
     return emit
@@ -431,7 +437,7 @@ def match_onnx(node, ctx) -> Match | None:
                 computed_bias = bool(sh) and sh[-1] == W.shape[0] and all(n == 1 for n in sh[:-1]) \
                     and len(sh) <= rank and not ctx.named_axes(other)
         op = Dense(W, b, rank - 1, computed=ctx.computed(w), evaluable=ctx.evaluable(w, int(np.prod(W.shape))),
-                   kind="MatMul", takes_bias=False, bias_computed=computed_bias)
+                   kind="MatMul", takes_bias="add", bias_computed=computed_bias)
         return Match(op, (x,), f"{node.name} (MatMul)", covers, _onnx_emit(covers, ctx, "MatMul"))
     if op == "Gemm":
         a = node.attrs

@@ -97,6 +97,10 @@ class Channels:
 
     axis: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # set while a region of the model's own scales and shifts is settled: a layer that takes a bias only with
+    # an op more (ONNX's bare MatMul, an Add) may take one there, the planner keeping the region only where
+    # that bias replaces a per-channel shift of the model's own (LeViT's BatchNorm1d after a bias-less Linear)
+    shift_adds: bool = False
 
     def source(self, name: str, shape) -> Affine:
         self.shapes[name] = tuple(shape)

@@ -688,7 +688,11 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
     while True:
         exits = [e for e in _exits(folded, ctx.consumers) if not _pure(state[e])]
         ctx.inside = set(folded)
-        chosen, why = _assign(src, exits, folded, ctx)
+        ctx.ch.shift_adds = not adapter  # (the planner keeps it unless the bias replaces a shift of its own)
+        try:
+            chosen, why = _assign(src, exits, folded, ctx)
+        finally:
+            ctx.ch.shift_adds = False
         if why is None:
             into = sum(f.kind == "into" for f in chosen)
             kept = into + sum(len(f.via) for f in chosen)
@@ -708,16 +712,19 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
         e = why[0]
         first = first or Blocked(*why, [c for c in ctx.consumers(e) if c not in set(folded)])
         region = _region_graph(src, folded, ctx)
-        if by_name[e].op.heavy and not _may_leave(e, ctx):
+        if by_name[e].op.heavy and not _may_leave(e, ctx) and adapter:
             # a layer that must not be left behind: cut the region after the last layer every path to e
             # crosses (the model's own: EfficientNet-V2's projection with a second adapter behind it), so
             # that what follows it is planned again as a region of its own
             main = [h for h in folded if by_name[h].op.heavy and h != e and _graph.on_every_path(region, src, e, h)]
-            if not main or not adapter:
+            if not main:
                 return first
             doomed = _graph.descendants(region, main[-1])
         elif not adapter and not scales:
             return first
+        # (in a region of the model's own scales, a layer at the exit is the model's own: it leaves the region
+        # and reads what the rest folds into, as LeViT's next LinearNorm reads the BatchNorm before it; the
+        # planner starts a region of its own at what it reads)
         else:
             doomed = {e} | _graph.descendants(region, e)  # e and what it feeds in the region
         folded = [m for m in folded if m not in doomed]

@@ -14,6 +14,9 @@ matchers read:
   rolls, dropout, clone and same-dtype casts become the functions and
   methods they stand for; core ATen's spellings (``addmm(b, x, t(W))``,
   ``convolution``, ``_native_batch_norm_legit_no_training``) too;
+* an in-place ``add_`` / ``sub_`` / ``mul_`` / ``div_`` into a new value that
+  nothing else reads (timm's ``out += branch(x)``) becomes the out-of-place
+  op it computes, as torch.fx traces ``+=`` on a proxy;
 * the exporter's own dtype checks of casts (``_assert_tensor_metadata``) are
   dropped: exporting again writes them for the casts that stay.
 
@@ -62,6 +65,7 @@ def _methods() -> dict:
         aten.permute.default: "permute", aten.transpose.int: "transpose", aten.clone.default: "clone",
         aten.alias.default: "clone", aten.expand.default: "expand", aten.unsqueeze.default: "unsqueeze",
         aten.squeeze.dim: "squeeze", aten.t.default: "t", aten.contiguous.default: "contiguous",
+        aten.reshape_as.default: "reshape_as", aten.view_as.default: "view_as",
         # reads of a value's shape, dtype and device only (Swin's attention mask: ``x.new_zeros``)
         aten.sym_size.int: "size", aten.new_zeros.default: "new_zeros", aten.new_ones.default: "new_ones",
         aten.new_empty.default: "new_empty",
@@ -86,6 +90,7 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
     aten_calls = [n for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "_schema")]
     if not aten_calls:
         return gm  # a torch.fx trace: nothing to rewrite (and no code to generate again)
+    fresh = {n for n in gm.graph.nodes if _makes_new(n)}  # (before any target is rewritten)
     for n in aten_calls:
         t = n.target
         if t in (aten.addmm.default, aten.mm.default, aten.convolution.default):  # core ATen's spellings
@@ -111,6 +116,9 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
             n.target = getattr(torch, t.__name__.partition(".")[0])
         elif t in (aten.slice.Tensor, aten.select.int):
             _to_getitem(n)
+        elif t in _in_place() and _private_write(n, fresh):
+            n.target = _in_place()[t]  # ``out += y`` into a value nothing else reads: the sum it computes
+            fresh.add(n)
         elif aten_writes_self(t):
             as_method(n)
     index_assignments(gm)  # (after every slice is an index: a chain's links are all rewritten)
@@ -212,6 +220,47 @@ def _batch_norm_module(gm: fx.GraphModule, n: fx.Node, readers: dict[str, int]) 
     for dead in [*([u for u in n.users] if out is not n else []), n, *attrs]:
         if not dead.users:
             gm.graph.erase_node(dead)
+
+
+@functools.cache
+def _in_place() -> dict:
+    aten = torch.ops.aten
+    return {aten.add_.Tensor: operator.add, aten.sub_.Tensor: operator.sub, aten.mul_.Tensor: operator.mul,
+            aten.div_.Tensor: operator.truediv}
+
+
+def _makes_new(n: fx.Node) -> bool:
+    """Whether ``n`` is an ATen call whose results are new tensors (no view or in-place write of an input),
+    or an item of such a call's tuple (BatchNorm's ``_native_batch_norm_legit_no_training``)."""
+    if n.op != "call_function":
+        return False
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    schema = getattr(n.target, "_schema", None)
+    return schema is not None and bool(schema.returns) and all(r.alias_info is None for r in schema.returns)
+
+
+def _private_write(n: fx.Node, fresh: set[fx.Node]) -> bool:
+    """Whether the in-place ``aten.add_(a, b)`` (``sub_``, ``mul_``, ``div_``) writes into a new tensor ``a``
+    that nothing else reads, with the dtype and shape ``a + b`` has: timm's ``out += conv(x)`` (FastViT's
+    MobileOne branches, as torch.export writes them). The write is then the out-of-place op it computes,
+    which the fold rules know (torch.fx traces ``+=`` on a proxy so); another write (into an input, a
+    weight, a view, a value read again) stays as it is."""
+    if len(n.args) != 2 or n.kwargs:
+        return False
+    a, b = n.args
+    if not isinstance(a, fx.Node) or a not in fresh or len(a.users) != 1:
+        return False
+    va, vn = a.meta.get("val"), n.meta.get("val")
+    vb = b.meta.get("val") if isinstance(b, fx.Node) else b
+    if not isinstance(va, torch.Tensor) or not isinstance(vn, torch.Tensor) or vb is None:
+        return False
+    try:
+        out = torch.result_type(va, vb)
+    except (TypeError, RuntimeError):
+        return False
+    return out == va.dtype == vn.dtype and tuple(va.shape) == tuple(vn.shape) and (
+        not isinstance(vb, torch.Tensor) or vb.dim() <= va.dim())
 
 
 def _same_dtype(n: fx.Node) -> bool:
