@@ -48,8 +48,10 @@ bench-scaling: $(STAMP)
 # model and one timm model per family, through fx, TorchScript ONNX and dynamo ONNX (193 models: about 100 min
 # on 2 cores, timm's half 45 of them).
 # ZOO_ARGS="--subset ci" for the ~20 models of tests/test_zoo.py; "--resume" to go on after an interruption.
+# The zoo extra (ultralytics, diffusers: their rows) is installed here only, never for `test` or `demo`.
 zoo: $(STAMP)
-	$(BIN)/python benchmarks/zoo.py $(ZOO_ARGS)
+	$(BIN)/pip install --quiet -e ".[zoo]"
+	YOLO_OFFLINE=1 $(BIN)/python benchmarks/zoo.py $(ZOO_ARGS)
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py tests/test_cli_fuzz.py

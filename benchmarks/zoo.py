@@ -9,6 +9,7 @@
     python benchmarks/zoo.py --shard 2/4 [--resume]  # every 4th model from the 2nd, into zoo.shard2of4.{json,md}
     python benchmarks/zoo.py --merge                # zoo.{json,md} from zoo.json and every zoo.shard*.json
     python benchmarks/zoo.py --models hf:bert,hf:bert+lora --paths fx,export --out /tmp/zoo
+    python benchmarks/zoo.py --models ultralytics:yolov8n,diffusers:unet2d+lora --out /tmp/zoo   # pip install .[zoo]
 
 Which models (generated, never picked by hand)
 ----------------------------------------------
@@ -32,6 +33,22 @@ Which models (generated, never picked by hand)
   ``HF_SEQ`` tokens), a vision model 1x3x32x32 pixel values. With peft
   installed, each family also as ``hf:FAMILY+lora``: PEFT LoRA (rank 4) on
   every Linear of its repeated blocks (by last name), random non-zero A and B.
+* torchvision detection (ids ``torchvision:NAME``, family ``detection``): the six of ``TV_DETECTION``
+  (Faster R-CNN MobileNetV3-320, RetinaNet, FCOS, SSDlite, Mask R-CNN, Keypoint R-CNN), ``weights=None,
+  weights_backbone=None``, a 3x128x128 image (``min_size = max_size = 128``; SSDlite resizes to 320), score
+  threshold ``DETECTION_SCORE``. The whole detector is not traced (data-dependent post-processing): the
+  user's path is ``model.backbone = repfold.insert(model.backbone, ...)``, train, ``model.backbone =
+  repfold.fold(model.backbone)``, and that is what runs (``run_detection``; fx and export paths only).
+* Ultralytics (where it is installed; ids ``ultralytics:NAME``): YOLOv8n, YOLO11n, YOLOv10n, YOLOv8n-seg,
+  YOLOv8n-pose from the package's own yaml (``ULTRALYTICS``), random weights, 1x3x64x64, the heads in
+  export mode (the deployed predictions only, as ultralytics' exporter sets them); RT-DETR-l only by id
+  (``ULTRALYTICS_UNLISTED``: too slow for the list), in float64 (``FLOAT64``). Adapters before convs (the CNN rule below, even where the model has attention-like
+  scopes), ``bias=False``; reference merge: the model's own ``fuse()`` of the base. torch.fx cannot trace
+  them: ``insert`` and ``fold`` take torch.export's graph.
+* diffusers (where it and peft are installed; ids ``diffusers:NAME+lora``): a UNet2DConditionModel and an SD3
+  transformer from tiny configs (``DIFFUSERS``) behind a wrapper of positional tensors (sample, timestep,
+  text states: several inputs), PEFT LoRA (rank 4, random non-zero A and B) through the model's own
+  ``add_adapter``; reference merge: ``fuse_lora()`` then ``unload_lora()``.
 * Left out, each with its reason in zoo.md: by rule ``EXCLUDE_RULES`` (float32
   weights over 1 GB, counted on the meta device without allocating them) and
   by name ``EXCLUDED`` (models that need inputs other than one image/clip).
@@ -105,7 +122,8 @@ is the base model's and, where the ecosystem has one, its own merge.
   regions than adapters is no fault by itself).
 * (b') against the reference merge, made and counted the same way as the
   folded artifact (traced as ``fold`` traces a module, exported by the same
-  exporter): PEFT's ``merge_and_unload()`` for a ``+lora`` row, timm's
+  exporter): PEFT's ``merge_and_unload()`` for a ``+lora`` row (diffusers': ``fuse_lora()`` then
+  ``unload_lora()``), ultralytics' ``fuse()`` of the base (like timm's, without the adapters), timm's
   ``reparameterize_model`` of the base for a timm model with a module that has
   ``fuse`` / ``reparameterize`` / ``switch_to_deploy`` (where a region is kept,
   a kept adapter runs and says why: then the fold of the base stands against
@@ -127,7 +145,7 @@ defect where the base's export is faithful, which ``problems`` says);
 the model with adapters); ``not traceable`` (torch.fx or the exporter fails on
 the model itself, before repfold); ``no adapters`` (no scope to put one);
 ``ok``. zoo.md sums them per path and, per ecosystem (torchvision, timm, hf,
-hf + peft), counts the models exact against eager on every path, within the
+hf + peft, ultralytics, diffusers + peft), counts the models exact against eager on every path, within the
 base's and the reference's cost on every path, with an unfaithful exporter,
 wrong, or crashed. Each model runs in its own
 process with a timeout (``--timeout``), so nothing stops the run.
@@ -272,6 +290,58 @@ HF_BEFORE = {"bert": ["self", "intermediate"], "roberta": ["self", "intermediate
 HF_SEQ = 16  # token ids per text input (batch 1), drawn from [5, 90)
 LORA_RANK = 4
 
+# Other ecosystems, each only where its package is installed (``pip install -e ".[zoo]"``), built from the
+# package's own yaml or a small config with random weights, never downloaded.
+# Ultralytics: name -> (task model class of ultralytics.nn.tasks, yaml); input 1x3x64x64; reference merge:
+# the model's own ``fuse()`` (BatchNorms into convs, RepVGG-like branches summed), of the base.
+ULTRALYTICS = {
+    "yolov8n": ("DetectionModel", "yolov8n.yaml"),
+    "yolo11n": ("DetectionModel", "yolo11n.yaml"),
+    "yolov10n": ("DetectionModel", "yolov10n.yaml"),
+    "yolov8n-seg": ("SegmentationModel", "yolov8n-seg.yaml"),
+    "yolov8n-pose": ("PoseModel", "yolov8n-pose.yaml"),
+    "rtdetr-l": ("RTDETRDetectionModel", "rtdetr-l.yaml"),
+}
+ULTRALYTICS_SIZE = 64
+# Not in the list (run them by id, ``--models ultralytics:rtdetr-l``), with why.
+ULTRALYTICS_UNLISTED = {"rtdetr-l": "RT-DETR-l (32M weights, judged in float64) takes over 4 minutes before its "
+                                    "first path on 2 shared cores, past the zoo's per-model budget"}
+# Models judged in float64 (weights, inputs, adapters), with why: float32 rounding alone moves their output by
+# far more than the tolerance.
+FLOAT64 = {"ultralytics:rtdetr-l": "RT-DETR's top-k query selection turns float32 rounding (any reordering of "
+                                   "the arithmetic) into 7e-3 differences; judged in float64"}
+# diffusers: name -> (model class, config, LoRA target module names); each row is ``diffusers:NAME+lora``:
+# PEFT LoRA through ``add_adapter`` (random non-zero A and B), folded by repfold.fold against diffusers' own
+# ``fuse_lora()`` then ``unload_lora()``. The model is called through a wrapper of positional tensors
+# (``DIFFUSERS_INPUTS``) returning ``model(..., return_dict=False)[0]``.
+DIFFUSERS = {
+    "unet2d": ("UNet2DConditionModel", {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "attention_head_dim": 8,
+        "norm_num_groups": 8}, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in"]),
+    "sd3": ("SD3Transformer2DModel", {
+        "sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+        "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 16,
+        "pooled_projection_dim": 16, "pos_embed_max_size": 16}, ["to_q", "to_k", "to_v", "to_out.0"]),
+}
+# the wrapper's positional inputs -> the model's keywords
+DIFFUSERS_INPUTS = {"unet2d": ("sample", "timestep", "encoder_hidden_states"),
+                    "sd3": ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")}
+ECO_SOURCES = ("ultralytics", "diffusers")
+# torchvision detection (ids torchvision:NAME, family "detection"): the whole detector is not traced (torch.fx:
+# control flow on its inputs; torch.export: post-processing whose sizes depend on the data, proposals kept by
+# score, NMS), so the user inserts into and folds its backbone (BackboneWithFPN, SSD's feature extractor) and
+# runs the detector with it in PyTorch: the fx and export paths of the backbone, judged on its features and
+# on the detector's outputs (where it detects anything: random weights may give no box above the threshold).
+TV_DETECTION = ("fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+                "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")
+TV_DETECTION_SIZE = 128  # the image, and min_size = max_size where the builder takes them (SSDlite: 320 fixed)
+DETECTION_PATHS = ("fx", "export")
+DETECTION_SCORE = 1e-3  # box_score_thresh / score_thresh: random weights score every class ~1 / 91
+WHOLE_DETECTOR = ("the whole detector is not traced: data-dependent post-processing (proposals and boxes kept by "
+                  "score, NMS); its backbone is inserted into and folded, the detector run with it")
+
 
 # ----------------------------------------------------------------------------------------------- model list
 
@@ -324,12 +394,38 @@ def hf_models() -> list[dict]:
     return rows
 
 
+def eco_models() -> list[dict]:
+    """The rows of the other ecosystems (ultralytics, diffusers), each only where its package is installed."""
+    import importlib.util
+
+    rows = []
+    if importlib.util.find_spec("ultralytics") is not None:
+        rows += [{"id": f"ultralytics:{n}", "source": "ultralytics", "family": ULTRALYTICS[n][0]}
+                 for n in ULTRALYTICS if n not in ULTRALYTICS_UNLISTED]
+    if importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("peft") is not None:
+        rows += [{"id": f"diffusers:{n}+lora", "source": "diffusers", "family": n, "variant": "lora"}
+                 for n in DIFFUSERS]
+    return rows
+
+
+def eco_entry(model_id: str) -> dict:
+    source, _, bare = model_id.partition(":")
+    name, plus, variant = bare.partition("+")
+    if source == "ultralytics" and name in ULTRALYTICS and not plus:
+        return {"id": model_id, "source": source, "family": ULTRALYTICS[name][0]}
+    if source == "diffusers" and name in DIFFUSERS and variant == "lora":
+        return {"id": model_id, "source": source, "family": name, "variant": "lora"}
+    raise SystemExit(f"unknown model {model_id!r}: ultralytics:NAME (" + ", ".join(ULTRALYTICS)
+                     + ") or diffusers:NAME+lora (" + ", ".join(DIFFUSERS) + ")")
+
+
 def model_list() -> list[dict]:
     """Every model the zoo tries: {id, source, family[, variant]}, torchvision first, then timm by family, then
     Hugging Face transformers."""
     rows = [{"id": f"torchvision:{n}", "source": "torchvision", "family": k} for k, n in torchvision_models()]
+    rows += [{"id": f"torchvision:{n}", "source": "torchvision", "family": "detection"} for n in TV_DETECTION]
     rows += [{"id": f"timm:{n}", "source": "timm", "family": f} for f, n in timm_families()]
-    return rows + hf_models()
+    return rows + hf_models() + eco_models()
 
 
 def hf_entry(model_id: str) -> dict:
@@ -342,7 +438,7 @@ def hf_entry(model_id: str) -> dict:
 
 def ecosystem(row: dict) -> str:
     """The ecosystem a row's model and reference merge come from (zoo.md's summary by ecosystem)."""
-    return "hf + peft" if row.get("variant") == "lora" else row.get("source", "?")
+    return f"{row.get('source', '?')} + peft" if row.get("variant") == "lora" else row.get("source", "?")
 
 
 def resolve(name: str, listed: list[dict]) -> dict:
@@ -352,6 +448,8 @@ def resolve(name: str, listed: list[dict]) -> dict:
         return by_id[name]
     if name.startswith("hf:"):
         return hf_entry(name)
+    if name.partition(":")[0] in ECO_SOURCES:
+        return eco_entry(name)
     for prefix in ("torchvision:", "timm:"):
         if prefix + name in by_id:
             return by_id[prefix + name]
@@ -399,6 +497,18 @@ def _input(entry: dict, size):
     import torch
 
     gen = torch.Generator().manual_seed(1)
+    if entry["source"] == "diffusers":  # the wrapper's inputs (``DIFFUSERS_INPUTS``)
+        cfg = DIFFUSERS[entry["family"]][1]
+        n, c = cfg["sample_size"], cfg["in_channels"]
+        width = cfg.get("cross_attention_dim") or cfg["joint_attention_dim"]
+        made = {"sample": torch.randn(1, c, n, n, generator=gen), "timestep": torch.tensor([10]),
+                "encoder_hidden_states": torch.randn(1, 6, width, generator=gen)}
+        made["hidden_states"] = made["sample"]
+        if "pooled_projection_dim" in cfg:
+            made["pooled_projections"] = torch.randn(1, cfg["pooled_projection_dim"], generator=gen)
+        return tuple(made[k] for k in DIFFUSERS_INPUTS[entry["family"]])
+    if entry["source"] == "ultralytics":
+        size = ULTRALYTICS_SIZE
     if entry["source"] == "hf":
         if HF_FAMILIES[entry["family"]][0] == "text":
             return torch.randint(5, 90, (1, HF_SEQ), generator=gen)
@@ -438,9 +548,47 @@ def hf_model(family: str, return_dict: bool = False):
     return transformers.AutoModel.from_config(cfg)
 
 
+def eco_model(entry: dict):
+    """An ultralytics model from its yaml, or a diffusers model (behind ``Positional``) from its config."""
+    import torch
+
+    if entry["source"] == "ultralytics":
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # never a download, nor a settings check online
+        from ultralytics.nn import tasks
+
+        cls, yaml = ULTRALYTICS[entry["id"].partition(":")[2]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = getattr(tasks, cls)(yaml, verbose=False)
+        # the heads as ultralytics' own exporter sets them: the deployed predictions only, not beside them the
+        # raw maps of the training-only branches (YOLOv10's one-to-many head, which its fuse() drops)
+        for m in model.modules():
+            if isinstance(getattr(m, "export", None), bool):
+                m.export = True
+        return model
+    import diffusers
+
+    cls, cfg, _ = DIFFUSERS[entry["family"]]
+    names = DIFFUSERS_INPUTS[entry["family"]]
+
+    class Wrapped(torch.nn.Module):
+        """The model behind a forward of positional tensors returning its first output, as a user wraps it to
+        trace or export it."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(**dict(zip(names, args)), return_dict=False)[0]
+
+    return Wrapped(getattr(diffusers, cls)(**cfg))
+
+
 def _make(entry: dict, size):
     """The model at ``size`` (None: its default)."""
     bare = entry["id"].partition(":")[2]
+    if entry["source"] in ECO_SOURCES:
+        return eco_model(entry)
     if entry["source"] == "hf":
         return hf_model(entry["family"])
     if entry["source"] == "torchvision":
@@ -463,7 +611,9 @@ def build(entry: dict):
 
     bare = entry["id"].partition(":")[2]
     errors = []
-    if entry["source"] == "hf":
+    if entry["source"] in ECO_SOURCES:
+        candidates = [("config", lambda: eco_model(entry))]
+    elif entry["source"] == "hf":
         candidates = [("config", lambda: hf_model(entry["family"])),
                       ("config, return_dict=True", lambda: hf_model(entry["family"], return_dict=True))]
     elif entry["source"] == "torchvision":
@@ -499,16 +649,20 @@ def build(entry: dict):
             # would otherwise keep the weights of before, and eager would disagree with every trace
             randomize(model)
             x = _input(entry, size)
+            if entry["id"] in FLOAT64:
+                model = model.double()
+                x = tuple(a.double() if a.is_floating_point() else a for a in _args(x))
+                x = x if len(x) > 1 else x[0]
             with torch.no_grad():
-                model(x)
+                model(*_args(x))
         except Exception as e:  # noqa: BLE001 (each size that fails is noted, then the next is tried)
             errors.append(f"{size}: {_line(e)}")
             continue
         with torch.no_grad():
-            y = flat(model(x))
+            y = flat(model(*_args(x)))
         if not all(torch.isfinite(t).all() for t in y):
             raise RuntimeError(f"non-finite output at size {size}")
-        return model, x, "x".join(map(str, x.shape))
+        return model, x, ", ".join("x".join(map(str, a.shape)) for a in _args(x))
     raise RuntimeError("no input size works: " + "; ".join(errors[-3:]))
 
 
@@ -545,6 +699,12 @@ def randomize_adapters(gm, std: float = 0.2, seed: int = 2) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+def _args(x) -> tuple:
+    """A model's inputs as a tuple: ``x`` is one tensor, or a tuple of them (a diffusers UNet's sample,
+    timestep and text states)."""
+    return x if isinstance(x, tuple) else (x,)
+
 
 def flat(y) -> list:
     import torch
@@ -669,8 +829,10 @@ def _weighted(m) -> int | None:
     return None
 
 
-def choose_scopes(gm0) -> tuple[list[str], str, list[str]]:
-    """(scope paths, "attn/mlp" or "conv", notes) on the traced base graph (with shapes)."""
+def choose_scopes(gm0, convs_only: bool = False) -> tuple[list[str], str, list[str]]:
+    """(scope paths, "attn/mlp" or "conv", notes) on the traced base graph (with shapes); ``convs_only``: the
+    CNN rule even where attention-like scopes exist (YOLO11's one PSA block, RT-DETR's transformer: convs are
+    what a YOLO user adapts)."""
     from torch import nn
 
     from repfold._insert import _entering, _float_tensor, scopes
@@ -690,6 +852,7 @@ def choose_scopes(gm0) -> tuple[list[str], str, list[str]]:
     all_scopes = scopes(gm0)
     hits = [s for s in all_scopes if _is_attn_mlp(s)]
     hits = [s for s in hits if not any(s.startswith(o + ".") for o in hits)]  # outermost only
+    hits = [] if convs_only else hits
     chosen = []
     for s in hits:
         why = usable(s)
@@ -800,12 +963,12 @@ def insert_adapters(model, x, scopes_, kind):
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         try:
-            gm = repfold.insert(model, before=scopes_, example_inputs=(x,), **kw)
+            gm = repfold.insert(model, before=scopes_, example_inputs=_args(x), **kw)
         except ValueError as e:
             if "groups=" not in str(e):
                 raise
             said.clear()
-            gm = repfold.insert(model, before=scopes_, example_inputs=(x,), groups=1, **kw)
+            gm = repfold.insert(model, before=scopes_, example_inputs=_args(x), groups=1, **kw)
             note.append("groups=1")
     foretold = sum("repfold.insert" in str(w.message) for w in said)
     if foretold:  # insert's own warnings: adapters it already knows will not fold
@@ -821,10 +984,10 @@ def _ort(proto, x):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     s = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = s.get_inputs()
-    if len(feeds) != 1:
-        raise RuntimeError(f"{len(feeds)} graph inputs")
-    return s.run(None, {feeds[0].name: x.numpy()})
+    feeds, xs = s.get_inputs(), _args(x)
+    if len(feeds) != len(xs):
+        raise RuntimeError(f"{len(feeds)} graph inputs for {len(xs)} inputs")
+    return s.run(None, {f.name: a.numpy() for f, a in zip(feeds, xs)})
 
 
 def export(model, x, dynamo: bool, one_arg: bool = False):
@@ -847,9 +1010,9 @@ def export(model, x, dynamo: bool, one_arg: bool = False):
         model = OneArg(model).eval()
     with quiet():
         if dynamo:
-            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+            return torch.onnx.export(model, _args(x), dynamo=True, verbose=False).model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        torch.onnx.export(model, _args(x), buf, dynamo=False, opset_version=17)
         return onnx.load_from_string(buf.getvalue())
 
 
@@ -978,21 +1141,21 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
     from repfold._fx import op_counts
 
     res: dict = {}
-    base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=(x,), return_report=True)
+    base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=_args(x), return_report=True)
     with torch.no_grad():
-        _noop(rep0, at("crash", "run folded base", lambda: flat(base(x))), y, res)
+        _noop(rep0, at("crash", "run folded base", lambda: flat(base(*_args(x)))), y, res)
     if gm is None:
         return res
     _effect(res, ya, y)
-    kw = {} if isinstance(gm, fx.GraphModule) else {"example_inputs": (x,)}  # a PEFT model: inputs given
+    kw = {} if isinstance(gm, fx.GraphModule) else {"example_inputs": _args(x)}  # a PEFT model: inputs given
     # the artifact with adapters is the eager model itself: the fold's error is the end-to-end error
-    folded, report = _fold_checked(gm, ya, ya, "run folded", torch.no_grad()(lambda f: flat(f(x))), res, **kw)
+    folded, report = _fold_checked(gm, ya, ya, "run folded", torch.no_grad()(lambda f: flat(f(*_args(x)))), res, **kw)
     got = same_kinds(op_counts(folded))
     _vs_base(res, report, got, same_kinds(op_counts(base)), same_kinds(report.ops_before),
              lambda: _stored(folded) - _stored(model))
 
     def ref_counts():  # the reference traced as fold traces a module (torch.export where fx fails)
-        _, rep = repfold.fold(ref[1], example_inputs=(x,), return_report=True)
+        _, rep = repfold.fold(ref[1], example_inputs=_args(x), return_report=True)
         return same_kinds(rep.ops_before), _stored(ref[1])
 
     _vs_reference(res, report, got, _stored(folded), ref and (ref[0], ref[2], ref_counts),
@@ -1040,7 +1203,7 @@ def export_program(model, x):
     import torch
 
     with quiet(), no_mha_fastpath():
-        return torch.export.export(model, (x,), strict=False)
+        return torch.export.export(model, _args(x), strict=False)
 
 
 def aten_counts(ep) -> dict[str, int]:
@@ -1068,7 +1231,7 @@ def path_export(model, x, y, gm, ya, ref=None) -> dict:
 
     def run(ep):
         with torch.no_grad():
-            return flat(ep.module()(x))
+            return flat(ep.module()(*_args(x)))
 
     res: dict = {}
     base = at("not traceable", "torch.export", export_program, model, x)
@@ -1119,6 +1282,12 @@ def tolerance(res: dict) -> float:
     return max(TOL, NOISE_MARGIN * (res.get("f32_noise") or 0.0))
 
 
+def det_tolerance(res: dict) -> float:
+    """A detector's boxes (``run_detection``) against ``tolerance``, or ``NOISE_MARGIN`` times the detector's
+    own float32 rounding (``det_noise``: inf where float64 gives other boxes, and then they judge nothing)."""
+    return max(tolerance(res), NOISE_MARGIN * (res.get("det_noise") or 0.0))
+
+
 def judge(res: dict) -> str:
     """A finished path's status from its checks, the worst first: ``wrong`` (the noop fold changed the
     outputs; or the fold's own error, folded against the unfolded artifact, is over tolerance; or the deployed
@@ -1135,7 +1304,7 @@ def judge(res: dict) -> str:
         return "wrong"
     if res.get("export_err", 0) > tol:
         return "unfaithful export"
-    if res.get("e2e_err", 0) > tol:
+    if res.get("e2e_err", 0) > tol or res.get("det_err", 0) > det_tolerance(res):
         return "wrong"
     if res.get("ref_ops_ok") is False or res.get("ref_params_ok") is False:
         return "over reference"
@@ -1170,6 +1339,37 @@ def hf_lora(model) -> tuple:
     return adapted, names, layers, copy.deepcopy(adapted).merge_and_unload().eval()
 
 
+def diffusers_lora(model, family: str) -> tuple:
+    """PEFT LoRA (rank ``LORA_RANK``) on the diffusers model's ``DIFFUSERS`` targets through its own
+    ``add_adapter``, random non-zero A and B; (the model with LoRA in eval mode, the targets, the LoRA layer count,
+    diffusers' own merge: ``fuse_lora()`` then ``unload_lora()`` of a copy)."""
+    import peft
+    import torch
+
+    targets = DIFFUSERS[family][2]
+    adapted = copy.deepcopy(model)
+    adapted.inner.add_adapter(peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=targets,
+                                              lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    adapted.eval()
+    layers = sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    merged = copy.deepcopy(adapted)
+    merged.inner.fuse_lora()
+    merged.inner.unload_lora()
+    return adapted, targets, layers, merged.eval()
+
+
+def ultralytics_reference(model):
+    """Ultralytics' own merge: ``fuse()`` of a copy of the base (BatchNorms into convs, RepConv / RepVGGDW
+    branches summed)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return copy.deepcopy(model).fuse(verbose=False).eval()
+
+
 def timm_reference(model):
     """timm's own merge (``reparameterize_model``: ``fuse()`` / ``reparameterize()`` / ``switch_to_deploy()`` of
     each module that has one), or None for a model with none of those."""
@@ -1194,6 +1394,8 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         entry = hf_entry(model_id)
     else:
         entry = resolve(model_id, [])
+    if entry["family"] == "detection":
+        return run_detection(entry, paths, progress)
     row = {"id": entry["id"], "source": entry["source"], "family": entry["family"], "paths": {}}
     if entry.get("variant"):
         row["variant"] = entry["variant"]
@@ -1221,10 +1423,10 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     if entry["source"] == "hf" and model.config.return_dict:
         row["build_note"] = "return_dict=True (False fails)"
     with torch.no_grad():
-        y = flat(model(x))
+        y = flat(model(*_args(x)))
     try:  # the model's own float32 rounding: its outputs against the same model in float64
         with torch.no_grad():
-            y64 = flat(copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x))
+            y64 = flat(copy.deepcopy(model).double()(*(a.double() if a.is_floating_point() else a for a in _args(x))))
         row["f32_noise"] = rel_err(y, y64)
     except Exception:  # noqa: BLE001, S110 (a model that does not run in float64: TOL alone)
         pass
@@ -1237,30 +1439,31 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     try:
         with quiet():
             gm0 = to_graph_module(model)
-            shape(gm0, (x,))
+            shape(gm0, _args(x))
         row["traced"] = "fx"
     except Exception as e:  # noqa: BLE001 (untraceable is a result)
         row["trace_error"] = _line(e)
         try:  # as repfold.insert does: torch.export where torch.fx fails
             with quiet():
-                gm0 = to_graph_module(torch.export.export(model, (x,), strict=False).module())
-                shape(gm0, (x,))
+                gm0 = to_graph_module(torch.export.export(model, _args(x), strict=False).module())
+                shape(gm0, _args(x))
             row["traced"] = "torch.export"
         except Exception as e2:  # noqa: BLE001 (untraceable by both is a result)
             gm0 = None
             row["traced"] = "failed"
             row["trace_error"] += f"; torch.export: {_line(e2)}"
-    if entry.get("variant") == "lora":  # PEFT's adapters, PEFT's merge as the reference
+    if entry.get("variant") == "lora":  # PEFT's adapters, PEFT's (or diffusers') merge as the reference
         try:
             with quiet():
-                gm, names, n, merged = hf_lora(model)
+                gm, names, n, merged = (diffusers_lora(model, entry["family"]) if entry["source"] == "diffusers"
+                                         else hf_lora(model))
             row.update(scope_kind="lora", adapters=n, lora_targets=names)
-            ref = ("merge_and_unload", merged, True)
+            ref = ("fuse_lora+unload_lora" if entry["source"] == "diffusers" else "merge_and_unload", merged, True)
         except Exception as e:  # noqa: BLE001 (PEFT failing on the model is a result, not a repfold crash)
             row["adapter_error"] = _line(e)
     elif gm0 is not None:
         try:
-            chosen, kind, notes = choose_scopes(gm0)
+            chosen, kind, notes = choose_scopes(gm0, convs_only=entry["source"] == "ultralytics")
             if entry["family"] in HF_BEFORE and entry["source"] == "hf":
                 chosen, kind = HF_BEFORE[entry["family"]], "named"
             row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5])
@@ -1279,10 +1482,15 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     if gm is not None:  # the user's truth: the eager model with adapters
         try:
             with torch.no_grad():
-                ya = flat(gm(x))
+                ya = flat(gm(*_args(x)))
         except Exception as e:  # noqa: BLE001 (the model insert returned does not run)
             gm = None
             row["insert_error"] = f"the model with adapters does not run: {_line(e)}"
+    if entry["source"] == "ultralytics" and gm is not None:
+        try:
+            ref = ("fuse", ultralytics_reference(model), False)
+        except Exception as e:  # noqa: BLE001 (the ecosystem's own merge failing is noted)
+            row["ref_error"] = _line(e)
     if entry["source"] == "timm" and gm is not None:
         try:
             made = timm_reference(model)
@@ -1294,7 +1502,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         row["reference"] = ref[0]
         try:  # the reference merge's own faithfulness, for the record
             with torch.no_grad():
-                row["ref_err"] = rel_err(flat(ref[1](x)), ya if ref[2] else y)
+                row["ref_err"] = rel_err(flat(ref[1](*_args(x))), ya if ref[2] else y)
         except Exception as e:  # noqa: BLE001
             row["ref_error"] = _line(e)
     save()
@@ -1311,7 +1519,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                         row["insert_traced_by"] = "torch.export"
                         if source is model:  # insert traced by torch.export: the same graph stands for the model
                             with quiet():
-                                source = to_graph_module(torch.export.export(model, (x,), strict=False).module())
+                                source = to_graph_module(torch.export.export(model, _args(x), strict=False).module())
                     with quiet():  # an untraceable model: its exported graph stands for it (same ops as gm's)
                         res = path_fx(source, x, y, gm, ya, ref)
             elif p == "export":
@@ -1340,6 +1548,135 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     return row
 
 
+def run_detection(entry: dict, paths=PATHS, progress=None) -> dict:
+    """A torchvision detector's row: adapters into its backbone (``repfold.insert(model.backbone, ...)``), the
+    backbone folded (fx: ``repfold.fold(gm)``; export: ``repfold.fold(torch.export.export(gm))``) and put back;
+    judged on the backbone's features (``path_fx`` / ``path_export`` of the backbone) and on the detector's
+    outputs with the folded backbone against the detector with the adapted one (``det_err``, where it
+    detects anything). Only ``DETECTION_PATHS``: the detector runs in PyTorch (``WHOLE_DETECTOR``)."""
+    import torch
+    import torchvision.models as tvm
+
+    import repfold
+    from repfold._trace import shape, to_graph_module
+
+    name = entry["id"].partition(":")[2]
+    row = {"id": entry["id"], "source": "torchvision", "family": "detection", "paths": {},
+           "whole_model": WHOLE_DETECTOR}
+    t_model = time.perf_counter()
+
+    def save():
+        row["time_s"] = round(time.perf_counter() - t_model, 2)
+        if progress:
+            progress(row)
+
+    seen = {}
+    try:
+        kw = {"weights": None, "weights_backbone": None}
+        if not name.startswith("ssd"):
+            kw.update(min_size=TV_DETECTION_SIZE, max_size=TV_DETECTION_SIZE)
+        # a score threshold under random weights' scores (~1 / classes), so that the detector's boxes are compared
+        kw["box_score_thresh" if "rcnn" in name else "score_thresh"] = DETECTION_SCORE
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tvm.get_model(name, **kw).eval()
+        randomize(model)
+        img = torch.rand(3, TV_DETECTION_SIZE, TV_DETECTION_SIZE, generator=torch.Generator().manual_seed(1))
+        hook = model.backbone.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+        with torch.no_grad():
+            det = model([img])
+        hook.remove()
+        xb = seen["x"]
+        with torch.no_grad():
+            y = flat(model.backbone(xb))
+    except Exception as e:  # noqa: BLE001 (a model torchvision cannot build is a row)
+        row["build_error"] = _line(e)
+        save()
+        return row
+    row["input"] = f"image 3x{TV_DETECTION_SIZE}x{TV_DETECTION_SIZE}, backbone " + "x".join(map(str, xb.shape))
+    row["detections"] = int(det[0]["boxes"].shape[0])
+    with torch.no_grad():
+        row["f32_noise"] = rel_err(y, flat(copy.deepcopy(model.backbone).double()(xb.double())))
+    try:  # torch.fx's own answer on the whole detector, for the record
+        with quiet():
+            torch.fx.symbolic_trace(model)
+        row["whole_fx"] = "traced"
+    except Exception as e:  # noqa: BLE001
+        row["whole_fx"] = _line(e)
+    save()
+    try:
+        with quiet():
+            gm0 = to_graph_module(model.backbone)
+            shape(gm0, (xb,))
+        row["traced"] = "fx (backbone)"
+        chosen, kind, notes = choose_scopes(gm0)
+        row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5])
+        with quiet():
+            gm, note = insert_adapters(model.backbone, xb, chosen, kind)
+        randomize_adapters(gm)
+        gm.eval()
+        row["adapters"] = len(gm.meta.get("repfold", {}).get("adapters", chosen))
+        row["insert_note"] = note
+        row["axis_checked"], row["wrong_axis"] = axis_check(gm)
+        with torch.no_grad():
+            ya = flat(gm(xb))
+        adapted = copy.deepcopy(model)
+        adapted.backbone = gm
+        with torch.no_grad():
+            det_a = adapted([img])
+            # the detector's own float32 rounding (against float64): top-k and NMS over the near-tied scores of
+            # random weights may turn it into other boxes (SSDlite), then its boxes cannot judge a fold
+            row["det_noise"] = rel_err(flat(det_a), flat(copy.deepcopy(adapted).double()([img.double()])))
+    except Exception as e:  # noqa: BLE001 (an insert that fails is a result)
+        row["insert_error"] = _line(e)
+        row["insert_trace"] = traceback.format_exc(limit=-3)[-800:]
+        save()
+        return row
+    save()
+
+    def detector(backbone):  # the detector's outputs with ``backbone`` in place of the adapted one
+        adapted.backbone = backbone
+        try:
+            with torch.no_grad():
+                return adapted([img])
+        finally:
+            adapted.backbone = gm
+
+    for p in paths:
+        if p not in DETECTION_PATHS:
+            continue
+        t = time.perf_counter()
+        try:
+            with quiet():
+                if p == "fx":
+                    res = path_fx(model.backbone, xb, y, gm, ya)
+                    folded = at("crash", "fold", repfold.fold, gm)
+                else:
+                    res = path_export(model.backbone, xb, y, gm, ya)
+                    folded = at("crash", "fold", repfold.fold, export_program(gm, xb)).module()
+                got = at("crash", "the detector with the folded backbone", detector, folded)
+            res["detections"] = int(det_a[0]["boxes"].shape[0])
+            res["det_err"] = rel_err(flat(got), flat(det_a))
+            if res["det_err"] == math.inf:
+                res["det_note"] = ", ".join(f"{k} {tuple(v.shape)} vs {tuple(det_a[0][k].shape)}"
+                                            for k, v in got[0].items())
+            res["adapters"] = row["adapters"]
+            res["f32_noise"], res["det_noise"] = row.get("f32_noise"), row["det_noise"]
+            res.setdefault("status", judge(res))
+        except Stage as e:
+            res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
+            if e.kind == "crash":
+                res["trace"] = "".join(traceback.format_exception(e.cause, limit=-4))[-1200:]
+        except Exception as e:  # noqa: BLE001 (a bug of this harness, or of torch while running a model)
+            res = {"status": "crash", "stage": "harness", "error": _line(e),
+                   "trace": traceback.format_exc(limit=-4)[-1200:]}
+        res["time_s"] = round(time.perf_counter() - t, 2)
+        row["paths"][p] = res
+        save()
+    return row
+
+
 def _family(model_id: str) -> str:
     source, _, bare = model_id.partition(":")
     if source == "timm":
@@ -1349,6 +1686,8 @@ def _family(model_id: str) -> str:
             if bare in timm.list_models(module=module):
                 return module
         return "?"
+    if bare in TV_DETECTION:
+        return "detection"
     for kind, n in torchvision_models():
         if n == bare:
             return kind
@@ -1398,6 +1737,9 @@ def problems(row: dict) -> list[str]:
                            f"({r['base_export_err']:.1e})")
         elif r.get("e2e_err", 0) > tol and r.get("max_err", 0) <= tol:
             out.append(f"{p} end-to-end error {r['e2e_err']:.1e} > {tol:.1e} (the deployed artifact against eager)")
+        if r.get("det_err", 0) > det_tolerance(r):
+            out.append(f"{p} the detector with the folded backbone is {r['det_err']:.1e} off the adapted one"
+                       + (f" ({r['det_note']})" if r.get("det_note") else ""))
         if r.get("ops_ok") is False:
             out.append(f"{p} more operators than {r.get('ops_vs', 'base')}: {r.get('ops_over')}")
         if r.get("params_ok") is False:
@@ -1433,6 +1775,10 @@ def _cell(r: dict | None) -> str:
         bits.append(f"err {r['max_err']:.1e}")
     if "e2e_err" in r and "export_err" in r:  # the fx path's artifact is the eager model: its e2e is its err
         bits.append(f"e2e {r['e2e_err']:.1e}, export {r['export_err']:.1e}")
+    if "det_err" in r:
+        unstable = r.get("det_noise", 0) * NOISE_MARGIN > tolerance(r)
+        bits.append(f"detector {r['det_err']:.1e} ({r.get('detections')} boxes"
+                    + (f"; its own float32 rounding {r['det_noise']:.0e}: not judged)" if unstable else ")"))
     if r.get("noop_bitwise"):
         bits.append("noop bitwise")
     elif r.get("noop_folded") and r.get("noop_err", 1.0) <= tolerance(r):
@@ -1507,7 +1853,7 @@ def verdict(row: dict) -> dict:
 
 
 def by_ecosystem(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """Per ecosystem (torchvision, timm, hf, hf + peft): models tried, judged end to end (a path got as far
+    """Per ecosystem (torchvision, timm, hf, hf + peft, ultralytics, diffusers + peft): models tried, judged end to end (a path got as far
     as a deployed artifact; rows of runs before ``e2e_err`` have none), exact against eager on every path,
     cost within the base and the reference on every path, any exporter unfaithful, any wrong, any crash."""
     out: dict[str, dict[str, int]] = {}

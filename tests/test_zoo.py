@@ -36,9 +36,10 @@ _spec.loader.exec_module(zoo)
 # Known-open repfold bugs in this subset (strict: a fix makes the test fail until the mark goes).
 # (LeViT's 2e-4 was the harness's: its eval-mode attention-bias cache held the weights of before randomize.)
 KNOWN: dict[str, str] = {
-    "timm:levit_128s": "over timm's reparameterize_model: repfold leaves LeViT's LinearNorm BatchNorm1d (applied to "
-                       "x.flatten(0, 1), then reshape_as(x)) unfolded, timm's fuse() folds it into the Linear "
-                       "(46 BatchNorm1d more)",
+    # LeViT's LinearNorm BatchNorm1d now folds on every path (tests/test_reference_merge.py), into timm's merge's
+    # counts; in ONNX a bias-less MatMul takes it as MatMul + Add, so the per-kind check sees Add rise (54 -> 73)
+    # where BatchNormalization falls (48 -> 0): fewer operators, another kind. Open: issue 29's note.
+    "timm:levit_128s": "ONNX: a BatchNormalization folded into a bias-less MatMul becomes an Add (per-kind check)",
 }
 
 
@@ -170,3 +171,20 @@ def test_shards_split_the_list_and_merge(tmp_path):
     merged = json.loads((tmp_path / "zoo.json").read_text())
     assert [r["id"] for r in merged] == ["a", "b", "c"] and merged[1]["input"] == "1x3x8x8"  # the shard's row wins
     assert "## By ecosystem" in (tmp_path / "zoo.md").read_text()
+
+
+def test_other_ecosystems_are_listed_where_installed():
+    """torchvision detection always; ultralytics and diffusers rows only where the package is installed (the
+    zoo extra, never CI's); ids resolve, unknown ones are refused."""
+    rows = {r["id"]: r for r in zoo.model_list()}
+    assert all(rows[f"torchvision:{n}"]["family"] == "detection" for n in zoo.TV_DETECTION)
+    has = {m: importlib.util.find_spec(m) is not None for m in ("ultralytics", "diffusers", "peft")}
+    assert ("ultralytics:yolov8n" in rows) == has["ultralytics"]
+    assert ("diffusers:unet2d+lora" in rows) == (has["diffusers"] and has["peft"])
+    entry = zoo.resolve("diffusers:sd3+lora", [])
+    assert entry["variant"] == "lora" and zoo.ecosystem(entry) == "diffusers + peft"
+    assert zoo.ecosystem(zoo.resolve("ultralytics:yolov10n", [])) == "ultralytics"
+    for bad in ("ultralytics:yolov99n", "diffusers:unet2d", "ultralytics:yolov8n+lora"):
+        with pytest.raises(SystemExit):
+            zoo.eco_entry(bad)
+    assert zoo.judge({"noop_bitwise": True, "max_err": 1e-7, "e2e_err": 1e-7, "det_err": 1e-2}) == "wrong"
