@@ -1535,13 +1535,8 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                 res["status"], res["stage"], res["error"] = "crash", "insert", row["insert_error"]
             elif gm is None and "adapter_error" in row:  # PEFT itself fails on the model: not repfold's
                 res["status"], res["stage"], res["error"] = "not traceable", "peft", row["adapter_error"]
-        except Stage as e:
-            res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
-            if e.kind == "crash":
-                res["trace"] = "".join(traceback.format_exception(e.cause, limit=-4))[-1200:]
-        except Exception as e:  # noqa: BLE001 (a bug of this harness, or of torch while running a model)
-            res = {"status": "crash", "stage": "harness", "error": _line(e),
-                   "trace": traceback.format_exc(limit=-4)[-1200:]}
+        except Exception as e:  # noqa: BLE001 (a Stage, or a bug of this harness or of torch running a model)
+            res = _failure(e)
         res["time_s"] = round(time.perf_counter() - t, 2)
         row["paths"][p] = res
         save()
@@ -1664,17 +1659,24 @@ def run_detection(entry: dict, paths=PATHS, progress=None) -> dict:
             res["adapters"] = row["adapters"]
             res["f32_noise"], res["det_noise"] = row.get("f32_noise"), row["det_noise"]
             res.setdefault("status", judge(res))
-        except Stage as e:
-            res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
-            if e.kind == "crash":
-                res["trace"] = "".join(traceback.format_exception(e.cause, limit=-4))[-1200:]
-        except Exception as e:  # noqa: BLE001 (a bug of this harness, or of torch while running a model)
-            res = {"status": "crash", "stage": "harness", "error": _line(e),
-                   "trace": traceback.format_exc(limit=-4)[-1200:]}
+        except Exception as e:  # noqa: BLE001 (a Stage, or a bug of this harness or of torch running a model)
+            res = _failure(e)
         res["time_s"] = round(time.perf_counter() - t, 2)
         row["paths"][p] = res
         save()
     return row
+
+
+def _failure(e: Exception) -> dict:
+    """A path's result for what it raised: a ``Stage`` names its kind and stage; anything else is a crash of
+    the harness (or of torch while running a model)."""
+    if isinstance(e, Stage):
+        res = {"status": e.kind, "stage": e.stage, "error": _line(e.cause)}
+        if e.kind == "crash":
+            res["trace"] = "".join(traceback.format_exception(e.cause, limit=-4))[-1200:]
+        return res
+    return {"status": "crash", "stage": "harness", "error": _line(e),
+            "trace": "".join(traceback.format_exception(e, limit=-4))[-1200:]}
 
 
 def _family(model_id: str) -> str:
