@@ -1322,21 +1322,29 @@ def hf_lora(model) -> tuple:
     random non-zero A and B (as if trained: PEFT starts B at zero); (the PEFT model in eval mode, the target
     names, the LoRA layer count, ``merge_and_unload``'s model)."""
     import peft
-    import torch
     from torch import nn
 
     names = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
                     if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", n)})
     config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=names, lora_dropout=0.0)
     adapted = peft.get_peft_model(copy.deepcopy(model), config)
+    layers = _trained_lora(adapted)
+    return adapted, names, layers, copy.deepcopy(adapted).merge_and_unload().eval()
+
+
+def _trained_lora(adapted) -> int:
+    """Give the LoRA weights of ``adapted`` random non-zero values (as after training: PEFT starts B at zero)
+    and put it in eval mode; the number of its LoRA layers."""
+    import peft
+    import torch
+
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in adapted.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     adapted.eval()
-    layers = sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
-    return adapted, names, layers, copy.deepcopy(adapted).merge_and_unload().eval()
+    return sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
 
 
 def diffusers_lora(model, family: str) -> tuple:
@@ -1344,19 +1352,12 @@ def diffusers_lora(model, family: str) -> tuple:
     ``add_adapter``, random non-zero A and B; (the model with LoRA in eval mode, the targets, the LoRA layer count,
     diffusers' own merge: ``fuse_lora()`` then ``unload_lora()`` of a copy)."""
     import peft
-    import torch
 
     targets = DIFFUSERS[family][2]
     adapted = copy.deepcopy(model)
     adapted.inner.add_adapter(peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=targets,
                                               lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    adapted.eval()
-    layers = sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    layers = _trained_lora(adapted)
     merged = copy.deepcopy(adapted)
     merged.inner.fuse_lora()
     merged.inner.unload_lora()

@@ -136,9 +136,12 @@ def _rename_lifted(gm: fx.GraphModule) -> None:
     under names of their own (``attn.repfold_const_9``). Exported again under the old names, they clash with
     the constants the new export lifts (``ep.module()`` of it raises "`lifted_tensor_9` is not a buffer", so
     the dynamo ONNX exporter and ``run_decompositions()`` fail on the graph insert returns)."""
+    renamed: dict[str, str] = {}
     for n in gm.graph.nodes:
         owner, _, name = n.target.rpartition(".") if n.op == "get_attr" else ("", "", "")
-        if not name.startswith("lifted_tensor_"):
+        if n.target in renamed:  # another read of one already renamed
+            n.target = renamed[n.target]
+        if not name.startswith("lifted_tensor_") or n.target in renamed.values():
             continue
         holder = gm.get_submodule(owner) if owner else gm
         if isinstance(holder._buffers.get(name), torch.Tensor) or name not in holder.__dict__:
@@ -147,10 +150,9 @@ def _rename_lifted(gm: fx.GraphModule) -> None:
         while hasattr(holder, new):
             new += "_"
         setattr(holder, new, holder.__dict__.pop(name))
-        for other in gm.graph.nodes:  # every read of it (one get_attr each, as a rule)
-            if other.op == "get_attr" and other.target == n.target and other is not n:
-                other.target = f"{owner}.{new}" if owner else new
-        n.target = f"{owner}.{new}" if owner else new
+        path = f"{owner}.{new}" if owner else new
+        renamed[n.target] = path
+        n.target = path
 
 
 def _as_layer_call(gm: fx.GraphModule, n: fx.Node):

@@ -212,16 +212,7 @@ class WeightOnly:
 
     def roots(self, n: fx.Node) -> list[torch.Tensor]:
         """The module tensors the weight-only value ``n`` is computed from."""
-        seen, todo, out = set(), [n], []
-        while todo:
-            m = todo.pop()
-            if m in seen:
-                continue
-            seen.add(m)
-            if m.op == "get_attr":
-                out.append(_get_attr(self.gm, m.target))
-            todo.extend(m.all_input_nodes)
-        return out
+        return [_get_attr(self.gm, m.target) for m in _graph.upstream(n, _inputs) if m.op == "get_attr"]
 
     def value(self, n: fx.Node):
         """The float64 value of weight-only ``n`` (None when ``n`` is not one, or cannot be evaluated)."""
@@ -629,6 +620,10 @@ def _name(n: fx.Node) -> str:
 
 
 _SIGNATURES: dict = {}
+
+
+def _inputs(n: fx.Node) -> list[fx.Node]:
+    return n.all_input_nodes
 
 
 def _inplace_flag(n: fx.Node) -> bool:

@@ -17,11 +17,24 @@ value to each op that reads it. On that graph:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import networkx as nx
 
 _ROOT = ("<repfold: every root>",)  # a node no frontend can name
+
+
+def upstream(start: Hashable, inputs: Callable[[Hashable], Iterable[Hashable]]) -> Iterator[Hashable]:
+    """``start`` and every value it reads, directly or not, each once (depth first, the last input first),
+    following ``inputs``; for a walk up a frontend's own graph without building a networkx one."""
+    seen, todo = set(), [start]
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        yield v
+        todo.extend(inputs(v))
 
 
 def digraph(edges: Iterable[tuple[Hashable, Hashable]], nodes: Iterable[Hashable] = ()) -> nx.DiGraph:

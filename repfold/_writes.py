@@ -33,6 +33,8 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ._graph import upstream
+
 # in-place methods whose out-of-place namesake is no elementwise rewrite of the view (metadata edits, random
 # draws whose out-of-place forms are other functions)
 _NOT_ELEMENTWISE = {
@@ -132,16 +134,7 @@ def _index_put(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 def _reads_input(n: fx.Node) -> bool:
     """Whether ``n`` depends on an input of the graph (a placeholder), directly or not."""
-    todo, seen = list(n.all_input_nodes), set()
-    while todo:
-        a = todo.pop()
-        if a in seen:
-            continue
-        seen.add(a)
-        if a.op == "placeholder":
-            return True
-        todo.extend(a.all_input_nodes)
-    return False
+    return any(a.op == "placeholder" for a in upstream(n, lambda a: a.all_input_nodes))
 
 
 def _is_tensor(n) -> bool:
@@ -178,7 +171,5 @@ def _number(gm: fx.GraphModule, value):
     if not isinstance(const, fx.Node) or const.op != "get_attr":
         return value
     owner, _, name = const.target.rpartition(".")
-    t = (gm.get_submodule(owner) if owner else gm).__dict__.get(name)
-    if t is None:
-        t = getattr(gm.get_submodule(owner) if owner else gm, name, None)
+    t = getattr(gm.get_submodule(owner) if owner else gm, name, None)
     return t.item() if isinstance(t, torch.Tensor) and t.dim() == 0 else value
