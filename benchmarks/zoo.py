@@ -39,16 +39,31 @@ Which models (generated, never picked by hand)
   threshold ``DETECTION_SCORE``. The whole detector is not traced (data-dependent post-processing): the
   user's path is ``model.backbone = repfold.insert(model.backbone, ...)``, train, ``model.backbone =
   repfold.fold(model.backbone)``, and that is what runs (``run_detection``; fx and export paths only).
+* torchvision optical flow (ids ``torchvision:NAME``, family ``optical_flow``): RAFT-small (``TV_FLOW``),
+  ``weights=None``, two 1x3x128x128 images (the smallest its 4-level correlation pyramid takes). torch.fx
+  cannot trace it (checks on the input sizes); torch.export traces it whole, so it runs as a whole model on every
+  path, behind a forward of the two images that runs ``TV_FLOW_UPDATES`` updates and returns the last flow (the
+  prediction a user deploys). Adapters: the CNN rule on the convs of its backbone only (``TV_FLOW_BACKBONE``:
+  the feature and context encoders), judged on the flow.
 * Ultralytics (where it is installed; ids ``ultralytics:NAME``): YOLOv8n, YOLO11n, YOLOv10n, YOLOv8n-seg,
   YOLOv8n-pose from the package's own yaml (``ULTRALYTICS``), random weights, 1x3x64x64, the heads in
-  export mode (the deployed predictions only, as ultralytics' exporter sets them); RT-DETR-l only by id
-  (``ULTRALYTICS_UNLISTED``: too slow for the list), in float64 (``FLOAT64``). Adapters before convs (the CNN rule below, even where the model has attention-like
+  export mode (the deployed predictions only, as ultralytics' exporter sets them); RT-DETR-l too (~4 min), in
+  float64 (``FLOAT64``; no ``f32_noise``, nothing to
+  measure; its ONNX paths not run, ``FLOAT64_ONNX``: onnxruntime has no float64 Conv), with a longer timeout
+  (``TIMEOUTS``). Adapters before convs (the CNN rule below, even where the model has attention-like
   scopes), ``bias=False``; reference merge: the model's own ``fuse()`` of the base. torch.fx cannot trace
   them: ``insert`` and ``fold`` take torch.export's graph.
 * diffusers (where it and peft are installed; ids ``diffusers:NAME+lora``): a UNet2DConditionModel and an SD3
   transformer from tiny configs (``DIFFUSERS``) behind a wrapper of positional tensors (sample, timestep,
   text states: several inputs), PEFT LoRA (rank 4, random non-zero A and B) through the model's own
   ``add_adapter``; reference merge: ``fuse_lora()`` then ``unload_lora()``.
+* PEFT types (where peft is installed; ids ``peft:TYPE``, family ``toy``): every type of
+  ``benchmarks/peft_matrix.py`` (``peft_configs``: LoRA, DoRA, LoHa, LoKr, OFT, BOFT, IA3, VeRA, HRA, FourierFT)
+  on one toy model (``peft_toy``) holding each target kind of ``PEFT_KINDS`` once: token ids (1x64) into an
+  Embedding, a 1x1 conv, a 3x3 conv of stride 2, a grouped 3x3 conv, a Linear. The config targets every kind the
+  type takes (each kind is tried alone first: PEFT wraps it, the model runs, ``merge_and_unload`` runs; the kinds
+  it cannot take are named in the row), adapter weights moved by N(0, 0.1) as peft_matrix's ``adapt`` does;
+  reference merge: ``merge_and_unload()`` of a copy.
 * Left out, each with its reason in zoo.md: by rule ``EXCLUDE_RULES`` (float32
   weights over 1 GB, counted on the meta device without allocating them) and
   by name ``EXCLUDED`` (models that need inputs other than one image/clip).
@@ -148,7 +163,7 @@ the model itself, before repfold); ``no adapters`` (no scope to put one);
 hf + peft, ultralytics, diffusers + peft), counts the models exact against eager on every path, within the
 base's and the reference's cost on every path, with an unfaithful exporter,
 wrong, or crashed. Each model runs in its own
-process with a timeout (``--timeout``), so nothing stops the run.
+process with a timeout (``--timeout``, or ``TIMEOUTS``' where longer), so nothing stops the run.
 """
 
 from __future__ import annotations
@@ -304,12 +319,20 @@ ULTRALYTICS = {
 }
 ULTRALYTICS_SIZE = 64
 # Not in the list (run them by id, ``--models ultralytics:rtdetr-l``), with why.
-ULTRALYTICS_UNLISTED = {"rtdetr-l": "RT-DETR-l (32M weights, judged in float64) takes over 4 minutes before its "
-                                    "first path on 2 shared cores, past the zoo's per-model budget"}
+# (RT-DETR-l was, at 234 s before its first path; now ~4 min in all on 2 shared cores: fold is faster, its
+# float64 noise estimate and its ONNX paths, which onnxruntime cannot run in float64, are skipped; TIMEOUTS.)
+ULTRALYTICS_UNLISTED: dict[str, str] = {}
 # Models judged in float64 (weights, inputs, adapters), with why: float32 rounding alone moves their output by
 # far more than the tolerance.
 FLOAT64 = {"ultralytics:rtdetr-l": "RT-DETR's top-k query selection turns float32 rounding (any reordering of "
                                    "the arithmetic) into 7e-3 differences; judged in float64"}
+# A float64 model's ONNX paths are not run: onnxruntime's CPU provider has no float64 Conv kernel, so its export
+# (of the base, as of the model with adapters) cannot run there ("Could not find an implementation for Conv(11)");
+# the paths are recorded "not traceable" at that stage without the minute their exports take.
+FLOAT64_ONNX = "onnxruntime (CPU) has no float64 Conv kernel: the float64 model's ONNX file cannot run there"
+# Per-model timeouts (seconds) over ``--timeout`` where a row needs more, with why.
+TIMEOUTS = {"ultralytics:rtdetr-l": (900, ("each repfold.fold of RT-DETR-l in float64 takes ~40 s (three on the fx "
+                                           "path, three on the export path): ~6 min alone, more on shared cores"))}
 # diffusers: name -> (model class, config, LoRA target module names); each row is ``diffusers:NAME+lora``:
 # PEFT LoRA through ``add_adapter`` (random non-zero A and B), folded by repfold.fold against diffusers' own
 # ``fuse_lora()`` then ``unload_lora()``. The model is called through a wrapper of positional tensors
@@ -341,6 +364,22 @@ DETECTION_PATHS = ("fx", "export")
 DETECTION_SCORE = 1e-3  # box_score_thresh / score_thresh: random weights score every class ~1 / 91
 WHOLE_DETECTOR = ("the whole detector is not traced: data-dependent post-processing (proposals and boxes kept by "
                   "score, NMS); its backbone is inserted into and folded, the detector run with it")
+# torchvision optical flow (ids torchvision:NAME, family "optical_flow"): RAFT takes two images and returns one
+# flow per update; torch.fx cannot trace it (checks on the input sizes), torch.export can, whole. The row runs the
+# whole model (every path) behind a wrapper of the two images that runs ``TV_FLOW_UPDATES`` updates and returns
+# the last flow (the prediction a user deploys), with the CNN rule's adapters in its backbone only, the feature and
+# context encoders (``TV_FLOW_BACKBONE``). 128 px: the smallest input its 4-level correlation pyramid takes.
+TV_FLOW = ("raft_small",)
+TV_FLOW_SIZE = 128
+TV_FLOW_UPDATES = 2
+TV_FLOW_BACKBONE = ("inner.feature_encoder.", "inner.context_encoder.")
+# PEFT types x target kinds (ids peft:TYPE, where peft is installed): every tuner type of
+# ``benchmarks/peft_matrix.py``'s ``configs`` on one toy model (``PeftToy``) that holds each target kind once, by
+# module name; the config targets every kind the type takes (``peft_adapted`` tries each kind alone first: a
+# kind PEFT refuses, or cannot merge, is left out and named in the row).
+PEFT_KINDS = {"embed": "Embedding", "pw": "1x1 conv", "down": "3x3 conv, stride 2", "group": "grouped 3x3 conv",
+              "fc": "Linear"}
+PEFT_TOY = {"vocab": 64, "dim": 16, "side": 8}  # token ids (batch 1, side*side of them) -> a 16 x 8 x 8 map
 
 
 # ----------------------------------------------------------------------------------------------- model list
@@ -424,8 +463,38 @@ def model_list() -> list[dict]:
     Hugging Face transformers."""
     rows = [{"id": f"torchvision:{n}", "source": "torchvision", "family": k} for k, n in torchvision_models()]
     rows += [{"id": f"torchvision:{n}", "source": "torchvision", "family": "detection"} for n in TV_DETECTION]
+    rows += [{"id": f"torchvision:{n}", "source": "torchvision", "family": "optical_flow"} for n in TV_FLOW]
     rows += [{"id": f"timm:{n}", "source": "timm", "family": f} for f, n in timm_families()]
-    return rows + hf_models() + eco_models()
+    return rows + hf_models() + eco_models() + peft_models()
+
+
+def peft_configs() -> dict:
+    """PEFT type -> (config maker of a target list, whether PEFT has a conv form): ``benchmarks/peft_matrix.py``'s
+    ``configs``, the types that matrix covers (each merges by ``merge_and_unload``)."""
+    import peft
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import peft_matrix
+
+    return peft_matrix.configs(peft)
+
+
+def peft_models() -> list[dict]:
+    """The rows ``peft:TYPE`` (none without peft): each type of ``peft_configs`` on the toy model ``PeftToy``."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return []
+    return [peft_entry(f"peft:{t}") for t in peft_configs()]
+
+
+def peft_entry(model_id: str) -> dict:
+    kind = model_id.partition(":")[2]
+    types = peft_configs()
+    if kind not in types:
+        raise SystemExit(f"unknown PEFT row {model_id!r}: peft:TYPE, TYPE one of " + ", ".join(types))
+    return {"id": model_id, "source": "peft", "family": "toy", "peft_type": kind}
 
 
 def hf_entry(model_id: str) -> dict:
@@ -438,6 +507,8 @@ def hf_entry(model_id: str) -> dict:
 
 def ecosystem(row: dict) -> str:
     """The ecosystem a row's model and reference merge come from (zoo.md's summary by ecosystem)."""
+    if row.get("source") == "peft":
+        return "peft types"
     return f"{row.get('source', '?')} + peft" if row.get("variant") == "lora" else row.get("source", "?")
 
 
@@ -448,6 +519,8 @@ def resolve(name: str, listed: list[dict]) -> dict:
         return by_id[name]
     if name.startswith("hf:"):
         return hf_entry(name)
+    if name.startswith("peft:"):
+        return peft_entry(name)
     if name.partition(":")[0] in ECO_SOURCES:
         return eco_entry(name)
     for prefix in ("torchvision:", "timm:"):
@@ -507,12 +580,16 @@ def _input(entry: dict, size):
         if "pooled_projection_dim" in cfg:
             made["pooled_projections"] = torch.randn(1, cfg["pooled_projection_dim"], generator=gen)
         return tuple(made[k] for k in DIFFUSERS_INPUTS[entry["family"]])
+    if entry["source"] == "peft":
+        return torch.randint(0, PEFT_TOY["vocab"], (1, PEFT_TOY["side"] ** 2), generator=gen)
     if entry["source"] == "ultralytics":
         size = ULTRALYTICS_SIZE
     if entry["source"] == "hf":
         if HF_FAMILIES[entry["family"]][0] == "text":
             return torch.randint(5, 90, (1, HF_SEQ), generator=gen)
         size = HF_FAMILIES[entry["family"]][3]["image_size"]
+    if entry["family"] == "optical_flow":
+        return tuple(torch.randn(1, 3, size, size, generator=gen) for _ in range(2))
     if entry["family"] == "video":
         t, s = size
         return torch.randn(1, 3, t, s, s, generator=gen)
@@ -584,13 +661,62 @@ def eco_model(entry: dict):
     return Wrapped(getattr(diffusers, cls)(**cfg))
 
 
+def flow_model(name: str):
+    """A torchvision optical flow model (``weights=None``) behind a forward of the two images that runs
+    ``TV_FLOW_UPDATES`` updates and returns the last flow, as a user wraps it to export it."""
+    import torch
+    import torchvision.models as tvm
+
+    class Flow(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image1, image2):
+            return self.inner(image1, image2, num_flow_updates=TV_FLOW_UPDATES)[-1]
+
+    return Flow(tvm.get_model(name, weights=None))
+
+
+def peft_toy():
+    """The toy model of the ``peft:TYPE`` rows: each target kind of ``PEFT_KINDS`` once, by name. Token ids
+    (batch 1, side*side of them) -> ``embed`` (Embedding) -> a dim x side x side map -> ``pw`` (1x1 conv) ->
+    ReLU -> ``down`` (3x3 conv, stride 2) -> ReLU -> ``group`` (3x3 conv, 4 groups) -> ReLU -> ``fc`` (Linear on
+    the channels of each position): a (1, positions, 10) output."""
+    import torch
+    from torch import nn
+
+    vocab, dim, side = PEFT_TOY["vocab"], PEFT_TOY["dim"], PEFT_TOY["side"]
+
+    class PeftToy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.pw = nn.Conv2d(dim, 16, 1)
+            self.down = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+            self.group = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, ids):
+            h = self.embed(ids).transpose(1, 2).unflatten(2, (side, side))
+            h = torch.relu(self.down(torch.relu(self.pw(h))))
+            h = torch.relu(self.group(h))
+            return self.fc(h.flatten(2).transpose(1, 2))
+
+    return PeftToy()
+
+
 def _make(entry: dict, size):
     """The model at ``size`` (None: its default)."""
     bare = entry["id"].partition(":")[2]
+    if entry["source"] == "peft":
+        return peft_toy()
     if entry["source"] in ECO_SOURCES:
         return eco_model(entry)
     if entry["source"] == "hf":
         return hf_model(entry["family"])
+    if entry["family"] == "optical_flow":
+        return flow_model(bare)
     if entry["source"] == "torchvision":
         kind = entry["family"]
         if size is None:
@@ -613,9 +739,13 @@ def build(entry: dict):
     errors = []
     if entry["source"] in ECO_SOURCES:
         candidates = [("config", lambda: eco_model(entry))]
+    elif entry["source"] == "peft":
+        candidates = [("toy", peft_toy)]
     elif entry["source"] == "hf":
         candidates = [("config", lambda: hf_model(entry["family"])),
                       ("config, return_dict=True", lambda: hf_model(entry["family"], return_dict=True))]
+    elif entry["family"] == "optical_flow":
+        candidates = [(TV_FLOW_SIZE, lambda: flow_model(bare))]
     elif entry["source"] == "torchvision":
         sizes = {"video": TV_VIDEO_SIZES, "segmentation": TV_SEG_SIZES}.get(entry["family"], TV_CLS_SIZES)
         sized = any(bare.startswith(p) for p in TV_SIZE_KWARGS)
@@ -768,9 +898,22 @@ def same_kinds(counts: dict) -> dict:
     return out
 
 
+def ops_over(got: dict, base: dict, ignore=("Constant",)) -> dict[str, tuple[int, int]]:
+    """The operator kinds of which ``got`` has more than the base: kind -> (got's count, the base's). One
+    exception, in ONNX: a BatchNormalization folded into a bias-less MatMul becomes its Add (LeViT's
+    LinearNorm; timm's merge gives the same MatMul + Add), so Adds over the base's count are taken one for
+    one against the BatchNormalizations gone."""
+    got = dict(got)
+    traded = min(max(got.get("Add", 0) - base.get("Add", 0), 0),
+                 max(base.get("BatchNormalization", 0) - got.get("BatchNormalization", 0), 0))
+    if traded:
+        got["Add"] -= traded
+    return {k: (v, base.get(k, 0)) for k, v in got.items() if k not in ignore and v > base.get(k, 0)}
+
+
 def ops_within(got: dict, base: dict, ignore=("Constant",)) -> tuple[bool, str]:
-    """Whether every operator count of ``got`` is <= the base's; the excess when not."""
-    over = {k: (v, base.get(k, 0)) for k, v in got.items() if k not in ignore and v > base.get(k, 0)}
+    """Whether every operator count of ``got`` is <= the base's (:func:`ops_over`); the excess when not."""
+    over = ops_over(got, base, ignore)
     return not over, ", ".join(f"{k} {b}->{v}" for k, (v, b) in sorted(over.items()))
 
 
@@ -829,10 +972,11 @@ def _weighted(m) -> int | None:
     return None
 
 
-def choose_scopes(gm0, convs_only: bool = False) -> tuple[list[str], str, list[str]]:
+def choose_scopes(gm0, convs_only: bool = False, within: tuple = ()) -> tuple[list[str], str, list[str]]:
     """(scope paths, "attn/mlp" or "conv", notes) on the traced base graph (with shapes); ``convs_only``: the
     CNN rule even where attention-like scopes exist (YOLO11's one PSA block, RT-DETR's transformer: convs are
-    what a YOLO user adapts)."""
+    what a YOLO user adapts); ``within``: the CNN rule on the convs under these scope prefixes only (RAFT's
+    backbone)."""
     from torch import nn
 
     from repfold._insert import _entering, _float_tensor, scopes
@@ -863,6 +1007,8 @@ def choose_scopes(gm0, convs_only: bool = False) -> tuple[list[str], str, list[s
     for n in gm0.graph.nodes:
         if n.op == "call_module":
             m = gm0.get_submodule(n.target)
+            if within and not str(n.target).startswith(within):
+                continue
             if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and m.in_channels >= 4:
                 kind = "1x1" if all(k == 1 for k in m.kernel_size) else "kxk"
                 if n.target not in convs[kind] and usable(n.target) is None:
@@ -1041,8 +1187,8 @@ def _noop(report, y0, y, res: dict) -> None:
         # layers folded in a model without adapters that does not lower the operator count
         before, after = report.ops_before, report.ops_after
         kinds = set(before) | set(after)
-        lowered = (all(after.get(k, 0) <= before.get(k, 0) for k in kinds)
-                   and sum(after.values()) < sum(before.values()))
+        raised = ops_over(after, before, ignore=())
+        lowered = not raised and sum(after.values()) < sum(before.values())
         layered = [r.line() for r in report.folded if not r.scale]
         res["noop_layered"] = [] if lowered else layered[:3]
         res["noop_merged"] = len(layered) if lowered else 0
@@ -1050,8 +1196,7 @@ def _noop(report, y0, y, res: dict) -> None:
         res["noop_ops"] = {k: f"{before.get(k, 0)}->{after.get(k, 0)}"
                            for k in kinds if before.get(k, 0) != after.get(k, 0)}
         # a fold of the model's own scales or branches must never add an operator of any kind
-        res["noop_raised"] = {k: f"{before.get(k, 0)}->{after.get(k, 0)}"
-                              for k in kinds if after.get(k, 0) > before.get(k, 0)}
+        res["noop_raised"] = {k: f"{b}->{v}" for k, (v, b) in raised.items()}
 
 
 def _effect(res: dict, ya: list, y: list) -> None:
@@ -1149,7 +1294,13 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
     _effect(res, ya, y)
     kw = {} if isinstance(gm, fx.GraphModule) else {"example_inputs": _args(x)}  # a PEFT model: inputs given
     # the artifact with adapters is the eager model itself: the fold's error is the end-to-end error
-    folded, report = _fold_checked(gm, ya, ya, "run folded", torch.no_grad()(lambda f: flat(f(*_args(x)))), res, **kw)
+    try:
+        folded, report = _fold_checked(gm, ya, ya, "run folded", torch.no_grad()(lambda f: flat(f(*_args(x)))), res,
+                                       **kw)
+    except Stage as e:  # neither torch.fx nor torch.export traces the model with adapters (a PEFT model): torch's
+        if type(e.cause).__name__ == "TraceError" and "torch.export failed too" in str(e.cause):
+            raise Stage("export failed", "trace with adapters (torch.fx, then torch.export)", e.cause) from e
+        raise
     got = same_kinds(op_counts(folded))
     _vs_base(res, report, got, same_kinds(op_counts(base)), same_kinds(report.ops_before),
              lambda: _stored(folded) - _stored(model))
@@ -1347,6 +1498,35 @@ def _trained_lora(adapted) -> int:
     return sum(1 for m in adapted.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
 
 
+def peft_adapted(model, kind: str, x) -> tuple:
+    """PEFT's ``kind`` (``peft_configs``) on the toy model, as ``benchmarks/peft_matrix.py`` makes it (``adapt``:
+    every adapter weight moved by N(0, 0.1), as if trained), targeting every module of ``PEFT_KINDS`` that the
+    type takes: each is tried alone first (PEFT wraps it, the model runs, ``merge_and_unload`` of a copy runs);
+    (the PEFT model in eval mode, the targets, the number of PEFT layers, ``merge_and_unload``'s model, {target:
+    why PEFT cannot take it})."""
+    import peft
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft_matrix import adapt  # (importable: peft_configs put this folder on the path)
+
+    make = peft_configs()[kind][0]
+    cannot = {}
+    for name in PEFT_KINDS:
+        try:
+            one = adapt(peft, model, make([name]))
+            with torch.no_grad():
+                one(*_args(x))
+                copy.deepcopy(one).merge_and_unload().eval()(*_args(x))
+        except Exception as e:  # noqa: BLE001 (PEFT refusing a kind is the answer)
+            cannot[name] = _line(e, 120)
+    targets = [n for n in PEFT_KINDS if n not in cannot]
+    if not targets:
+        raise RuntimeError("PEFT takes none of the toy's target kinds: " + "; ".join(cannot.values()))
+    adapted = adapt(peft, model, make(targets))
+    layers = sum(1 for m in adapted.modules() if isinstance(m, BaseTunerLayer))
+    return adapted, targets, layers, copy.deepcopy(adapted).merge_and_unload().eval(), cannot
+
+
 def diffusers_lora(model, family: str) -> tuple:
     """PEFT LoRA (rank ``LORA_RANK``) on the diffusers model's ``DIFFUSERS`` targets through its own
     ``add_adapter``, random non-zero A and B; (the model with LoRA in eval mode, the targets, the LoRA layer count,
@@ -1400,6 +1580,8 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     row = {"id": entry["id"], "source": entry["source"], "family": entry["family"], "paths": {}}
     if entry.get("variant"):
         row["variant"] = entry["variant"]
+    if entry.get("peft_type"):
+        row["peft_type"] = entry["peft_type"]
     t_model = time.perf_counter()
 
     def save():
@@ -1425,12 +1607,14 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         row["build_note"] = "return_dict=True (False fails)"
     with torch.no_grad():
         y = flat(model(*_args(x)))
-    try:  # the model's own float32 rounding: its outputs against the same model in float64
-        with torch.no_grad():
-            y64 = flat(copy.deepcopy(model).double()(*(a.double() if a.is_floating_point() else a for a in _args(x))))
-        row["f32_noise"] = rel_err(y, y64)
-    except Exception:  # noqa: BLE001, S110 (a model that does not run in float64: TOL alone)
-        pass
+    # the model's own float32 rounding: its outputs against the same model in float64 (a model judged in float64
+    # has none to measure: TOL alone)
+    with contextlib.suppress(Exception):  # a model that does not run in float64: TOL alone
+        if entry["id"] not in FLOAT64:
+            with torch.no_grad():
+                y64 = flat(copy.deepcopy(model).double()(*(a.double() if a.is_floating_point() else a
+                                                           for a in _args(x))))
+            row["f32_noise"] = rel_err(y, y64)
     save()
 
     # The traced base graph: the scopes to choose from, and whether torch.fx can trace the model at all.
@@ -1453,7 +1637,16 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
             gm0 = None
             row["traced"] = "failed"
             row["trace_error"] += f"; torch.export: {_line(e2)}"
-    if entry.get("variant") == "lora":  # PEFT's adapters, PEFT's (or diffusers') merge as the reference
+    if entry["source"] == "peft":  # a PEFT type on the toy model, PEFT's merge_and_unload as the reference
+        try:
+            with quiet():
+                gm, names, n, merged, cannot = peft_adapted(model, entry["peft_type"], x)
+            row.update(scope_kind=entry["peft_type"], adapters=n, peft_targets=[PEFT_KINDS[t] for t in names],
+                       peft_cannot={PEFT_KINDS[t]: why for t, why in cannot.items()})
+            ref = ("merge_and_unload", merged, True)
+        except Exception as e:  # noqa: BLE001 (PEFT failing on the model is a result, not a repfold crash)
+            row["adapter_error"] = _line(e)
+    elif entry.get("variant") == "lora":  # PEFT's adapters, PEFT's (or diffusers') merge as the reference
         try:
             with quiet():
                 gm, names, n, merged = (diffusers_lora(model, entry["family"]) if entry["source"] == "diffusers"
@@ -1464,10 +1657,12 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
             row["adapter_error"] = _line(e)
     elif gm0 is not None:
         try:
-            chosen, kind, notes = choose_scopes(gm0, convs_only=entry["source"] == "ultralytics")
+            flow = entry["family"] == "optical_flow"
+            chosen, kind, notes = choose_scopes(gm0, convs_only=entry["source"] == "ultralytics" or flow,
+                                                within=TV_FLOW_BACKBONE if flow else ())
             if entry["family"] in HF_BEFORE and entry["source"] == "hf":
                 chosen, kind = HF_BEFORE[entry["family"]], "named"
-            row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5])
+            row.update(scope_kind=kind, adapters=len(chosen), scope_notes=notes[:5], scopes=chosen)
             if chosen:
                 with quiet():
                     gm, note = insert_adapters(model, x, chosen, kind)
@@ -1516,16 +1711,27 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                     res = {"status": "not traceable", "error": row["trace_error"], "stage": "trace"}
                 else:
                     source = model if row["traced"] == "fx" else gm0
+                    fx_ref = ref
                     if gm is not None and getattr(gm, "meta", {}).get("repfold", {}).get("trace") == "torch.export":
                         row["insert_traced_by"] = "torch.export"
                         if source is model:  # insert traced by torch.export: the same graph stands for the model
                             with quiet():
                                 source = to_graph_module(torch.export.export(model, _args(x), strict=False).module())
+                    if source is model and entry["source"] == "peft" and not fx_traces(gm):
+                        # fold traces PEFT's model by torch.export (torch.fx cannot): the base and the reference
+                        # merge by torch.export too, so that the operators counted are of one kind (ATen)
+                        row["insert_traced_by"] = "torch.export"
+                        with quiet():
+                            source = to_graph_module(torch.export.export(model, _args(x), strict=False).module())
+                            fx_ref = (ref[0], to_graph_module(torch.export.export(
+                                ref[1], _args(x), strict=False).module()), ref[2]) if ref else None
                     with quiet():  # an untraceable model: its exported graph stands for it (same ops as gm's)
-                        res = path_fx(source, x, y, gm, ya, ref)
+                        res = path_fx(source, x, y, gm, ya, fx_ref)
             elif p == "export":
                 with quiet():
                     res = path_export(model, x, y, gm, ya, ref)
+            elif entry["id"] in FLOAT64:
+                res = {"status": "not traceable", "stage": "onnxruntime", "error": FLOAT64_ONNX}
             else:
                 with quiet():
                     res = path_onnx(model, x, y, gm, ya, p == "dynamo", ref, one_arg=entry["source"] == "hf")
@@ -1542,6 +1748,18 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
         row["paths"][p] = res
         save()
     return row
+
+
+def fx_traces(model) -> bool:
+    """Whether torch.fx traces ``model`` (a PEFT model: its forward hooks and keyword plumbing often stop it)."""
+    from torch import fx
+
+    try:
+        with quiet():
+            fx.symbolic_trace(model)
+        return True
+    except Exception:  # noqa: BLE001 (any failure: not traceable by fx)
+        return False
 
 
 def run_detection(entry: dict, paths=PATHS, progress=None) -> dict:
@@ -1691,6 +1909,8 @@ def _family(model_id: str) -> str:
         return "?"
     if bare in TV_DETECTION:
         return "detection"
+    if bare in TV_FLOW:
+        return "optical_flow"
     for kind, n in torchvision_models():
         if n == bare:
             return kind
@@ -1735,7 +1955,8 @@ def problems(row: dict) -> list[str]:
             out.append(f"{p} unfaithful export: the export with adapters is {r['export_err']:.1e} off eager")
             if r.get("base_export_err", math.inf) <= tol:  # the base exports faithfully: what insert made does not
                 out.append(f"{p} export of the model with adapters unfaithful while the base's is faithful "
-                           f"({r['base_export_err']:.1e}): a repfold defect" if row.get("variant") != "lora" else
+                           f"({r['base_export_err']:.1e}): a repfold defect"
+                           if row.get("variant") != "lora" and row.get("source") != "peft" else
                            f"{p} export of PEFT's model unfaithful while the base's is faithful "
                            f"({r['base_export_err']:.1e})")
         elif r.get("e2e_err", 0) > tol and r.get("max_err", 0) <= tol:
@@ -1946,6 +2167,10 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
         if r.get("insert_error"):
             ad += f"; **insert crash**: {short(r['insert_error'], 60)}"
         ad += "".join(f" ({n})" for n in r.get("insert_note", []))
+        if r.get("peft_targets"):
+            ad += f" on {', '.join(r['peft_targets'])}"
+        if r.get("peft_cannot"):
+            ad += f"; cannot target: {', '.join(r['peft_cannot'])}"
         if r.get("reference"):
             ad += f"; reference: {r['reference']}"
         axis = (f"**wrong axis** ({len(r['wrong_axis'])})" if r.get("wrong_axis")
@@ -2030,7 +2255,7 @@ def main(argv=None) -> None:
     ap.add_argument("--paths", default=",".join(PATHS), help="which of fx,onnx,dynamo (default: all)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for zoo.md and zoo.json")
     ap.add_argument("--jobs", type=int, default=1, help="models at a time, each in its own process")
-    ap.add_argument("--timeout", type=float, default=420, help="seconds per model")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per model (more where TIMEOUTS says)")
     ap.add_argument("--list", action="store_true", help="print the model list and exit")
     ap.add_argument("--source", choices=["torchvision", "timm"], help="only the models of one source")
     ap.add_argument("--render", action="store_true", help="only write OUT/NAME.md again from OUT/NAME.json")
@@ -2082,7 +2307,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
 
     def one(entry):
-        row = run_in_subprocess(entry, paths, a.timeout)
+        row = run_in_subprocess(entry, paths, max(a.timeout, TIMEOUTS.get(entry["id"], (0,))[0]))
         rows[entry["id"]] = row
         ordered = [rows[e["id"]] for e in entries if e["id"] in rows]
         (out / f"{stem}.json").write_text(json.dumps(ordered, indent=1, default=str))

@@ -289,7 +289,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     groups: dict[str, list[str]] = {}
     for s in steps:
         v = state[s.name]
-        if v is not None and v.source != s.name:
+        # (an op whose result nothing reads is no member: a region's fold would count on removing it, and the
+        # frontend keeps it, as it keeps all it did not make unread: a head's branch a model computes, unused)
+        if v is not None and v.source != s.name and consumers(s.name):
             groups.setdefault(v.source, []).append(s.name)
 
     ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard, written)
@@ -414,7 +416,16 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             # identity BatchNorm, after a large-kernel conv's summed branches)
             more_cuts.update(_entries(left, by_name))
             region.ops = [by_name[m].label for m in members if m in done]
-    more.update(blocked - summed)
+    for h in blocked - summed:  # a conv whose kernel map an op moving positions ended: it starts a region next
+        # time, unless it reads the region's source beside other ops of the region (iFormer's RepCPE,
+        # ``x + BN(dwconv(x))`` before an attention's flatten): then the cut is where the branches join, so that
+        # they sum into the conv
+        src = state[h].source if state.get(h) is not None else h
+        members = groups.get(src, []) if src != h else []
+        beside = h in members and by_name[h].inputs[0] == src
+        at_conv, at_input = _restarts({h}, src, members, by_name, consumers, flow) if beside else ({h}, set())
+        more.update(at_conv)
+        more_cuts.update(at_input)
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
     accounted = folded_ops | absorbers | kept_ops
     return Plan(folds, regions, members_of, redirects, unseen, removed, accounted), more, more_cuts
@@ -695,7 +706,8 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
             ctx.ch.shift_adds = False
         if why is None:
             into = sum(f.kind == "into" for f in chosen)
-            kept = into + sum(len(f.via) for f in chosen)
+            # (a layout step copied for several folds on one base is copied once: see _driver.rewrite)
+            kept = into + len({(f.kind == "producer" and id(f), name) for f in chosen for name, _, _ in f.via})
             heavy = sum(by_name[m].op.heavy for m in folded)
             if into > allowed and not all(f.absorber in _parallel(whole, src, f.exit, ctx)
                                           for f in chosen if f.kind == "into"):

@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from . import _graph
 from ._report import FoldReport
 from ._writes import as_method, aten_writes_self, index_assignments
 
@@ -84,12 +85,18 @@ def _layers() -> dict:
 
 
 def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite, in place, the ATen ops of ``gm`` that the fold rules know into their torch forms."""
+    """Rewrite, in place, the ATen ops of ``gm`` that the fold rules know into their torch forms; first drop
+    an attention mask that masks nothing (:func:`_drop_trivial_masks`) and the ATen ops that write nothing
+    and whose results nobody reads (:func:`_drop_dead`)."""
     aten = torch.ops.aten
-    readers = {n.target: len(n.users) for n in gm.graph.nodes if n.op == "get_attr"}
     aten_calls = [n for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "_schema")]
     if not aten_calls:
         return gm  # a torch.fx trace: nothing to rewrite (and no code to generate again)
+    _drop_trivial_masks(gm)
+    _drop_dead(gm)
+    alive = set(gm.graph.nodes)
+    aten_calls = [n for n in aten_calls if n in alive]
+    readers = {n.target: len(n.users) for n in gm.graph.nodes if n.op == "get_attr"}
     fresh = {n for n in gm.graph.nodes if _makes_new(n)}  # (before any target is rewritten)
     for n in aten_calls:
         t = n.target
@@ -129,6 +136,83 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _pure(n: fx.Node) -> bool:
+    """An ATen call whose schema writes nothing, that draws no random numbers and that fx does not count as
+    a side effect (asserts), or an item of one's results."""
+    t = n.target
+    if n.op != "call_function":
+        return False
+    if t is operator.getitem:
+        return isinstance(n.args[0], fx.Node) and _pure(n.args[0])
+    if not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    return torch.Tag.nondeterministic_seeded not in t.tags and not n.is_impure()
+
+
+def _drop_trivial_masks(gm: fx.GraphModule) -> None:
+    """An attention mask that masks nothing, computed from constants alone, as no mask (and the ops that
+    computed it, which nothing else reads, gone).
+
+    Under torch.export Hugging Face models build a bidirectional mask even when they are given none
+    (``arange(n) >= 0``, expanded: every position allowed), which they skip when traced by ``jit.trace``:
+    exported again, that mask cost 2 IsNaN, 2 Add and 2 Where over the base model's own export. A boolean
+    mask all True, or an additive one all zeros, gives every score its weight as no mask does: exact."""
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    for n in [n for n in gm.graph.nodes if n.target is sdpa]:
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        if not isinstance(mask, fx.Node):
+            continue
+        made = sorted(_graph.upstream(mask, lambda m: m.all_input_nodes), key=order.__getitem__)
+        value = _constant(made)
+        if not isinstance(value, torch.Tensor) or not (
+                value.dtype == torch.bool and bool(value.all()) or value.is_floating_point() and not bool(value.any())):
+            continue
+        if len(n.args) > 3:
+            n.args = (*n.args[:3], None, *n.args[4:])
+        else:
+            n.kwargs = {**n.kwargs, "attn_mask": None}
+        for m in reversed(made):  # what computed it, where nothing else reads it now
+            if not m.users:
+                gm.graph.erase_node(m)
+
+
+def _constant(made: list[fx.Node], limit: int = 64):
+    """The value of the last of ``made`` (a node and all it reads, in graph order) where :func:`_pure` ATen
+    ops compute it from no input, parameter or buffer (at most ``limit`` of them); else None."""
+    if len(made) > limit or not all(_pure(m) for m in made):
+        return None
+    env: dict[fx.Node, object] = {}
+    try:
+        with torch.no_grad():
+            for m in made:
+                env[m] = m.target(*fx.node.map_arg(m.args, env.__getitem__), **fx.node.map_arg(m.kwargs, env.__getitem__))
+    except Exception:  # noqa: BLE001 (not computable here: not a constant)
+        return None
+    return env[made[-1]]
+
+
+def _drop_dead(gm: fx.GraphModule) -> None:
+    """Erase the ATen ops that write nothing and whose results nobody reads, and the weights only they read.
+
+    torch.export keeps such ops (YOLOv10's one-to-many head, which its export mode no longer returns:
+    24 convs), while the model's own merge (ultralytics' ``fuse()``) drops them and so do torch's compilers.
+    Only ATen operators go, and only those :func:`_pure` clears: their schema says whether they write. A
+    Python-level op or a module call may write without saying so (``x[..., 1:] += y``), so a torch.fx trace
+    is never pruned (DESIGN: no dead-code pass on a user's graph)."""
+    read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for n in reversed(list(gm.graph.nodes)):
+        if not n.users and (_pure(n) or n.op == "get_attr"):
+            gm.graph.erase_node(n)
+    read_now = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in read_before - read_now:
+        owner, _, name = target.rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        if name in holder._parameters or name in holder._buffers:
+            holder._parameters.pop(name, None)
+            holder._buffers.pop(name, None)
 
 
 def _rename_lifted(gm: fx.GraphModule) -> None:

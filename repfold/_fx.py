@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import operator
@@ -15,7 +16,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from repfold.patterns import fx_rules
-from repfold.patterns._base import as_numpy
+from repfold.patterns._base import as_numpy, torch_own
 
 from . import _driver, _engine, _graph
 from ._report import FoldReport, Region
@@ -386,6 +387,7 @@ class Prepared:
     live_before: set[fx.Node]
     by_name: dict[str, _engine.Step]
     label: Any
+    inputs: tuple = ()
 
 
 def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=()) -> Prepared:
@@ -446,7 +448,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     report.regions = plan.regions + _lost_adapters(gm, plan.regions, label)
     report.unseen = plan.unseen
     by_name = {s.name: s for s in steps}
-    return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, by_name, label)
+    return Prepared(gm, ctx, plan, report, nodes, effects, read_before, live_before, by_name, label, inputs)
 
 
 def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
@@ -484,8 +486,97 @@ def fold_fx(
     gm.meta.get(META_KEY, {}).pop("frozen", None)
     gm.graph.lint()
     gm.recompile()
+    _fold_leaves(gm, p.inputs, report, scales, leaf_modules, leaf_functions)
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     return gm, report
+
+
+def _fold_leaves(gm: fx.GraphModule, inputs: tuple, report: FoldReport, scales: bool, leaf_modules=(),
+                 leaf_functions=()) -> None:
+    """Fold inside the modules the trace kept whole (timm's blocks that fx cannot trace: TinyViT's, the
+    windowed attention of EfficientViT-MSRA), as timm's own merge does: each of their submodules that traces
+    on its own is folded as a model of its own, on the inputs it received in one run of ``gm``, checked
+    against the submodule on those inputs, and put back where it was. Its regions join the report, under
+    the submodule's path; one that does not trace, or is called more than once, is looked into in turn."""
+    leaves = [n.target for n in gm.graph.nodes if n.op == "call_module" and not torch_own(gm.get_submodule(n.target))
+              and next(gm.get_submodule(n.target).children(), None) is not None]
+    if not leaves:
+        return
+    calls: dict[int, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.setdefault(id(m), []).append((args, kwargs)),
+                                         with_kwargs=True)
+             for path in leaves for m in gm.get_submodule(path).modules()]
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def visit(owner: nn.Module, name: str, m: nn.Module, path: str) -> None:
+        if next(m.children(), None) is None:
+            return
+        seen = calls.get(id(m), [])
+        if len(seen) == 1 and not seen[0][1] and all(isinstance(a, torch.Tensor) for a in seen[0][0]):
+            args = seen[0][0]
+            try:
+                folded, sub = fold_fx(m, args, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
+            except (TraceError, _engine.NotAffine):
+                folded = None
+            if folded is not None and _same(folded, m, args) and sub.params_after <= sub.params_before:
+                if sub.ops_after != sub.ops_before or sub.regions:
+                    for k, v in vars(m).items():  # what the block reads of it besides calling it (``attn.resolution``)
+                        if not k.startswith("_") and not hasattr(folded, k):
+                            setattr(folded, k, v)
+                    setattr(owner, name, folded)
+                    for r in sub.regions:
+                        r.source = f"{path}.{r.source}"
+                        r.ops = [f"{path}.{o}" for o in r.ops]
+                        r.into = [f"{path}.{o}" for o in r.into]
+                    report.regions.extend(sub.regions)
+                return
+        for child_name, child in list(m.named_children()):
+            visit(m, child_name, child, f"{path}.{child_name}")
+
+    for path in leaves:
+        leaf = gm.get_submodule(path)
+        seen = calls.get(id(leaf), [])
+        if len(seen) != 1:
+            continue
+        args, kwargs = seen[0]
+        before, n_regions = copy.deepcopy(leaf), len(report.regions)
+        for name, child in list(leaf.named_children()):
+            visit(leaf, name, child, f"{path}.{name}")
+        try:  # the block as a whole, on its inputs of that run: what it computed before
+            same = _same(functools.partial(leaf, **kwargs), functools.partial(before, **kwargs), args)
+        except Exception:  # noqa: BLE001 (the block reads its submodules in a way the folded ones do not serve)
+            same = False
+        if not same:
+            owner, _, name = path.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, name, before)
+            del report.regions[n_regions:]
+
+
+def _same(folded: nn.Module, m: nn.Module, args: tuple) -> bool:
+    """Whether ``folded`` computes what ``m`` does on ``args``, within the rounding of their element type."""
+    with torch.no_grad():
+        a, b = folded(*args), m(*args)
+    flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    if len(flat_a) != len(flat_b):
+        return False
+    for x, y in zip(flat_a, flat_b):
+        if not isinstance(y, torch.Tensor):
+            continue
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            return False
+        if y.is_floating_point():
+            tol = 1e-9 if y.dtype == torch.float64 else 1e-4 if y.dtype == torch.float32 else 5e-2
+            scale = float(y.double().abs().max()) or 1.0
+            if float((x.double() - y.double()).abs().max()) > tol * scale:
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
 
 
 # Augmented assignments on tensors write into their left operand.

@@ -147,7 +147,9 @@ def to_graph_module(
     With ``share_parameters`` the copy holds the caller's own parameter
     tensors (modules, graph and buffers are still copied): a caller that
     replaces many of them saves cloning those, and must call
-    ``own_parameters`` on the result before handing it out.
+    ``own_parameters`` on the result before handing it out. A graph of ATen
+    ops loses the ops that write nothing and that nobody reads, with the
+    weights only they read (``repfold._export.as_torch``).
     """
     memo = {id(p): p for p in model.parameters()} if share_parameters else {}
     own = copy.deepcopy(model, memo)

@@ -9,7 +9,22 @@ written to ONNX the same way:
   batch (``bn(linear(x).flatten(0, 1)).reshape_as(x)``), one after another
   without an activation between (LeViT's downsampling stages);
 * FastViT's MobileOne block and RepMixer on the torch.export path, where
-  timm's ``out += branch(x)`` is an in-place ``aten.add_``.
+  timm's ``out += branch(x)`` is an in-place ``aten.add_``;
+* iFormer's ``RepCPE`` (``x + BN(dwconv(x))``, the identity summed into the
+  depthwise kernel) before an attention that flattens the positions;
+* YOLOv10's head, whose one-to-many branch export mode computes and no longer
+  returns: torch.export keeps it, ultralytics' ``fuse()`` drops it;
+* BatchNorms inside a block torch.fx keeps whole (TinyViT's ``TinyVitBlock``,
+  EfficientViT-MSRA's ``LocalWindowAttention``, which timm registers as not
+  traceable): timm's merge fuses them, and so does the fold;
+* the attention mask that masks nothing, which Hugging Face models build under
+  torch.export (and skip under ``jit.trace``): the graph ``insert`` returns,
+  and the fold of an ExportedProgram, call attention without it;
+* NextViT's ``NextTransformerBlock``: the BatchNorm1d after the keys' average
+  pooling into k and v (one transpose copied for both). Known and left: its
+  ``norm1`` (after the patch embedding's folded BatchNorm and a token
+  transpose, and with ``sr_ratio > 1`` reaching k/v through the pooling, which
+  the algebra cannot carry) stays where timm merges it into q/k/v.
 """
 
 from __future__ import annotations
@@ -23,13 +38,16 @@ import torch
 from conftest import export, rel_err
 from test_cli import run
 from torch import nn
+from torch.nn import functional as F
 
 import repfold
 from repfold._fx import op_counts
 
 timm = pytest.importorskip("timm")
 from timm.models.fastvit import MobileOneBlock, RepMixer
+from timm.models.iformer import ConvNorm, RepCPE
 from timm.models.levit import LinearNorm
+from timm.models.nextvit import NextTransformerBlock
 from timm.utils.model import reparameterize_model
 
 
@@ -204,3 +222,201 @@ def test_export_in_place_sum_kept_where_read_again():
     folded = repfold.fold(ep)
     with torch.no_grad():
         np.testing.assert_allclose(folded.module()(x.clone()).numpy(), model(x.clone()).numpy(), rtol=1e-10, atol=1e-12)
+
+
+# --- iFormer: RepCPE's identity into its depthwise conv, before an attention's flatten -------------------
+
+
+class _Tokens(nn.Module):
+    """An attention's entry as iFormer's: 1x1 convs with BatchNorms, then the positions flattened into tokens."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.q, self.k = ConvNorm(c, c), ConvNorm(c, c)
+
+    def forward(self, x):
+        q, k = self.q(x).flatten(2), self.k(x).flatten(2)
+        return x + (k @ (q.transpose(1, 2) @ k).softmax(-1).transpose(1, 2)).reshape(x.shape)
+
+
+def _iformer(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvNorm(3, 8, 3, 1, 1), nn.GELU(), RepCPE(8, 3), _Tokens(8), RepCPE(8, 3), _Tokens(8))
+    return _randomize_bns(model).to(dtype)
+
+
+@pytest.mark.parametrize("path", ["fx", "export", "onnx"])
+def test_iformer_rep_cpe_identity_sums_into_its_conv(path):
+    """The kernel map of RepCPE's conv ends at the attention's flatten; its sum with the identity beside it
+    still folds into the conv (before: the conv started a region of its own, and the Add stayed)."""
+    dtype = torch.float32 if path == "onnx" else torch.float64
+    model, x = _iformer(dtype), _x(1, 3, 6, 6, dtype=dtype)
+    merged = reparameterize_model(copy.deepcopy(model))
+    if path == "fx":
+        folded = repfold.fold(model, example_inputs=(x,))
+        with torch.no_grad():
+            assert rel_err(folded(x), model(x)) < 1e-10
+        got, want = collections.Counter(op_counts(folded)), collections.Counter(op_counts(torch.fx.symbolic_trace(merged)))
+    elif path == "export":
+        folded = repfold.fold(torch.export.export(model, (x,), strict=False))
+        with torch.no_grad():
+            assert rel_err(folded.module()(x), model(x)) < 1e-10
+        got, want = _aten(folded), _aten(torch.export.export(merged, (x,), strict=False))
+    else:
+        folded = repfold.fold(export(model, x, False))
+        with torch.no_grad():
+            assert rel_err(run(folded, x.numpy()), model(x)) < 1e-5
+        got = collections.Counter(n.op_type for n in folded.graph.node)
+        want = collections.Counter(n.op_type for n in export(merged, x, False).graph.node)
+    _at_most(got, want, skip=("Identity", "Constant"))
+
+
+# --- YOLOv10: a branch torch.export keeps that nothing reads ------------------------------------------
+
+
+class _DeadBranch(nn.Module):
+    """A head that computes a second branch and returns the first only (YOLOv10's one-to-many head in export
+    mode), and a buffer it writes in place whose result nobody reads."""
+
+    def __init__(self, writes: bool = True) -> None:
+        super().__init__()
+        self.writes = writes
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.one = nn.Conv2d(8, 4, 1)
+        self.many = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.stem(x)
+        self.many(y)  # computed, not returned
+        if self.writes:
+            self.calls.add_(1)
+        return self.one(y)
+
+
+def test_export_drops_a_branch_nobody_reads_and_keeps_writes():
+    model = _randomize_bns(_DeadBranch()).double()
+    x = _x(1, 3, 6, 6)
+    ep = torch.export.export(model, (x,), strict=False)
+    assert _aten(ep)["aten.conv2d"] == 4
+    folded, report = repfold.fold(ep, return_report=True)
+    assert _aten(folded)["aten.conv2d"] == 2 and _aten(folded)["aten.batch_norm"] == 0, report
+    assert not any(k.startswith("many.") for k in folded.state_dict), list(folded.state_dict)
+    module = folded.module()
+    with torch.no_grad():
+        assert rel_err(module(x), model(x)) < 1e-10
+        calls = float(module.calls)
+        module(x)
+    assert float(module.calls) == calls + 1  # the in-place write, read by nobody, still runs
+    # a torch.fx trace keeps what it computes (a Python-level op may write without saying so)
+    model.writes = False  # (torch.fx refuses a forward that writes a buffer)
+    fx_folded = repfold.fold(model, example_inputs=(x,))
+    assert sum(1 for n in fx_folded.graph.nodes if n.op == "call_module" and n.target.startswith("many")) == 2
+
+
+# --- TinyViT / EfficientViT-MSRA: BatchNorms inside a block fx keeps whole -------------------------------
+
+
+class _Windowed(nn.Module):
+    """A block fx cannot trace (control flow on the input's size), with conv + BatchNorm submodules and a
+    submodule attribute its forward reads (EfficientViT-MSRA's ``self.attn.resolution``)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.local = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.mix = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 1))
+        self.mix.size = 4
+
+    def forward(self, x):
+        if x.shape[-1] > self.mix.size:  # (not traceable)
+            x = x + self.local(x)
+        return x + self.mix(x)
+
+
+def test_batch_norms_fold_inside_a_block_fx_keeps_whole():
+    torch.manual_seed(0)
+    model = _randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Windowed(8), nn.GELU(), _Windowed(8))).double()
+    x = _x(1, 3, 6, 6)
+    folded, report = repfold.fold(model, example_inputs=(x,), leaf_modules=(_Windowed,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-10
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), report
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in reparameterize_model_bn(model).parameters())
+    assert any(r.source.startswith("1.local") and r.folded for r in report.regions), report
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in folded.parameters())
+
+
+def reparameterize_model_bn(model: nn.Module) -> nn.Module:
+    """``model`` with every conv + BatchNorm pair of a Sequential fused, as timm's ``ConvNorm.fuse()`` does."""
+    merged = copy.deepcopy(model)
+    for m in merged.modules():
+        if isinstance(m, nn.Sequential):
+            for k in range(len(m) - 1):
+                if isinstance(m[k], nn.Conv2d) and isinstance(m[k + 1], nn.BatchNorm2d):
+                    m[k] = torch.nn.utils.fusion.fuse_conv_bn_eval(m[k], m[k + 1])
+                    m[k + 1] = nn.Identity()
+    return merged
+
+
+# --- Hugging Face under torch.export: an attention mask that masks nothing ---------------------------------
+
+
+class _Masked(nn.Module):
+    """Attention with a mask made from constants: all True (Hugging Face's bidirectional mask under
+    torch.export) or causal (a mask that masks)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        n = x.shape[1]
+        keep = torch.arange(n) >= 0
+        mask = keep[None, None, None, :].expand(1, 1, n, n)
+        if self.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool).tril()
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_mask_that_masks_nothing_is_dropped(causal):
+    torch.manual_seed(0)
+    model, x = _Masked(causal).double().eval(), _x(1, 5, 8)
+    ep = torch.export.export(model, (x,), strict=False)
+    folded = repfold.fold(ep)
+
+    def masks(graph):
+        sdpa = [n for n in graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+        return [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in sdpa]
+
+    assert masks(ep.graph) != [None]
+    assert (masks(folded.graph) == [None]) is not causal
+    gm = repfold.insert(ep.module(), before=["proj"], example_inputs=(x,))
+    assert (masks(gm.graph) == [None]) is not causal
+    with torch.no_grad():
+        assert rel_err(folded.module()(x), model(x)) < 1e-10
+        assert rel_err(gm(x), model(x)) < 1e-10  # (the adapter starts as an identity)
+
+
+# --- NextViT: BatchNorms before the attention's q/k/v ----------------------------------------------------
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_nextvit_block_pooled_norm_folds_into_kv(sr_ratio):
+    torch.manual_seed(0)
+    model = _randomize_bns(NextTransformerBlock(128, 128, drop_path=0.0, sr_ratio=sr_ratio)).double()
+    x = _x(1, 128, 4, 4)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-10
+    norms = [n.target for n in folded.graph.nodes if n.op == "call_module" and "norm" in n.target]
+    assert norms == ["norm1"], (norms, report)  # (the known gap, above)
+    merged = copy.deepcopy(model)
+    merged.reparameterize()
+    want = collections.Counter(op_counts(torch.fx.symbolic_trace(merged)))
+    want["BatchNorm2d"] += 1
+    _at_most(collections.Counter(op_counts(folded)), want)
