@@ -144,6 +144,7 @@ def plan(
     position: Callable[[str], int] = lambda name: 0,
     hazard: Callable[[str], str | None] = lambda name: None,
     written: Collection[str] = (),
+    shared: Callable[[str], bool] = lambda name: False,
 ) -> Plan:
     """Find the adapter regions among ``steps`` and decide how each folds.
 
@@ -182,7 +183,7 @@ def plan(
     removed: dict[str, str] = {}  # adapter layers a fold of any pass removed -> that region's source
     while True:
         result, more, more_cuts = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position,
-                                             hazard, fresh, cuts, frozenset(written))
+                                             hazard, fresh, cuts, frozenset(written), shared)
         for h, src in result.removed.items():
             removed.setdefault(h, src)
         if more <= fresh and more_cuts <= cuts:
@@ -211,7 +212,7 @@ def _undone(result: Plan, removed: dict[str, str], steps: Sequence[Step], label:
 
 
 def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str],
-               cuts: set[str], written: frozenset[str] = frozenset()):
+               cuts: set[str], written: frozenset[str] = frozenset(), shared=lambda name: False):
     """One planning pass, with the values in ``fresh`` as sources whatever they compute, and those in ``cuts``
     sources to the ops that read them (the ops that compute them stay in their region, of which they are an
     exit); returns the plan and the values to be fresh, and to be cuts, next time."""
@@ -368,6 +369,10 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             keep(region, members, f"{by_name[e].label} feeds {feeds}; {why}")
             continue
         chosen, settled = outcome
+        copied = [f.absorber for f in chosen if shared(f.absorber)] if not adapter else []
+        if copied:  # the model's own scales into one call of a layer called elsewhere too: a copy of its weights
+            keep(region, members, f"{by_name[copied[0]].label} shares its weights with another call")
+            continue
         taken = [f.absorber for f in chosen if f.absorber in absorbers]
         if taken:  # a layer rebuilt for another region already (a scale region and an adapter on one conv)
             keep(region, members, f"{by_name[taken[0]].label} takes another region's fold already")

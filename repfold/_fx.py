@@ -440,10 +440,20 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
         return [(label(u.name), order[u.name], reads_rank_only(u)) for u in nodes[name].users
                 if is_shape_read(u) and u in live_before]
 
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+
+    def shared(name: str) -> bool:  # a layer whose weights another call reads too
+        n = nodes[name]
+        if n.op == "call_module":
+            return calls[n.target] > 1
+        w = n.args[1] if n.op == "call_function" and len(n.args) > 1 else None
+        return isinstance(w, fx.Node) and w.op == "get_attr" and (reads[w.target] > 1 or len(w.users) > 1)
+
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
         shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label, order),
-        written={n.name for n in effects.written()},
+        written={n.name for n in effects.written()}, shared=shared,
     )
     report.regions = plan.regions + _lost_adapters(gm, plan.regions, label)
     report.unseen = plan.unseen

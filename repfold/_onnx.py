@@ -618,9 +618,18 @@ def fold_onnx(
         return [(f"{c.name} (Shape)" if c.name else "Shape", order.get(c.outputs[0].name, 0) if c.outputs else 0)
                 for c in tensors[name].outputs if c.op == "Shape"]
 
+    def shared(name: str) -> bool:  # a layer whose weight initializer another node reads too
+        node = tensors[name].inputs[0] if tensors[name].inputs else None
+        if node is not None and node.op == "Add" and node.inputs and node.inputs[0].inputs:
+            node = node.inputs[0].inputs[0]  # a MatMul and its bias Add are one step
+        if node is None or node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            return False
+        return isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].outputs) > 1
+
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(tensors[n]), label, scales=scales,
         dtype=lambda n: ctx.dtype(tensors[n]), shape_reads=shape_reads, position=lambda n: order.get(n, -1),
+        shared=shared,
     )
     ctx.release()  # the plan holds the new weights; the float64 copies of the old ones can go
     for s in steps:

@@ -420,3 +420,44 @@ def test_nextvit_block_pooled_norm_folds_into_kv(sr_ratio):
     want = collections.Counter(op_counts(torch.fx.symbolic_trace(merged)))
     want["BatchNorm2d"] += 1
     _at_most(collections.Counter(op_counts(folded)), want)
+
+
+# --- CoaT: a positional conv shared by the blocks of a stage ---------------------------------------------
+
+
+class _SharedPosConv(nn.Module):
+    """CoaT-Lite's ``ConvPosEnc``, one module every block of a stage calls: ``x + dwconv(x)``, then flattened."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.cpe = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.blocks = nn.ModuleList([nn.Linear(c, c) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = self.cpe(x) + x
+            b, c, h, w = x.shape
+            x = block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        return x
+
+
+@pytest.mark.parametrize("path", ["fx", "onnx"])
+def test_a_shared_conv_takes_no_copy_of_the_models_own_sum(path):
+    """Summing the identity into one call of a conv other calls read too would copy its weights (+ the conv's
+    values per call): the model's own sum stays (an adapter's region still folds into such a layer)."""
+    torch.manual_seed(0)
+    model, x = _SharedPosConv().eval(), _x(1, 8, 4, 4, dtype=torch.float32)
+    if path == "fx":
+        folded = repfold.fold(model, example_inputs=(x,))
+        n_params = sum(p.numel() for p in folded.parameters())
+        with torch.no_grad():
+            assert rel_err(folded(x), model(x)) < 1e-6
+    else:
+        from repfold._onnx import n_params as onnx_params
+
+        proto = export(model, x, False)
+        folded = repfold.fold(proto)
+        n_params = onnx_params(folded)
+        assert n_params <= onnx_params(proto)
+        assert rel_err(run(folded, x.numpy()), model(x)) < 1e-5
+    assert n_params <= sum(p.numel() for p in model.parameters())
