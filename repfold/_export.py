@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from . import _graph
 from ._report import FoldReport
-from ._writes import as_method, aten_writes_self, index_assignments
+from ._writes import ALIAS, as_method, aten_writes_self, index_assignments
 
 
 @functools.cache
@@ -114,6 +114,8 @@ def as_torch(gm: fx.GraphModule) -> fx.GraphModule:
                 n.args = (n.args[0], n.args[1], "constant", n.args[2] if len(n.args) > 2 else 0.0)
             n.target = _functions()[t]
         elif t in _methods() and (not n.kwargs or _methods()[t] in _METHOD_KWARGS):
+            if t is aten.alias.default:  # read as the identity it is; written back as a view after a fold
+                n.meta[ALIAS] = True
             n.op, n.target = "call_method", _methods()[t]
         elif t is aten._assert_tensor_metadata.default and not n.users:
             gm.graph.erase_node(n)  # the exporter's check of a ``.to()``: exporting again writes it where one stays

@@ -33,7 +33,7 @@ from ._trace import (
     shape,
     to_graph_module,
 )
-from ._writes import index_assignments
+from ._writes import ALIAS, index_assignments, restore_aliases
 
 
 class FxContext:
@@ -347,7 +347,7 @@ def op_counts(gm: fx.GraphModule) -> dict[str, int]:
         if n.op == "call_module":
             counts[type(gm.get_submodule(n.target)).__name__] += 1
         elif n.op in ("call_function", "call_method"):
-            t = n.target
+            t = operator.getitem if n.meta.get(ALIAS) else n.target  # (an alias read as a clone: a view)
             counts[t if isinstance(t, str) else getattr(t, "__name__", str(t))] += 1
     return dict(counts)
 
@@ -494,6 +494,7 @@ def fold_fx(
     _drop_unread_tensors(gm, p.read_before)
     own_parameters(gm, model, ctx.thaw)
     gm.meta.get(META_KEY, {}).pop("frozen", None)
+    restore_aliases(gm)
     gm.graph.lint()
     gm.recompile()
     _fold_leaves(gm, p.inputs, report, scales, leaf_modules, leaf_functions)

@@ -461,3 +461,31 @@ def test_a_shared_conv_takes_no_copy_of_the_models_own_sum(path):
         assert n_params <= onnx_params(proto)
         assert rel_err(run(folded, x.numpy()), model(x)) < 1e-5
     assert n_params <= sum(p.numel() for p in model.parameters())
+
+
+# --- GhostNet: a slice of every channel, which torch.export writes as an alias -----------------------------
+
+
+class _FullSlice(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c = c
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))[:, : self.c] * 2  # (GhostNet's ``out[:, :self.out_chs]``)
+
+
+def test_an_alias_stays_a_view_after_a_fold():
+    """torch.export writes a slice of every channel as ``aten.alias``; the fold reads it as the identity, and the
+    folded program must not copy where the model viewed (GhostNet's export path had 32 ``aten.clone`` more)."""
+    model, x = _randomize_bns(_FullSlice()).double(), _x(1, 3, 5, 5)
+    ep = torch.export.export(model, (x,), strict=False)
+    assert _aten(ep)["aten.alias"] == 1
+    folded = repfold.fold(ep)
+    got = _aten(folded)
+    assert got["aten.clone"] == 0 and got["aten.batch_norm"] == 0, got
+    with torch.no_grad():
+        assert rel_err(folded.module()(x), model(x)) < 1e-10
+    gm = repfold.fold(model, example_inputs=(x,))  # (fx: no alias, nothing to restore)
+    assert not any(n.target == "clone" for n in gm.graph.nodes)
