@@ -1744,9 +1744,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                 res["status"], res["stage"], res["error"] = "not traceable", "peft", row["adapter_error"]
         except Exception as e:  # noqa: BLE001 (a Stage, or a bug of this harness or of torch running a model)
             res = _failure(e)
-        res["time_s"] = round(time.perf_counter() - t, 2)
-        row["paths"][p] = res
-        save()
+        _path_done(row, p, res, t, save)
     return row
 
 
@@ -1880,10 +1878,15 @@ def run_detection(entry: dict, paths=PATHS, progress=None) -> dict:
             res.setdefault("status", judge(res))
         except Exception as e:  # noqa: BLE001 (a Stage, or a bug of this harness or of torch running a model)
             res = _failure(e)
-        res["time_s"] = round(time.perf_counter() - t, 2)
-        row["paths"][p] = res
-        save()
+        _path_done(row, p, res, t, save)
     return row
+
+
+def _path_done(row: dict, path: str, res: dict, t: float, save) -> None:
+    """Path ``path``'s result ``res`` (begun at ``t``) into ``row``, saved."""
+    res["time_s"] = round(time.perf_counter() - t, 2)
+    row["paths"][path] = res
+    save()
 
 
 def _failure(e: Exception) -> dict:

@@ -162,8 +162,9 @@ def _drop_trivial_masks(gm: fx.GraphModule) -> None:
     exported again, that mask cost 2 IsNaN, 2 Add and 2 Where over the base model's own export. A boolean
     mask all True, or an additive one all zeros, gives every score its weight as no mask does: exact."""
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
-    order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    for n in [n for n in gm.graph.nodes if n.target is sdpa]:
+    calls = [n for n in gm.graph.nodes if n.target is sdpa]
+    order = {n: k for k, n in enumerate(gm.graph.nodes)} if calls else {}
+    for n in calls:
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
         if not isinstance(mask, fx.Node):
             continue
