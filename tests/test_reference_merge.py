@@ -35,7 +35,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import export, rel_err
+from conftest import export, randomize_adapters, rel_err
 from test_cli import run
 from torch import nn
 from torch.nn import functional as F
@@ -400,6 +400,13 @@ def test_a_mask_that_masks_nothing_is_dropped(causal):
     with torch.no_grad():
         assert rel_err(folded.module()(x), model(x)) < 1e-10
         assert rel_err(gm(x), model(x)) < 1e-10  # (the adapter starts as an identity)
+    randomize_adapters(gm)
+    gm.eval()
+    gm_folded = repfold.fold(gm)
+    assert (masks(gm_folded.graph) == [None]) is not causal
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) > 1e-3  # the trained adapter changes the output
+        assert rel_err(gm_folded(x), gm(x)) < 1e-10
 
 
 # --- NextViT: BatchNorms before the attention's q/k/v ----------------------------------------------------
