@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 
-from . import attention, conv, elementwise, layout, linear, normalization, pooling
+from . import attention, conv, elementwise, embedding, layout, linear, normalization, pooling
 from ._base import Match
 
-RULES = (linear, conv, pooling, attention, normalization, elementwise, layout)
+RULES = (linear, conv, embedding, pooling, attention, normalization, elementwise, layout)
 
 
 @functools.cache
@@ -53,5 +53,5 @@ def onnx_rules(node) -> tuple:
     return _onnx_index().get(node.op, ()) if node.domain in ("", "ai.onnx", None) else ()
 
 
-__all__ = ["RULES", "Match", "attention", "conv", "elementwise", "fx_rules", "layout", "linear", "normalization",
+__all__ = ["RULES", "Match", "attention", "conv", "elementwise", "embedding", "fx_rules", "layout", "linear", "normalization",
            "onnx_rules", "pooling"]

@@ -101,6 +101,9 @@ class Channels:
     # an op more (ONNX's bare MatMul, an Add) may take one there, the planner keeping the region only where
     # that bias replaces a per-channel shift of the model's own (LeViT's BatchNorm1d after a bias-less Linear)
     shift_adds: bool = False
+    # sources that are token ids read as one-hot vectors (an embedding's lookup: see patterns.embedding), each
+    # with its vocabulary size: the channel axis is one the graph never holds, so only a lookup takes the region
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def source(self, name: str, shape) -> Affine:
         self.shapes[name] = tuple(shape)

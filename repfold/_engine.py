@@ -751,10 +751,14 @@ def _settle(src, members, ctx: _Ctx, adapter: bool, scales: bool):
 
 def _may_leave(e: str, ctx: _Ctx) -> bool:
     """Whether layer ``e`` at a region's failing exit may leave the region, the rest folding without it: a
-    conv (it may take the region as its input instead) or a layer reading a conv's kernel map (the 1x1 after
-    a depthwise conv), the model's own layers, which then stay as they are. Any other layer at the exit
-    blocks the region: it may be an adapter's, which a fold must not leave behind."""
+    conv (it may take the region as its input instead), a layer reading a conv's kernel map (the 1x1 after
+    a depthwise conv) or a layer after an embedding's lookup (none but a lookup takes token ids), the
+    model's own layers, which then stay as they are. Any other layer at the exit blocks the region: it may
+    be an adapter's, which a fold must not leave behind."""
     step = ctx.by_name[e]
+    v = ctx.state.get(e)
+    if v is not None and v.source in ctx.ch.tokens and not getattr(step.op, "reads_ids", False):
+        return True  # a layer after an embedding's lookup can't take token ids: the model's, it stays as it is
     return hasattr(step.op, "absorb_input") or any(_kernel_map(ctx.state, i) for i in step.inputs)
 
 
@@ -912,6 +916,7 @@ def _fewest_layers(region, src: str, e: str, ctx: _Ctx) -> int:
 def _into(src, e, h, ctx: _Ctx) -> Fold:
     """Exit ``e`` taken by heavy layer ``h`` of the region, rebuilt to read the source."""
     step, state, ch = ctx.by_name[h], ctx.state, ctx.ch
+    _reads_ids(src, step, ctx)
     u = step.inputs[0]
     if not ch.same_layout(state[u], state[e]):
         raise NotAffine("the region moves positions after the layer")
@@ -934,6 +939,7 @@ def _sinks(src, e, folded, ctx: _Ctx, reasons) -> list[Fold] | None:
         if absorb is None or step.emit is None:
             return None
         try:
+            _reads_ids(src, step, ctx)
             W, b = absorb(ctx.state[e], ctx.ch, [k for k, i in enumerate(step.inputs) if i == e])
             via, start = _replay(src, e, ctx)
             _same_value_type(src, start, e, ctx)
@@ -954,6 +960,7 @@ def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
         reasons.append((src, f"{step.label} also feeds ops outside the region"))
         return None
     try:
+        _reads_ids(src, step, ctx)
         W, b = absorb(ctx.state[e], ctx.ch)
         via, start = _replay(src, e, ctx)
         _same_value_type(src, start, e, ctx)
@@ -961,6 +968,14 @@ def _producer(src, e, folded, ctx: _Ctx, reasons) -> Fold | None:
         reasons.append((src, f"{step.label}: {err}"))
         return None
     return Fold("producer", e, e, src, src, W, b, via, start)
+
+
+def _reads_ids(src: str, step: Step, ctx: _Ctx) -> None:
+    """A region whose source is token ids (one-hot vectors the graph never holds) goes into a lookup of them
+    only: any other layer would read the ids as values."""
+    if src in ctx.ch.tokens and not getattr(step.op, "reads_ids", False):
+        raise NotAffine("the region's source is token ids read by an embedding: only an embedding's table "
+                        "can take it")
 
 
 def _same_value_type(src: str, start: str, want: str, ctx: _Ctx) -> None:
@@ -1094,6 +1109,8 @@ def _width(state, ch: Channels, name: str) -> int | None:
     v = state[name]
     if v is None or v.source not in ch.axis:
         return None
+    if v.source in ch.tokens and v.rank < len(ch.shapes[v.source]):  # token ids: one-hot vectors the graph
+        return ch.tokens[v.source]  # never holds
     return v.shape[ch.channel_form(v).cax]
 
 

@@ -136,9 +136,11 @@ class FxContext:
         return self.graph.get_attr(name)
 
     def replace_module(self, node: fx.Node, new: nn.Module) -> str:
-        """Install ``new`` in place of ``node``'s module; a new name if others call the old one."""
+        """Install ``new`` in place of ``node``'s module; a new name if others call the old one or read its
+        tensors (a tied head's ``F.linear(h, self.embed.weight)``: at the old path, it would read the new ones)."""
         target = node.target
-        if self.calls[target] > 1:
+        if self.calls[target] > 1 or any(n.op == "get_attr" and n.target.startswith(f"{target}.")
+                                         for n in self.gm.graph.nodes):
             base, i = f"{target}_folded", 0
             while _has_submodule(self.gm, target):
                 target = f"{base}_{i}" if i else base

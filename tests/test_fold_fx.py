@@ -234,3 +234,32 @@ def test_a_model_fx_cannot_trace_is_folded_through_torch_export():
     assert "BatchNorm2d" not in str(report.ops_after), str(report)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-5
+
+
+def test_a_layer_whose_weight_is_read_elsewhere_too_keeps_it_for_that_reader():
+    """A layer rebuilt for an adapter whose weight another op reads by its path (a tied head,
+    ``F.linear(h, self.proj.weight)``): the rebuilt layer goes in under a new name, and the other reader
+    still reads the weight it read (it used to read the folded one: outputs 100% wrong)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Linear(8, 2, bias=False), nn.Linear(2, 8, bias=False)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            a = x + self.up(self.down(x))  # an adapter before proj
+            return self.proj(a) + F.linear(torch.relu(x), self.proj.weight)
+
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        assert (want - (model.proj(x) + F.linear(torch.relu(x), model.proj.weight))).abs().max() > 1e-3
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert [r.folded for r in report.regions] == [True], report
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), want, atol=1e-12, rtol=0)
