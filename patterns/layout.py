@@ -241,7 +241,21 @@ ONNX_OPS = frozenset({"Transpose", "Identity", "Dropout", "Cast", "Reshape", "Fl
 def fx_keys() -> set:
     return {torch.cat, nn.Dropout, nn.Identity, nn.Flatten, *_FX_SAME_METHODS, "to", "type", F.dropout,
             *_fx_reshapes(), "transpose", torch.transpose, "permute", torch.permute, "roll", torch.roll, F.pad,
-            operator.getitem}
+            operator.getitem, "unfold", torch.ops.aten.unfold.default, F.fold, torch.ops.aten.col2im.default}
+
+
+def _fx_patches(node, ctx) -> bool:
+    """Whether ``x.unfold(dim, 1, 1)`` or ``F.fold`` (ATen's ``col2im``) with 1-pixel patches, stride 1, no
+    padding: a reshape (OFT's patches of a 1x1 conv's input, and back)."""
+    t = node.target
+    if t in ("unfold", torch.ops.aten.unfold.default):
+        return len(node.args) == 4 and not node.kwargs and [ctx.value(a) for a in node.args[2:]] == [1, 1]
+    names = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
+    args = dict(zip(names, node.args)) | dict(node.kwargs)
+    if set(args) - set(names):
+        return False
+    want = {"kernel_size": 1, "dilation": 1, "padding": 0, "stride": 1}
+    return all((v := _ints(ctx, args.get(k, d))) is not None and set(v) == {d} for k, d in want.items())
 
 
 def match_fx(node, ctx) -> Match | None:
@@ -273,6 +287,8 @@ def match_fx(node, ctx) -> Match | None:
         return Match(Same(), (x,), label) if training is False else None
     if t in _fx_reshapes() and ctx.shape(node) is not None:
         return Match(Reshape(ctx.shape(node)), (x,), label)
+    if t in ("unfold", torch.ops.aten.unfold.default, F.fold, torch.ops.aten.col2im.default):
+        return Match(Reshape(ctx.shape(node)), (x,), label) if ctx.shape(node) and _fx_patches(node, ctx) else None
     rank = ctx.rank(x)
     if t in ("transpose", torch.transpose) and len(node.args) == 3 and not node.kwargs:
         return Match(Permute(swap(rank, ctx.value(node.args[1]), ctx.value(node.args[2]))), (x,), label)

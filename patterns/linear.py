@@ -70,6 +70,9 @@ class Dense:
     # which it takes only in a region of the model's own scales whose shift op the Add replaces (a BatchNorm)
     takes_bias: bool | str = True
     bias_computed: bool = False  # a value computed at run time is added after it (ONNX's MatMul + Add of one)
+    # a layer only an adapter has (OFT's rotation of a layer's input, its weight computed at run time): a region
+    # even alone, so that where nothing can take it the report says so
+    adapter_only: bool = False
 
     heavy = True
 
@@ -267,7 +270,8 @@ def _fx_block_rotation(node, ctx) -> Match | None:
     W = _block_rotation(ctx.shape(x), ctx.shape(node), ctx.const(ops[1]), ctx.shape(back))
     if W is None:
         return None
-    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True)  # never rebuilt: a Linear here would cost more
+    # never rebuilt: a Linear here would cost more
+    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True, adapter_only=True)
     return Match(op, (x,), f"{e.name} (einsum {eq})", (node, e, back))
 
 
@@ -412,7 +416,8 @@ def _onnx_block_rotation(node, ctx) -> Match | None:
     W = _block_rotation(ctx.shape(x), ctx.shape(split), ctx.const(e.inputs[1]), ctx.shape(back.outputs[0]))
     if W is None:
         return None
-    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True)  # never rebuilt: a MatMul here would cost more
+    # never rebuilt: a MatMul here would cost more
+    op = Dense(W, None, len(ctx.shape(x)) - 1, computed=True, adapter_only=True)
     return Match(op, (x,), f"{e.name} (Einsum {eq})", (node, e, back))
 
 

@@ -295,6 +295,10 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if v is not None and v.source != s.name and consumers(s.name):
             groups.setdefault(v.source, []).append(s.name)
 
+    for src, members in groups.items():  # token ids: the model's own layer after the lookups starts a region
+        if src in ch.tokens:
+            more_cuts.update(_token_cuts(src, members, by_name, consumers, flow))
+
     ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard, written)
     folds: list[Fold] = []
     regions: list[Region] = []
@@ -315,8 +319,9 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         core = _without_trailing(members, by_name, consumers)
         exits = [e for e in _exits(core, consumers) if not _pure(state[e])]  # the source relaid: no exit of its own
         # a layer whose weight is computed from weights alone (HRA's W·H) is a region even alone: storing the
-        # weight removes its computation
-        evaluated = any(getattr(by_name[m].op, "evaluable", False) for m in core)
+        # weight removes its computation; so is a layer only adapters have (OFT's rotation), to be reported
+        evaluated = any(getattr(by_name[m].op, "evaluable", False) or getattr(by_name[m].op, "adapter_only", False)
+                        for m in core)
         return heavy > len(_anchors(exits, core, by_name)) or evaluated, core
 
     def keep(region: Region, members: list[str], why: str) -> None:
@@ -434,6 +439,24 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
     accounted = folded_ops | absorbers | kept_ops
     return Plan(folds, regions, members_of, redirects, unseen, removed, accounted), more, more_cuts
+
+
+def _token_cuts(src: str, members: list[str], by_name, consumers, flow) -> set[str]:
+    """In a region of token ids (one-hot vectors, see ``patterns.embedding``), the values a stored layer other
+    than a lookup reads that every path to the region's exits crosses: the model's own layer after the lookups and
+    what a fold sums into them (``T[ids] + s·A[ids]·B`` then a projection, or a conv with a LoHa branch beside
+    it), which can take no token ids. The layer reads a source of its own there, as before lookups were
+    layers: its adapters fold into it, and the lookups' region ends before it."""
+    inside = set(members)
+    region = flow.subgraph([src, *members])
+    exits = _exits(members, consumers)
+    cuts = set()
+    for v in members:
+        reads = [c for c in consumers(v) if c in inside and by_name[c].op.heavy and not any(
+            getattr(by_name[c].op, k, False) for k in ("reads_ids", "computed", "adapter_only"))]
+        if reads and set(exits) <= _graph.dominated(region, src, v):
+            cuts.add(v)
+    return cuts
 
 
 def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:

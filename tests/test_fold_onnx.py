@@ -179,7 +179,8 @@ def test_a_reshape_that_regroups_heads_into_blocks_is_merged_first_and_put_back_
 
     model = _regrouped("relu")
     folded, report = repfold.fold(model, return_report=True)
-    assert [r.folded for r in report.regions] == [True], str(report)  # the scale
+    # the scale folds; the rotation, an adapter's layer nothing can take before the Relu, is reported kept
+    assert sorted((r.scale, r.folded) for r in report.regions) == [(False, False), (True, True)], str(report)
     assert ops(folded) == Counter({"Reshape": 2, "Einsum": 1, "Relu": 1, "MatMul": 1})
     assert rel_err(torch.from_numpy(run(folded, x)), torch.from_numpy(run(model, x))) < 1e-5
     model.graph.node.remove(model.graph.node[4])  # no scale: nothing folds, the model comes back as it was

@@ -92,3 +92,76 @@ def test_layouts_compare_by_positions():
     b = Reshape(SHAPE).transfer([Permute((0, 2, 1, 3)).transfer([x], ch)], ch)
     assert ch.same_layout(a, b) and not ch.same_layout(a, x)
     assert np.array_equal(a.pos, b.pos)
+
+
+class _PatchRotation:
+    """OFT's rotation of a conv's input as PEFT writes it: the input cut into ``k``x``k`` patches (stride 1, no
+    padding), each patch's ``C·k·k`` values rotated by a block-diagonal ``R`` computed from a parameter, the
+    patches summed back (``F.fold``), then the conv."""
+
+    @staticmethod
+    def make(k: int):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                n = 4 * k * k  # two blocks of half the patch
+                self.skew = nn.Parameter(torch.randn(2, n // 2, n // 2) * 0.3)
+                self.conv = nn.Conv2d(4, 6, k, padding=k // 2)
+
+            def forward(self, x):
+                b, c, h, w = 2, 4, 6, 6  # (as torch.export specialises PEFT's reads of x.shape)
+                S = self.skew - self.skew.transpose(1, 2)
+                R = torch.eye(S.shape[1], dtype=S.dtype) + S + S @ S / 2  # computed from the parameter alone
+                p = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).contiguous()
+                ho, wo = h - k + 1, w - k + 1
+                p = p.view(b * ho * wo, -1)
+                p = torch.einsum("...rk,rkc->...rc", p.reshape(b * ho * wo, 2, -1), R).reshape(b * ho * wo, -1)
+                p = p.view(b, ho, wo, c, k, k).permute(0, 3, 1, 2, 4, 5).contiguous()
+                x = F.fold(p.view(b, c * k * k, ho * wo), output_size=(h, w), kernel_size=(k, k), stride=(1, 1))
+                return torch.relu(self.conv(x))
+
+        return M()
+
+
+def test_one_pixel_patches_are_a_reshape_and_ofts_rotation_of_a_1x1_conv_folds():
+    """``x.unfold(d, 1, 1)`` and ``F.fold`` of 1x1 patches only reshape: OFT's rotation before a 1x1 conv is a
+    channel map, folded into the conv (nothing of the patches or the rotation runs)."""
+    import torch
+
+    import repfold
+    from repfold._fx import op_counts
+
+    torch.manual_seed(0)
+    model = _PatchRotation.make(1).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        assert (want - torch.relu(model.conv(x))).abs().max() > 1e-2
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), want, atol=1e-12, rtol=0)
+    assert [r.folded for r in report.regions] == [True], report
+    counts = op_counts(folded)
+    assert not {"unfold", "fold", "einsum", "permute"} & set(counts) and counts["Conv2d"] == 1, counts
+
+
+def test_ofts_rotation_of_a_kxk_conv_is_reported_kept():
+    """With 3x3 patches the rotated patches overlap when summed back: no weight of the conv holds that map
+    (PEFT's own merge_and_unload changes the outputs there). The rotation stays, and the report says so."""
+    import torch
+
+    import repfold
+
+    torch.manual_seed(0)
+    model = _PatchRotation.make(3).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    with torch.no_grad():
+        assert torch.equal(folded(x), want)
+    assert [r.folded for r in report.regions] == [False] and "einsum" in report.regions[0].reason, report

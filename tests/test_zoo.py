@@ -204,14 +204,7 @@ def test_raft_and_peft_type_rows_are_listed():
         zoo.resolve("peft:nope", [])
 
 
-# peft:lora's Embedding LoRA: repfold reports its region folded, but the lookup of A, the matmul by B and the add
-# stay (320 parameters, 3 operators over merge_and_unload); strict, so a fix makes this fail until the mark goes.
-_PEFT_KNOWN = {"peft:lora": "Embedding LoRA left unmerged (its branch stays; merge_and_unload merges it)"}
-
-
-@pytest.mark.parametrize("model_id", [pytest.param(m, marks=[pytest.mark.xfail(strict=True, reason=_PEFT_KNOWN[m])]
-                                                   if m in _PEFT_KNOWN else [], id=m)
-                                      for m in ("peft:loha", "peft:ia3", "peft:lora")])
+@pytest.mark.parametrize("model_id", ["peft:loha", "peft:ia3", "peft:lora", "peft:dora", "peft:oft"])
 def test_peft_type_on_every_target_kind(model_id):
     """A PEFT type on the toy model's target kinds (Embedding, 1x1 conv, strided 3x3 conv, grouped conv, Linear:
     those the type takes), folded on fx and torch.export: exact against the PEFT model, adapters with an effect,
