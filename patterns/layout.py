@@ -170,6 +170,33 @@ class Slice(_Layout):
 
 
 @dataclass
+class Take(_Layout):
+    """``np.take(x, index, axis)`` with a constant integer ``index`` of rank >= 1 (ONNX's Gather of positions:
+    the dynamo exporter's ``x.unfold(d, 1, 1)``): positions picked, repeated or reordered along one axis other
+    than the channel axis, ``index``'s axes in its place."""
+
+    index: np.ndarray
+    axis: int
+
+    def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
+        (v,) = ins
+        if not v.rank:
+            raise NotAffine("gathers from a scalar")
+        a, n = self.axis % v.rank, v.shape[self.axis % v.rank]
+        idx = np.where(self.index < 0, self.index + n, self.index)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise NotAffine("gathers outside the axis")
+        shape = v.shape[:a] + idx.shape + v.shape[a + 1:]
+
+        def reduced(pos, cax):
+            if cax == a:
+                raise NotAffine("gathers along the channel axis")
+            return np.take(pos, idx, axis=a), cax if cax < a else cax + idx.ndim - 1
+
+        return ch.relayout(v, shape, lambda p: np.take(p, idx, axis=a), reduced)
+
+
+@dataclass
 class Concat:
     """``cat`` of several values of one region along a non-channel axis; they must share one map."""
 
@@ -235,7 +262,7 @@ def _name(target) -> str:
 
 
 ONNX_OPS = frozenset({"Transpose", "Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-                      "Pad", "Slice", "Concat"})
+                      "Pad", "Slice", "Concat", "Gather", "Col2Im"})
 
 
 def fx_keys() -> set:
@@ -403,6 +430,20 @@ def match_onnx(node, ctx) -> Match | None:
         return Match(ZeroPad(widths) if zeros else CopyPad(widths, mode), (x,), label)
     if op == "Slice":
         return _onnx_slice(node, ctx, label)
+    if op == "Gather" and len(node.inputs) == 2 and ctx.const(x) is None:
+        index, rank = ctx.raw_const(node.inputs[1]), ctx.rank(x)
+        axis = node.attrs.get("axis", 0)
+        if index is None or not np.issubdtype(index.dtype, np.integer) or index.ndim < 1 or rank is None \
+                or axis % rank in ctx.named_axes(x) or ctx.shape(node.outputs[0]) is None:
+            return None
+        return Match(Take(np.asarray(index, dtype=np.int64), axis), (x,), label)
+    if op == "Col2Im" and len(node.inputs) == 3 and ctx.shape(node.outputs[0]) is not None:
+        block = ctx.raw_const(node.inputs[2])
+        a = node.attrs
+        ones = all(set(a.get(k, [1])) <= {1} for k in ("strides", "dilations")) and not any(a.get("pads", [0]))
+        if block is not None and set(np.asarray(block).reshape(-1).tolist()) == {1} and ones:
+            return Match(Reshape(ctx.shape(node.outputs[0])), (x,), label)  # 1-pixel patches summed back
+        return None
     if op == "Concat" and len(node.inputs) > 1 and all(ctx.const(i) is None for i in node.inputs):
         rank = ctx.rank(x)
         if rank is None or any(node.attrs.get("axis", 0) % rank in ctx.named_axes(i) for i in node.inputs):

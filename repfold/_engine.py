@@ -295,9 +295,13 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if v is not None and v.source != s.name and consumers(s.name):
             groups.setdefault(v.source, []).append(s.name)
 
+    recut: set[str] = set()  # token regions cut anew: planned next time, with the cuts
     for src, members in groups.items():  # token ids: the model's own layer after the lookups starts a region
         if src in ch.tokens:
-            more_cuts.update(_token_cuts(src, members, by_name, consumers, flow))
+            new = _token_cuts(src, members, by_name, consumers, flow) - cuts
+            if new:
+                more_cuts.update(new)
+                recut.add(src)
 
     ctx = _Ctx(by_name, state, ch, consumers, shape, dtype, flow, hazard, written)
     folds: list[Fold] = []
@@ -344,6 +348,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     # adapter regions first: a layer a scale region could also fold into goes to the adapter
     for src, members in sorted(groups.items(), key=lambda kv: not kinds[kv[0]][0]):
         adapter, core = kinds[src]
+        if src in recut:
+            continue
         if not adapter and not (scales and any(_scales(m, by_name, state) for m in members)):
             continue  # nothing to remove: a plain layer (or the source only moved), not an adapter region
         region = Region(label(src), [by_name[m].label for m in members], folded=False, scale=not adapter)
@@ -442,21 +448,24 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
 
 
 def _token_cuts(src: str, members: list[str], by_name, consumers, flow) -> set[str]:
-    """In a region of token ids (one-hot vectors, see ``patterns.embedding``), the values a stored layer other
-    than a lookup reads that every path to the region's exits crosses: the model's own layer after the lookups and
-    what a fold sums into them (``T[ids] + s·A[ids]·B`` then a projection, or a conv with a LoHa branch beside
-    it), which can take no token ids. The layer reads a source of its own there, as before lookups were
-    layers: its adapters fold into it, and the lookups' region ends before it."""
+    """In a region of token ids (one-hot vectors, see ``patterns.embedding``) that holds a stored layer other
+    than a lookup on the way to every exit (the model's own layer after the lookups, which can take no
+    token ids), the first value every path to the exits crosses: the lookups' sum (``T[ids] + s·A[ids]·B``),
+    or the lookup's output. What reads it sees a source of its own, as before lookups were layers: the
+    adapters between it and that layer (OFT's rotation, a LoHa branch beside a conv) fold into the layer, and
+    the lookups' region ends there."""
     inside = set(members)
     region = flow.subgraph([src, *members])
-    exits = _exits(members, consumers)
-    cuts = set()
-    for v in members:
-        reads = [c for c in consumers(v) if c in inside and by_name[c].op.heavy and not any(
-            getattr(by_name[c].op, k, False) for k in ("reads_ids", "computed", "adapter_only"))]
-        if reads and set(exits) <= _graph.dominated(region, src, v):
-            cuts.add(v)
-    return cuts
+    exits = set(_exits(members, consumers))
+    crossed = [v for v in members if exits <= _graph.dominated(region, src, v)]  # in the graph's order
+
+    def own_layer(c: str) -> bool:
+        return c in inside and by_name[c].op.heavy and not any(
+            getattr(by_name[c].op, k, False) for k in ("reads_ids", "computed", "adapter_only"))
+
+    if any(own_layer(c) for v in crossed for c in consumers(v)):
+        return {crossed[0]}
+    return set()
 
 
 def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:

@@ -3,6 +3,7 @@ written back by editing the model proto in place."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -667,21 +668,47 @@ def _split_regroups(g: onnx.GraphProto, shapes: dict, dtypes: dict, known: dict)
         if e is None:
             continue
         before, after = shapes.get(n.input[0]), shapes.get(n.output[0])
-        if before is None or after is None or len(before) != len(after) or len(after) < 3:
+        if before is None or after is None or len(after) < 3:
             continue
         eq = next((a.s.decode() for a in e.attribute if a.name == "equation"), "")
-        (h, d), (r, c), lead = before[-2:], after[-2:], before[:-2]
-        if not (block_matmul(eq) and lead == after[:-2] and all(isinstance(v, int) for v in (h, d, r, c))
-                and h * d == r * c and (h, d) != (r, c)):
+        (r, c), lead = after[-2:], before[:-2]
+        if not (block_matmul(eq) and all(isinstance(v, int) for v in (r, c))):
+            continue
+        if len(before) == len(after) and lead == after[:-2]:  # (..., h, d) -> (..., r, c): the merge keeps the
+            h, d = before[-2:]  # leading sizes as they are (0: the input's own size, allowzero off)
+            if not (isinstance(h, int) and isinstance(d, int) and h * d == r * c and (h, d) != (r, c)):
+                continue
+            spec = np.array([0] * len(lead) + [h * d], dtype=np.int64)
+            merged = (*lead, h * d)
+        elif all(isinstance(v, int) for v in (*before, *after)) and math.prod(before) == math.prod(after) \
+                and tuple(before) != (*after[:-2], r * c):
+            # another rank or other leading sizes (OFT's patches of a conv's input, (B, H, W, C, 1, 1) ->
+            # (B·H·W, r, c)): a merge to the split's leading sizes and r·c, static sizes only
+            merged = (*after[:-2], r * c)
+            spec = np.array(merged, dtype=np.int64)
+        else:
             continue
         x = n.input[0]
         mid, spec_name, name = (_fresh(names, f"{x}_merged"), _fresh(names, f"{x}_merged_shape"),
                                 _fresh(names, f"{n.name or 'Reshape'}_merge"))
-        spec = np.array([0] * len(lead) + [h * d], dtype=np.int64)  # 0: the input's own size (allowzero off)
         g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
         g.node.insert(k, onnx.helper.make_node("Reshape", [x, spec_name], [mid], name))
         n.input[0] = mid
-        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = (*lead, h * d), dtypes.get(x), spec, spec.shape
+        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = merged, dtypes.get(x), spec, spec.shape
+        made.append((name, mid, spec_name))
+        out = e.output[0]  # and back: the rotation's output merged to (..., r·c) before a Reshape to another shape
+        back = next((b for b in g.node if b.op_type == "Reshape" and b.input and b.input[0] == out), None)
+        if len(after) == len(before) and lead == after[:-2] or back is None or readers[out] != 1 \
+                or shapes.get(back.output[0]) == (*after[:-2], r * c):
+            continue
+        mid, spec_name, name = (_fresh(names, f"{out}_merged"), _fresh(names, f"{out}_merged_shape"),
+                                _fresh(names, f"{back.name or 'Reshape'}_merge"))
+        spec = np.array((*after[:-2], r * c), dtype=np.int64)
+        g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
+        at = next(i for i, b in enumerate(g.node) if b.output and b.output[0] == back.output[0])
+        g.node.insert(at, onnx.helper.make_node("Reshape", [out, spec_name], [mid], name))
+        back.input[0] = mid
+        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = tuple(spec), dtypes.get(out), spec, spec.shape
         made.append((name, mid, spec_name))
     return made
 

@@ -70,8 +70,8 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def export(model: torch.nn.Module, x: torch.Tensor, dynamo: bool):
-    """The ONNX proto of ``model`` from one of torch's two exporters."""
+def export(model: torch.nn.Module, x: torch.Tensor, dynamo: bool, opset: int = 17):
+    """The ONNX proto of ``model`` from one of torch's two exporters (TorchScript's at ``opset``)."""
     import onnx
 
     with warnings.catch_warnings():
@@ -80,7 +80,7 @@ def export(model: torch.nn.Module, x: torch.Tensor, dynamo: bool):
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset)
         return onnx.load_from_string(buf.getvalue())
 
 

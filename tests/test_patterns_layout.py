@@ -165,3 +165,34 @@ def test_ofts_rotation_of_a_kxk_conv_is_reported_kept():
     with torch.no_grad():
         assert torch.equal(folded(x), want)
     assert [r.folded for r in report.regions] == [False] and "einsum" in report.regions[0].reason, report
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_ofts_rotation_of_a_1x1_conv_folds_in_onnx(dynamo):
+    """The same in ONNX, run in onnxruntime against the eager model: the dynamo exporter writes
+    ``x.unfold(d, 1, 1)`` as a Gather of positions by a constant index (a layout op: ``Take``) and a
+    Transpose, ``F.fold`` as Col2Im, and the patch split and the rotation's way back each as one Reshape
+    from and to another rank, which the fold reads as a merge to ``(..., r·k)`` and the split."""
+    from collections import Counter
+
+    import onnx
+    import torch
+    from conftest import export
+
+    import repfold
+
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _PatchRotation.make(1).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x).numpy()
+    proto = export(model, x, dynamo=dynamo, opset=18)
+    folded, report = repfold.fold(proto, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {folded.graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [r.folded for r in report.regions if not r.scale] == [True], report
+    counts = Counter(n.op_type for n in folded.graph.node)
+    assert not {"Einsum", "Col2Im", "Gather"} & set(counts) and counts["Conv"] == 1, counts
