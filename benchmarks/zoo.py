@@ -1372,13 +1372,16 @@ def export_program(model, x):
 def aten_counts(ep) -> dict[str, int]:
     """An ExportedProgram's operators: its call_function targets (ATen ops, getitem), by operator (not
     overload: ``conv2d.padding`` and ``conv2d.default`` are one), an in-place op as its out-of-place twin (the
-    base's ``out += identity`` is ``add_``; a program re-exported from the folded graph may write ``add``)."""
+    base's ``out += identity`` is ``add_``; a program re-exported from the folded graph may write ``add``),
+    a transpose as a permute (PVT's ``x.permute(0, 2, 1)`` before its reduction conv, replayed on the source
+    as the adapter's own ``transpose(1, -1)``: one view op for another)."""
     counts: dict[str, int] = {}
     for n in ep.graph.nodes:
         if n.op == "call_function":
             op = getattr(n.target, "overloadpacket", None)  # aten.conv2d.padding and .default: one operator
             k = str(op) if op is not None else str(getattr(n.target, "__name__", n.target))
             k = re.sub(r"(?<=[a-z0-9])_$", "", k)  # aten.add_ -> aten.add
+            k = "aten.permute" if k == "aten.transpose" else k  # one view op: a fold may copy either
             counts[k] = counts.get(k, 0) + 1
     return counts
 

@@ -651,65 +651,74 @@ def fold_onnx(
 
 
 def _split_regroups(g: onnx.GraphProto, shapes: dict, dtypes: dict, known: dict) -> list[tuple[str, str, str]]:
-    """Write each Reshape that regroups a value's last two axes, ``(..., h, d) -> (..., r, k)``, for a block
-    matmul as two: a merge to ``(..., h·d)``, then the split (the dynamo exporter fuses an attention's head
-    merge with PEFT's OFT block split into one Reshape). Only the merged value, ``h·d`` channels on one
-    axis, is one a block rotation is a channel map of. ``shapes``, ``dtypes`` and ``known`` learn the new
-    values; the new merges are ``(node, its output, its shape)`` names, for :func:`_join_regroups`.
+    """Write some Reshapes as two, a merge of the last axes then the split, so that the value between holds
+    the channels on one axis where the algebra needs it. ``shapes``, ``dtypes`` and ``known`` learn the new
+    values; the new merges are ``(node, its output, its shape)`` names, for :func:`_join_regroups`, which
+    joins them again where the fold leaves them.
+
+    * A Reshape that regroups a value's last two axes for a block matmul, ``(..., h, d) -> (..., r, k)``:
+      the dynamo exporter fuses an attention's head merge with PEFT's OFT block split into one Reshape.
+      Only the merged value, ``h·d`` channels on one axis, is one a block rotation is a channel map of.
+      From another rank or other leading sizes (OFT's patches of a conv's input, ``(B, H, W, C, 1, 1) ->
+      (B·H·W, r, k)``, static sizes only) the merge is to ``(B·H·W, r·k)``, and the rotation's way back
+      is a merge to ``(B·H·W, r·k)`` before its Reshape to another shape.
+    * A Reshape that gives a value other leading sizes and splits its last axis at once, ``(B·N, C) ->
+      (B, N, h, d)`` (static sizes): the dynamo exporter writes LeViT's BatchNorm1d over tokens,
+      ``bn(x.flatten(0, 1)).reshape_as(x)``, then the attention's head split, as one. The merge to ``(B, N,
+      C)`` lays the norm's output out as the layer before it, which it then folds into.
     """
     names = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {v.name for v in g.input}
     names |= {n.name for n in g.node}
     readers = Counter(i for n in g.node for i in n.input) + Counter(o.name for o in g.output)
     einsums = {n.input[0]: n for n in g.node if n.op_type == "Einsum" and len(n.input) == 2}
     made = []
+
+    def merge(before: onnx.NodeProto, x: str, merged: tuple, spec: np.ndarray) -> None:
+        """A Reshape of ``x`` to ``spec`` (``merged``, its shape) inserted before node ``before``, which reads it."""
+        mid, spec_name, name = (_fresh(names, f"{x}_merged"), _fresh(names, f"{x}_merged_shape"),
+                                _fresh(names, f"{before.name or 'Reshape'}_merge"))
+        g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
+        at = next(i for i, b in enumerate(g.node) if b.output and b.output[0] == before.output[0])
+        g.node.insert(at, onnx.helper.make_node("Reshape", [x, spec_name], [mid], name))
+        before.input[0] = mid
+        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = merged, dtypes.get(x), spec, spec.shape
+        made.append((name, mid, spec_name))
+
+    static = lambda *shape: all(isinstance(v, int) for v in shape)  # noqa: E731
     for k in reversed(range(len(g.node))):  # inserting before k leaves the nodes before it in place
         n = g.node[k]
-        e = einsums.get(n.output[0]) if n.op_type == "Reshape" and readers[n.output[0]] == 1 else None
-        if e is None:
+        if n.op_type != "Reshape":
             continue
         before, after = shapes.get(n.input[0]), shapes.get(n.output[0])
+        e = einsums.get(n.output[0]) if readers[n.output[0]] == 1 else None
         if before is None or after is None or len(after) < 3:
+            continue
+        if e is None:  # (B·N, C) -> (B, N, h, d): the merge to (B, N, C) first
+            if static(*before, *after) and len(before) >= 2 and before[-1] == after[-2] * after[-1] \
+                    and after[-2] > 1 and after[-1] > 1 and math.prod(before[:-1]) == math.prod(after[:-2]) \
+                    and tuple(before[:-1]) != tuple(after[:-2]):
+                merged = (*after[:-2], before[-1])
+                merge(n, n.input[0], merged, np.array(merged, dtype=np.int64))
             continue
         eq = next((a.s.decode() for a in e.attribute if a.name == "equation"), "")
         (r, c), lead = after[-2:], before[:-2]
-        if not (block_matmul(eq) and all(isinstance(v, int) for v in (r, c))):
+        if not (block_matmul(eq) and static(r, c)):
             continue
-        if len(before) == len(after) and lead == after[:-2]:  # (..., h, d) -> (..., r, c): the merge keeps the
-            h, d = before[-2:]  # leading sizes as they are (0: the input's own size, allowzero off)
-            if not (isinstance(h, int) and isinstance(d, int) and h * d == r * c and (h, d) != (r, c)):
+        same_lead = len(before) == len(after) and lead == after[:-2]
+        if same_lead:  # (..., h, d) -> (..., r, c): the merge keeps the leading sizes as they are (0: the
+            h, d = before[-2:]  # input's own size, allowzero off)
+            if not (static(h, d) and h * d == r * c and (h, d) != (r, c)):
                 continue
-            spec = np.array([0] * len(lead) + [h * d], dtype=np.int64)
-            merged = (*lead, h * d)
-        elif all(isinstance(v, int) for v in (*before, *after)) and math.prod(before) == math.prod(after) \
-                and tuple(before) != (*after[:-2], r * c):
-            # another rank or other leading sizes (OFT's patches of a conv's input, (B, H, W, C, 1, 1) ->
-            # (B·H·W, r, c)): a merge to the split's leading sizes and r·c, static sizes only
-            merged = (*after[:-2], r * c)
-            spec = np.array(merged, dtype=np.int64)
+            merge(n, n.input[0], (*lead, h * d), np.array([0] * len(lead) + [h * d], dtype=np.int64))
+        elif static(*before, *after) and math.prod(before) == math.prod(after) and tuple(before) != (*after[:-2], r * c):
+            merge(n, n.input[0], (*after[:-2], r * c), np.array((*after[:-2], r * c), dtype=np.int64))
         else:
             continue
-        x = n.input[0]
-        mid, spec_name, name = (_fresh(names, f"{x}_merged"), _fresh(names, f"{x}_merged_shape"),
-                                _fresh(names, f"{n.name or 'Reshape'}_merge"))
-        g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
-        g.node.insert(k, onnx.helper.make_node("Reshape", [x, spec_name], [mid], name))
-        n.input[0] = mid
-        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = merged, dtypes.get(x), spec, spec.shape
-        made.append((name, mid, spec_name))
         out = e.output[0]  # and back: the rotation's output merged to (..., r·c) before a Reshape to another shape
         back = next((b for b in g.node if b.op_type == "Reshape" and b.input and b.input[0] == out), None)
-        if len(after) == len(before) and lead == after[:-2] or back is None or readers[out] != 1 \
-                or shapes.get(back.output[0]) == (*after[:-2], r * c):
+        if same_lead or back is None or readers[out] != 1 or shapes.get(back.output[0]) == (*after[:-2], r * c):
             continue
-        mid, spec_name, name = (_fresh(names, f"{out}_merged"), _fresh(names, f"{out}_merged_shape"),
-                                _fresh(names, f"{back.name or 'Reshape'}_merge"))
-        spec = np.array((*after[:-2], r * c), dtype=np.int64)
-        g.initializer.append(onnx.numpy_helper.from_array(spec, spec_name))
-        at = next(i for i, b in enumerate(g.node) if b.output and b.output[0] == back.output[0])
-        g.node.insert(at, onnx.helper.make_node("Reshape", [out, spec_name], [mid], name))
-        back.input[0] = mid
-        shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = tuple(spec), dtypes.get(out), spec, spec.shape
-        made.append((name, mid, spec_name))
+        merge(back, out, (*after[:-2], r * c), np.array((*after[:-2], r * c), dtype=np.int64))
     return made
 
 

@@ -235,3 +235,40 @@ def test_an_output_whose_sizes_the_exporter_named_is_folded_with_its_real_sizes(
     got = sess.run(None, {proto.graph.input[0].name: x.numpy()})
     assert all(g.shape == w.shape and rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-5
                for g, w in zip(got, want))
+
+
+class _NormedHeads(torch.nn.Module):
+    """LeViT's LinearNorm before an attention's head split: a bias-less Linear, BatchNorm1d over the
+    flattened tokens, ``reshape_as`` back, then the split into heads, which the dynamo exporter writes as
+    one Reshape ``(B·N, C) -> (B, N, h, d)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 12, bias=False)
+        self.bn = torch.nn.BatchNorm1d(12)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        y = self.lin(x)
+        y = self.bn(y.flatten(0, 1)).reshape_as(y)
+        return torch.softmax(y.view(x.shape[0], x.shape[1], 3, 4), dim=-1)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_norm_over_flattened_tokens_before_a_head_split_folds_into_its_linear(dynamo):
+    """The BatchNorm folds into the Linear before it on both exporters (LeViT-384-S8's 16 BatchNorms that
+    stayed on the dynamo path, over timm's merge): the Reshape that restores the tokens and splits the
+    heads at once is read as a merge to ``(B, N, C)`` and then the split."""
+    torch.manual_seed(0)
+    model = _NormedHeads().eval()
+    x = torch.randn(2, 5, 8)
+    proto = export(model, x, dynamo=dynamo)
+    folded, report = repfold.fold(proto, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    assert ops(folded)["BatchNormalization"] == 0, ops(folded)
+    assert ops(folded)["Reshape"] <= ops(proto)["Reshape"], (ops(folded), ops(proto))
+    assert rel_err(torch.from_numpy(run(folded, x)), model(x).detach()) < 1e-5
