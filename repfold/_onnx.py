@@ -684,7 +684,7 @@ def _split_regroups(g: onnx.GraphProto, shapes: dict, dtypes: dict, known: dict)
         shapes[mid], dtypes[mid], known[spec_name], shapes[spec_name] = merged, dtypes.get(x), spec, spec.shape
         made.append((name, mid, spec_name))
 
-    static = lambda *shape: all(isinstance(v, int) for v in shape)  # noqa: E731
+    static = lambda *shape: all(isinstance(v, int) for v in shape)
     for k in reversed(range(len(g.node))):  # inserting before k leaves the nodes before it in place
         n = g.node[k]
         if n.op_type != "Reshape":

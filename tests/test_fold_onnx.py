@@ -267,7 +267,7 @@ def test_a_norm_over_flattened_tokens_before_a_head_split_folds_into_its_linear(
     model = _NormedHeads().eval()
     x = torch.randn(2, 5, 8)
     proto = export(model, x, dynamo=dynamo)
-    folded, report = repfold.fold(proto, return_report=True)
+    folded = repfold.fold(proto)
     onnx.checker.check_model(folded, full_check=True)
     assert ops(folded)["BatchNormalization"] == 0, ops(folded)
     assert ops(folded)["Reshape"] <= ops(proto)["Reshape"], (ops(folded), ops(proto))
