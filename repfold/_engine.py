@@ -463,9 +463,16 @@ def _token_cuts(src: str, members: list[str], by_name, consumers, flow) -> set[s
         return c in inside and by_name[c].op.heavy and not any(
             getattr(by_name[c].op, k, False) for k in ("reads_ids", "computed", "adapter_only"))
 
-    if any(own_layer(c) for v in crossed for c in consumers(v)):
-        return {crossed[0]}
-    return set()
+    if not any(own_layer(c) for v in crossed for c in consumers(v)):
+        return set()
+    cut = crossed[0]
+    for v in crossed[1:]:  # past identities the adapter's wrapper adds after the sum (PEFT's same-dtype cast):
+        step = by_name[v]  # they go with the lookups' region, not into the layer's
+        if not (getattr(step.op, "passes", False) and not getattr(step.op, "sticky", False)
+                and step.inputs == (cut,) and consumers(cut) == [v]):
+            break
+        cut = v
+    return {cut}
 
 
 def _kernel_origins(names, by_name, state, cuts=frozenset()) -> set[str]:

@@ -32,8 +32,10 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
 
     def forward(self, ids):
+        result = self.base(ids)
+        dtype = result.dtype  # (PEFT casts the sum back to it: a Cast in the TorchScript file)
         after_a = F.embedding(ids, self.lora_embedding_A.T)
-        return self.base(ids) + (after_a @ self.lora_embedding_B.T) * self.scaling
+        return (result + (after_a @ self.lora_embedding_B.T) * self.scaling).to(dtype)
 
 
 class Toy(nn.Module):
@@ -152,3 +154,46 @@ def test_a_model_with_embeddings_and_nothing_to_fold_is_bitwise_unchanged():
         run = folded.module() if hasattr(folded, "module") and not isinstance(folded, nn.Module) else folded
         with torch.no_grad():
             assert torch.equal(run(ids), model(ids))
+
+
+class _IntoConv(nn.Module):
+    """An adapted lookup (cast to its own dtype, as PEFT's wrapper does) laid out channels-first for a 1x1
+    conv: the conv is the model's own layer after the lookups, which takes no token ids."""
+
+    def __init__(self, lora: bool) -> None:
+        super().__init__()
+        embed = nn.Embedding(VOCAB, DIM)
+        self.lookup = LoraEmbedding(embed) if lora else embed
+        self.conv = nn.Conv2d(DIM, 6, 1)
+
+    def forward(self, ids):
+        h = self.lookup(ids).transpose(1, 2).unflatten(2, (7, 1))
+        return torch.relu(self.conv(h))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_an_adapted_lookup_before_the_models_own_layer_folds_to_the_base_models_operators(dynamo):
+    pytest.importorskip("onnxruntime")
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+    from conftest import export
+
+    torch.manual_seed(0)
+    model = _IntoConv(lora=True).eval()
+    base = copy.deepcopy(model)
+    base.lookup = base.lookup.base
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids)
+        assert (want - base(ids)).abs().max() > 1e-3
+    folded, report = repfold.fold(export(model, ids, dynamo=dynamo), return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {folded.graph.input[0].name: ids.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert [r.folded for r in report.regions if not r.scale] == [True], report
+    ours, theirs = (Counter(n.op_type for n in m.graph.node if n.op_type != "Constant")
+                    for m in (folded, export(base, ids, dynamo=dynamo)))
+    assert all(n <= theirs[k] for k, n in ours.items()), (ours, theirs)
