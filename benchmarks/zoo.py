@@ -2146,8 +2146,9 @@ def write_md(rows: list[dict], path: Path, note: str = "") -> None:
     if note:
         lines += [note, ""]
     total = sum(r.get("time_s", 0) for r in rows if "excluded" not in r)
-    lines += [(f"Time: {total / 60:.1f} min over {len(rows)} models (each in its own process, one at a time, "
-               f"{os.cpu_count()} CPUs, nice 19), per-model timeout as given by `--timeout`."), ""]
+    lines += [(f"Time: {total / 60:.1f} min, the sum of the {len(rows)} models' own times (each in its own process, "
+               f"{os.cpu_count()} CPUs, nice 19; with `--jobs N` a run takes less wall time, each model more), "
+               "per-model timeout as given by `--timeout`."), ""]
     eco = by_ecosystem(rows)
     if eco:
         cols = list(next(iter(eco.values())))
