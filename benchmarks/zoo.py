@@ -1375,14 +1375,28 @@ def aten_counts(ep) -> dict[str, int]:
     base's ``out += identity`` is ``add_``; a program re-exported from the folded graph may write ``add``),
     a transpose as a permute (PVT's ``x.permute(0, 2, 1)`` before its reduction conv, replayed on the source
     as the adapter's own ``transpose(1, -1)``: one view op for another)."""
+    import torch
+
     counts: dict[str, int] = {}
-    for n in ep.graph.nodes:
-        if n.op == "call_function":
+
+    def walk(gm) -> None:
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            if isinstance(n.target, torch._ops.HigherOrderOperator):  # (``with torch.no_grad():`` in the model:
+                # ``wrap_with_set_grad_enabled`` and a submodule, which a program re-exported after a fold may
+                # have inlined): the ops of its submodules, not the wrapper
+                for a in n.args:
+                    if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                        walk(getattr(gm, a.target))
+                continue
             op = getattr(n.target, "overloadpacket", None)  # aten.conv2d.padding and .default: one operator
             k = str(op) if op is not None else str(getattr(n.target, "__name__", n.target))
             k = re.sub(r"(?<=[a-z0-9])_$", "", k)  # aten.add_ -> aten.add
             k = "aten.permute" if k == "aten.transpose" else k  # one view op: a fold may copy either
             counts[k] = counts.get(k, 0) + 1
+
+    walk(ep.graph_module)
     return counts
 
 

@@ -237,3 +237,21 @@ def test_ops_within_takes_an_add_for_each_batch_norm_gone():
     assert zoo.ops_within({"Add": 73, "MatMul": 10}, base)[0]  # LeViT's ONNX fold
     assert not zoo.ops_within({"Add": 73, "BatchNormalization": 40, "MatMul": 10}, base)[0]  # 19 Adds for 8
     assert not zoo.ops_within({"Add": 55, "MatMul": 11}, base)[0]
+
+
+def test_a_programs_operators_include_those_a_no_grad_block_wraps():
+    """torch.export writes a model's ``with torch.no_grad():`` block (Gemma4-ViT's rotary table) as one
+    ``wrap_with_set_grad_enabled`` call of a submodule; a program re-exported after a fold may have it
+    inline. Its operators count where they are, the wrapper not at all (the fold of Gemma4-ViT looked like
+    adding ``cos``, ``sin`` and two ``matmul``)."""
+    import torch
+
+    class Rotary(torch.nn.Module):
+        def forward(self, x):
+            with torch.no_grad():
+                table = torch.cos(torch.arange(4.0)) @ torch.ones(4, 4)
+            return x * table
+
+    ep = torch.export.export(Rotary(), (torch.randn(2, 4),))
+    counts = zoo.aten_counts(ep)
+    assert counts.get("aten.cos") == 1 and not any("wrap" in k for k in counts), counts
