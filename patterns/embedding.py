@@ -59,11 +59,13 @@ class Lookup(Dense):
 
 
 def table(W, b, dtype) -> np.ndarray:
-    """The new ``(V, C)`` table for a lookup taking ``(W, b)`` (``W`` C×V), in ``dtype`` (NumPy's, or float64)."""
-    T = cast(W, dtype, transpose=True) if isinstance(W, Product) else np.asarray(W).T.astype(dtype)
-    if b is not None and np.any(b):
-        T = T + np.asarray(b, dtype=np.float64).astype(dtype)[None, :]
-    return np.ascontiguousarray(T)
+    """The new ``(V, C)`` table for a lookup taking ``(W, b)`` (``W`` C×V), in ``dtype`` (NumPy's, or float64):
+    computed in float64 and cast once."""
+    if b is None or not np.any(b):
+        return np.ascontiguousarray(cast(W, dtype, transpose=True) if isinstance(W, Product)
+                                    else np.asarray(W).T.astype(dtype))
+    T = cast(W, np.float64, transpose=True) if isinstance(W, Product) else np.asarray(W, dtype=np.float64).T
+    return np.ascontiguousarray((T + np.asarray(b, dtype=np.float64)[None, :]).astype(dtype))
 
 
 # --- torch.fx --------------------------------------------------------------------------

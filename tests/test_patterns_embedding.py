@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from repfold.patterns.embedding import Lookup
+from repfold.patterns.embedding import Lookup, table
 from torch import nn
 
 import repfold
@@ -120,6 +120,9 @@ def test_the_table_takes_the_regions_constant_in_every_row():
     M, b = op.absorb(shifted, ch)
     np.testing.assert_allclose(np.asarray(M), W.T)
     np.testing.assert_allclose(b, [1.0, 2.0, 3.0])
+    big = np.full((4, 3), 1000.0) + 1e-3  # float16: the row and the constant summed in float64, cast once
+    half = table(big.T, np.full(3, 0.3), np.float16)
+    assert half.dtype == np.float16 and np.array_equal(half, (big + 0.3).astype(np.float16))
 
 
 def test_a_lookup_reads_ids_not_a_region():
