@@ -21,7 +21,7 @@ import numpy as np
 
 from repfold._affine import Affine, Channels, NotAffine, Product, cast
 
-from ._base import Deferred, Match, numpy_dtype, resolve
+from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve
 from ._torch import F, fx, nn, torch
 from .linear import Dense, _hint, _weight
 
@@ -33,11 +33,16 @@ class Lookup(Dense):
 
     def __init__(self, table: np.ndarray | Deferred, *, computed: bool = False, evaluable: bool = False) -> None:
         V, C = table.shape
-        weight = Deferred((C, V), lambda: np.ascontiguousarray(resolve(table).T),
-                          (lambda: table.stored().T) if isinstance(table, Deferred) and table.stored else None) \
-            if isinstance(table, Deferred) else np.ascontiguousarray(table.T)
+        if isinstance(table, Deferred):
+            stored = (lambda: table.stored().T) if table.stored else None
+            weight = Deferred((C, V), lambda: np.ascontiguousarray(resolve(table).T), stored)
+        else:
+            weight = np.ascontiguousarray(table.T)
         super().__init__(weight, None, -1, kind="Embedding", computed=computed, evaluable=evaluable)
-        self.vocab = V
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[1]
 
     def transfer(self, ins: list[Affine], ch: Channels) -> Affine:
         ids = ins[0]
@@ -91,16 +96,8 @@ def match_fx(node, ctx) -> Match | None:
                 or not _ids(ctx, node.args[0]):
             return None
         op = Lookup(_weight(m.weight, tuple(m.weight.shape)))
-
-        def emit_module(swap: dict, W, b):
-            new = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, None, m.norm_type,
-                               m.scale_grad_by_freq, m.sparse, device=m.weight.device, dtype=m.weight.dtype)
-            values = table(W, b, numpy_dtype(m.weight) or np.float64)
-            new.weight = nn.Parameter(torch.from_numpy(values).to(m.weight), requires_grad=ctx.trainable(m.weight))
-            ids = node.args[0]
-            return ctx.graph.call_module(ctx.replace_module(node, new), (swap.get(ids, ids),))
-
-        return Match(op, (node.args[0],), f"{node.target} (Embedding)", emit=emit_module)
+        emit = fx_rebuild(node, ctx, lambda old, W, b: {"weight": table(W, b, numpy_dtype(old.weight) or np.float64)})
+        return Match(op, (node.args[0],), f"{node.target} (Embedding)", emit=emit)
     if node.op != "call_function":
         return None
     if node.target is F.embedding:

@@ -456,8 +456,9 @@ def _token_cuts(src: str, members: list[str], by_name, consumers, flow) -> set[s
     the lookups' region ends there."""
     inside = set(members)
     region = flow.subgraph([src, *members])
-    exits = set(_exits(members, consumers))
-    crossed = [v for v in members if exits <= _graph.dominated(region, src, v)]  # in the graph's order
+    exits = _exits(members, consumers)
+    on_all = set.intersection(*({e, *_graph.dominators(region, src, e)} for e in exits)) if exits else set()
+    crossed = [v for v in members if v in on_all]  # in the graph's order
 
     def own_layer(c: str) -> bool:
         return c in inside and by_name[c].op.heavy and not any(

@@ -42,6 +42,9 @@ class FxContext:
     def __init__(self, gm: fx.GraphModule, thaw: set[int] = frozenset()) -> None:
         self.gm, self.graph = gm, gm.graph
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        # the modules whose tensors a get_attr reads (``a.b`` and ``a`` for ``a.b.weight``)
+        self.read_owners = {t.rsplit(".", k)[0] for t in self.reads for k in range(1, t.count(".") + 1)}
         self.thaw = thaw
 
     def trainable(self, ref: torch.Tensor) -> bool:
@@ -139,8 +142,7 @@ class FxContext:
         """Install ``new`` in place of ``node``'s module; a new name if others call the old one or read its
         tensors (a tied head's ``F.linear(h, self.embed.weight)``: at the old path, it would read the new ones)."""
         target = node.target
-        if self.calls[target] > 1 or any(n.op == "get_attr" and n.target.startswith(f"{target}.")
-                                         for n in self.gm.graph.nodes):
+        if self.calls[target] > 1 or target in self.read_owners:
             base, i = f"{target}_folded", 0
             while _has_submodule(self.gm, target):
                 target = f"{base}_{i}" if i else base
@@ -442,15 +444,12 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
         return [(label(u.name), order[u.name], reads_rank_only(u)) for u in nodes[name].users
                 if is_shape_read(u) and u in live_before]
 
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
-
     def shared(name: str) -> bool:  # a layer whose weights another call reads too
         n = nodes[name]
         if n.op == "call_module":
-            return calls[n.target] > 1
+            return ctx.calls[n.target] > 1
         w = n.args[1] if n.op == "call_function" and len(n.args) > 1 else None
-        return isinstance(w, fx.Node) and w.op == "get_attr" and (reads[w.target] > 1 or len(w.users) > 1)
+        return isinstance(w, fx.Node) and w.op == "get_attr" and (ctx.reads[w.target] > 1 or len(w.users) > 1)
 
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
