@@ -161,6 +161,7 @@ def test_ofts_rotation_of_a_kxk_conv_is_reported_kept():
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         want = model(x)
+        assert (want - torch.relu(model.conv(x))).abs().max() > 1e-2  # the rotation matters
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     with torch.no_grad():
         assert torch.equal(folded(x), want)
@@ -187,6 +188,7 @@ def test_ofts_rotation_of_a_1x1_conv_folds_in_onnx(dynamo):
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         want = model(x).numpy()
+        assert np.abs(want - torch.relu(model.conv(x)).numpy()).max() > 1e-2  # the rotation matters
     proto = export(model, x, dynamo=dynamo, opset=18)
     folded, report = repfold.fold(proto, return_report=True)
     onnx.checker.check_model(folded, full_check=True)
