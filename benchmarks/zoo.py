@@ -129,7 +129,9 @@ is the base model's and, where the ecosystem has one, its own merge.
   reason; operator counts of the folded model <= the base model's traced or
   exported the same way (ONNX: ``Constant`` not counted) when everything
   folded, else <= the model's with adapters; parameter count <= the base's
-  when everything folded (fewer happens: README, a constant scale of the
+  when everything folded (ONNX: ``n_params``, the values of the initializers
+  and of float ``Constant`` nodes; an exporter's integer shape constants are
+  not parameters) (fewer happens: README, a constant scale of the
   model's own inside a region folds too, e.g. PoolFormer's GroupNorm affine).
   A noop fold that folds anything is reported too ("folded the model's own
   layers"), and so is a report with no region at all for the adapters
@@ -1332,7 +1334,7 @@ def path_onnx(model, x, y, gm, ya, dynamo: bool, ref=None, one_arg: bool = False
     the export (``max_err``) and the eager model (``e2e_err``), and its cost against the base's and the
     reference merge's exports."""
     import repfold
-    from repfold._onnx import n_weights, op_counts
+    from repfold._onnx import n_params, op_counts
 
     res: dict = {}
     base = at("not traceable", "export", export, model, x, dynamo, one_arg)
@@ -1350,14 +1352,14 @@ def path_onnx(model, x, y, gm, ya, dynamo: bool, ref=None, one_arg: bool = False
     folded, report = _fold_checked(adapted, yo, ya, "onnxruntime on the folded model", lambda f: _ort(f, x), res)
     got = op_counts(folded)
     _vs_base(res, report, got, op_counts(base), op_counts(adapted),
-             lambda: n_weights(folded) - n_weights(base), ignore=("Constant",))
+             lambda: n_params(folded) - n_params(base), ignore=("Constant",))
 
     def ref_counts():
         proto = export(ref[1], x, dynamo, one_arg)
-        return op_counts(proto), n_weights(proto)
+        return op_counts(proto), n_params(proto)
 
-    _vs_reference(res, report, got, n_weights(folded), ref and (ref[0], ref[2], ref_counts),
-                  (op_counts(folded0), n_weights(folded0)), ignore=("Constant",))
+    _vs_reference(res, report, got, n_params(folded), ref and (ref[0], ref[2], ref_counts),
+                  (op_counts(folded0), n_params(folded0)), ignore=("Constant",))
     return res
 
 

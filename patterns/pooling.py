@@ -48,8 +48,10 @@ class AvgPool:
         v = ins[0]
         if isinstance(v.M, Kernel):
             raise NotAffine(f"a {self.desc} reads a conv's kernel map (its kernel would grow)")
-        v = ch.require(v, 1, f"a {self.desc}")
         n = len(self.size)
+        if v.pos is not None and v.rank == n + 2:  # the source moved (NeXtViT's tokens back to channels first):
+            return self.commute(ins, ch)  # no kernel of the source; the pool replayed on it
+        v = ch.require(v, 1, f"a {self.desc}")
         if v.pos is not None or v.rank != n + 2:
             raise Relaid(f"a {self.desc} reads its region's source laid out another way")
         g = self.geometry
@@ -67,6 +69,24 @@ class AvgPool:
         kmap = Kernel(K, groups, g.stride, g.dilation, g.start, g.padding)
         shape = (v.shape[0], K.shape[0], *(g.out_size(size, a, k) for a, (size, k) in enumerate(zip(v.shape[2:], self.size))))
         return replace(v, shape=shape, M=kmap)
+
+
+    def commute(self, ins: list[Affine], ch: Channels) -> Affine:
+        """The pool kept as an op, replayed on the region's source: the same window over every channel, so
+        ``pool(M·x + c) = M·pool(x) + c`` for any channel map ``M`` (the constant only where no window reads
+        padding). The planner asks for this where the kernel map cannot go on (a transpose before the
+        Linear layers that read the pool: NeXtViT's key/value reduction)."""
+        v = ins[0]
+        n = len(self.size)
+        if v.rank != n + 2:
+            raise NotAffine(f"a {self.desc} reads a rank-{v.rank} value")
+        v = ch.require(v, 1, f"a {self.desc}")
+        g = self.geometry
+        if g.padding is not None and np.any(v.c):
+            raise NotAffine(f"a constant before a zero-padded {self.desc} is not exact at the borders "
+                            "(the padding reads 0, not the constant)")
+        shape = (v.shape[0], v.shape[1], *(g.out_size(size, a, k) for a, (size, k) in enumerate(zip(v.shape[2:], self.size))))
+        return ch.mixed(v, shape, f"a {self.desc}")
 
 
 def _tuple(x, n: int) -> tuple[int, ...]:

@@ -104,6 +104,7 @@ class Channels:
     # sources that are token ids read as one-hot vectors (an embedding's lookup: see patterns.embedding), each
     # with its vocabulary size: the channel axis is one the graph never holds, so only a lookup takes the region
     tokens: dict[str, int] = field(default_factory=dict)
+    mixed_ids: int = 2  # the next id (negated) for a position that mixes source positions (see ``mixed``)
 
     def source(self, name: str, shape) -> Affine:
         self.shapes[name] = tuple(shape)
@@ -173,6 +174,23 @@ class Channels:
         ):
             raise NotAffine("the layout op does not give the shape the graph says")
         return self._canonical(replace(v, shape=shape, pos=pos, cax=cax))
+
+    def mixed(self, v: Affine, shape: tuple[int, ...], what: str) -> Affine:
+        """``v`` after an op that mixes positions the same way on every channel (an average pool, which
+        commutes with every channel map): each new position holds no single position of the source, so it
+        gets an id of its own (negative, below a zero pad's -1), equal to no other layout's. A fold replays
+        the op on the source like a layout op."""
+        if v.source not in self.axis:
+            raise NotAffine(f"{what} before the region's channel axis is known")
+        v = self.channel_form(v)
+
+        def reduced(pos: np.ndarray, cax: int) -> tuple[np.ndarray, int]:
+            dims = tuple(1 if i == cax else n for i, n in enumerate(shape))
+            ids = -(self.mixed_ids + np.arange(math.prod(dims), dtype=np.int64))
+            self.mixed_ids += ids.size
+            return ids.reshape(dims), cax
+
+        return self.relayout(v, shape, lambda pos: pos, reduced)
 
     def same_layout(self, a: Affine, b: Affine) -> bool:
         """Whether ``a`` and ``b`` hold the same source positions at every position (widths may differ)."""

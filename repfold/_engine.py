@@ -177,20 +177,27 @@ def plan(
     adapter's branches part from, past a layer, when something else reads it
     too (MobileNet-V3's block output, read by the next block and by an adapter
     before an FPN's 1x1 conv): the adapter's region then starts there.
+    An average pool whose kernel map an op moving positions ends (a
+    transpose before the Linear layers that read it: NeXtViT's key/value
+    reduction) is planned again as an op of its own that commutes with the
+    region's map, replayed on the source (``commute``).
     """
     fresh: set[str] = set()
     cuts: set[str] = set(written)
+    commuting: set[str] = set()
     removed: dict[str, str] = {}  # adapter layers a fold of any pass removed -> that region's source
     while True:
-        result, more, more_cuts = _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position,
-                                             hazard, fresh, cuts, frozenset(written), shared)
+        result, more, more_cuts, more_commuting = _plan_once(
+            steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh, cuts,
+            frozenset(written), shared, frozenset(commuting))
         for h, src in result.removed.items():
             removed.setdefault(h, src)
-        if more <= fresh and more_cuts <= cuts:
+        if more <= fresh and more_cuts <= cuts and more_commuting <= commuting:
             _undone(result, removed, steps, label)
             return result
         fresh |= more
         cuts |= more_cuts
+        commuting |= more_commuting
 
 
 def _undone(result: Plan, removed: dict[str, str], steps: Sequence[Step], label: Callable[[str], str]) -> None:
@@ -212,10 +219,12 @@ def _undone(result: Plan, removed: dict[str, str], steps: Sequence[Step], label:
 
 
 def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, position, hazard, fresh: set[str],
-               cuts: set[str], written: frozenset[str] = frozenset(), shared=lambda name: False):
+               cuts: set[str], written: frozenset[str] = frozenset(), shared=lambda name: False,
+               commuting: frozenset[str] = frozenset()):
     """One planning pass, with the values in ``fresh`` as sources whatever they compute, and those in ``cuts``
     sources to the ops that read them (the ops that compute them stay in their region, of which they are an
-    exit); returns the plan and the values to be fresh, and to be cuts, next time."""
+    exit), the ops in ``commuting`` carried by their ``commute`` rule; returns the plan and the values to be
+    fresh, and to be cuts, and the ops to commute, next time."""
     by_name = {s.name: s for s in steps}
     ch = Channels()
     state: dict[str, Affine | None] = {}
@@ -229,6 +238,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
     more: set[str] = set()  # values to be sources next time
     more_cuts: set[str] = set()
     blocked: set[str] = set()  # convs whose kernel maps an op moving positions ended
+    more_commuting: set[str] = set()  # pools whose kernel maps an op moving positions ended: commute next time
     as_cut: dict[str, Affine | None] = {}
 
     def read(i: str) -> Affine | None:
@@ -250,14 +260,15 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         saved = dict(ch.axis)
         try:
             with folding(s):
-                state[s.name] = s.op.transfer(ins, ch)
+                state[s.name] = (s.op.commute if s.name in commuting else s.op.transfer)(ins, ch)
             if shape(s.name) not in (None, state[s.name].shape):  # the graph's shapes are not settled: the
                 raise NotAffine(_UNSETTLED)  # algebra would follow sizes the value does not have
         except NotAffine as e:
             ch.axis = saved
             if isinstance(e, KernelBlocked):  # a conv's output moved: next time the conv starts a region instead
                 # (unless it is one of parallel branches a fold of this pass sums: see ``summed``)
-                blocked.update(_kernel_origins(s.inputs, by_name, state, cuts))
+                for h in _kernel_origins(s.inputs, by_name, state, cuts):
+                    (more_commuting if hasattr(by_name[h].op, "commute") else blocked).add(h)
             elif hasattr(s.op, "absorb") and not isinstance(e, Relaid) and not _pure(ins[0]) \
                     and len(consumers(s.inputs[0])) > 1:
                 # a conv that cannot carry the map it reads, beside other branches of its input (RepGhost's
@@ -278,7 +289,8 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
             if relaid:
                 try:
                     with folding(s):
-                        state[s.name] = s.op.transfer([read(i) for i in s.inputs], ch)
+                        state[s.name] = (s.op.commute if s.name in commuting else s.op.transfer)(
+                            [read(i) for i in s.inputs], ch)
                 except NotAffine as again:
                     ch.axis, why = saved, str(again)
                     for i, v in zip(s.inputs, ins):  # as they were: later readers stay in the same region
@@ -332,10 +344,12 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         """The region stays as it is: reported when it is an adapter region (a scale region is the model's
         own). One that carries a conv's kernel map is planned again with the conv as the start of a region,
         as before kernel maps (a BatchNorm then folds into it on its own)."""
-        at_conv, at_input = _restarts(_kernel_origins(members, by_name, state, cuts), src, members, by_name,
-                                      consumers, flow)
+        origins = _kernel_origins(members, by_name, state, cuts) - more_commuting  # (a pool commutes first)
+        at_conv, at_input = _restarts(origins, src, members, by_name, consumers, flow)
         more.update(at_conv)
         more_cuts.update(at_input)
+        more.update(_commuted(members, by_name, state))  # a pool that commuted, and the region stays anyway:
+        # it starts a region next time, as the origin of a kernel map would (its norm then folds on its own)
         more.update(v for m in members for c in consumers(m) for v in moved_up.get(c, ()))
         if not region.scale:
             series = _in_series(src, members, by_name, state, consumers, flow)
@@ -430,7 +444,12 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         if any(by_name[m].op.heavy for m in left):  # layers the fold leaves running: a region of their own,
             # from the values they read, which stay this region's exits (FastViT's 1x1 block beside an
             # identity BatchNorm, after a large-kernel conv's summed branches)
-            more_cuts.update(_entries(left, by_name))
+            pools = _commuted(members, by_name, state)  # (as in ``keep``, they start regions next time: a NeXtViT
+            # block whose norm1 follows its patch embedding's conv, which takes the region; its keys' pooled
+            # norm then folds alone, into the layers after it, which no cut may part from it)
+            after = set().union(*(_graph.descendants(flow, p) for p in pools))
+            more_cuts.update(_entries(left, by_name) - after)
+            more.update(pools)
             region.ops = [by_name[m].label for m in members if m in done]
     for h in blocked - summed:  # a conv whose kernel map an op moving positions ended: it starts a region next
         # time, unless it reads the region's source beside other ops of the region (iFormer's RepCPE,
@@ -444,7 +463,7 @@ def _plan_once(steps, consumers, shape, label, scales, dtype, shape_reads, posit
         more_cuts.update(at_input)
     unseen = [by_name[n].label for n, why in ended.items() if why == _UNKNOWN and by_name[n].op.heavy]
     accounted = folded_ops | absorbers | kept_ops
-    return Plan(folds, regions, members_of, redirects, unseen, removed, accounted), more, more_cuts
+    return Plan(folds, regions, members_of, redirects, unseen, removed, accounted), more, more_cuts, more_commuting
 
 
 def _token_cuts(src: str, members: list[str], by_name, consumers, flow) -> set[str]:
@@ -599,6 +618,12 @@ def _moved_values(names, by_name, state) -> set[str]:
         else:
             todo.extend(i for i in by_name[n].inputs if state.get(i) is not None and state[i].source == v.source)
     return found
+
+
+def _commuted(names, by_name, state) -> set[str]:
+    """The ops among ``names`` that a region carried by their ``commute`` rule (an average pool replayed on
+    the source, not a kernel map)."""
+    return {n for n in names if hasattr(by_name[n].op, "commute") and not _kernel_map(state, n)}
 
 
 def _kernel_map(state, name: str) -> bool:
@@ -1072,7 +1097,8 @@ def _replay(src: str, target: str, ctx: _Ctx) -> tuple[list, str]:
             done[w] = w  # the model's own layout op, read outside the region too: it stays, read it
             return w
         step = by_name[w]
-        if not getattr(step.op, "layout", False):
+        if not getattr(step.op, "layout", False) and not hasattr(step.op, "commute"):  # (an op that mixes
+            # positions alike on every channel, an average pool, is on this path only as its ``commute`` made it)
             raise NotAffine(f"{step.label} moves positions in a way a fold cannot replay")
         for i in step.inputs:
             if _width(state, ch, i) not in (None, width):

@@ -275,3 +275,54 @@ def test_a_norm_over_flattened_tokens_before_a_head_split_folds_into_its_linear(
     assert ops(folded)["BatchNormalization"] == 0, ops(folded)
     assert ops(folded)["Reshape"] <= ops(proto)["Reshape"], (ops(folded), ops(proto))
     assert rel_err(torch.from_numpy(run(folded, x)), model(x).detach()) < 1e-5
+
+
+class _PoolingHead(torch.nn.Module):
+    """SigLIP's attention pooling, small: an MLP, then nn.MultiheadAttention from a learned probe to its
+    output, which splits its packed ``in_proj_weight`` and bias into the query's part and the keys' and
+    values'. With ``shared``, another op reads the packed weight too."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+        self.probe = torch.nn.Parameter(torch.randn(1, 1, 8))
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.shared = shared
+
+    def forward(self, x):
+        h = self.mlp(x)
+        y = self.attention(self.probe.expand(x.shape[0], -1, -1), h, h)[0]
+        return y * self.attention.in_proj_weight.abs().mean() if self.shared else y
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-weight", "shared-weight"])
+def test_weights_moved_out_of_stored_ones_are_stored_where_that_costs_no_more(shared):
+    """Traced by torch.export, nn.MultiheadAttention splits its packed projection at run time (``Split`` of
+    ``in_proj_weight``, a ``Transpose`` of each part; ``Split`` of the bias): the TorchScript exporter folds
+    that for the eager model, not for the graph ``insert`` returns. The fold stores the parts (bitwise the
+    values the runtime moves) and drops the moves; a weight another op reads too stays, with the moves out
+    of it (storing them would store its values twice), while its bias, read by nothing else, is stored."""
+    torch.manual_seed(0)
+    model, x = _PoolingHead(shared).eval(), torch.randn(2, 5, 8)
+    gm = repfold.insert(torch.export.export(model, (x,), strict=False), before=["mlp.2"], example_inputs=x)
+    randomize_adapters(gm)
+    base, adapted = export(model, x, dynamo=False), export(gm.eval(), x, dynamo=False)
+    assert ops(base)["Split"] == 0 and ops(adapted)["Split"] == 2  # the exporter folded the base's moves
+    y = run(adapted, x)
+    assert rel_err(torch.from_numpy(y), torch.from_numpy(run(base, x))) > 1e-2  # the adapter matters
+    folded, report = repfold.fold(adapted, return_report=True)
+    onnx.checker.check_model(folded, full_check=True)
+    assert report.regions and all(r.folded for r in report.regions), str(report)
+    assert rel_err(torch.from_numpy(run(folded, x)), torch.from_numpy(y)) < 1e-5
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    W, b = (p.detach().numpy() for p in (model.attention.in_proj_weight, model.attention.in_proj_bias))
+    assert "attention.in_proj_bias" not in stored
+    assert any(v.shape == (8,) and np.array_equal(v, b[:8]) for v in stored.values())  # the query's bias, bitwise
+    if shared:
+        assert ops(folded)["Split"] == 1 and ops(folded)["Transpose"] == ops(base)["Transpose"] + 1, ops(folded)
+        assert "attention.in_proj_weight" in stored
+    else:
+        more = {op for op, n in ops(folded).items() if n > ops(base)[op] and op != "Constant"}
+        assert not more, (ops(folded), ops(base))  # (Constant: the exporters spell shape arithmetic differently)
+        assert ops(folded)["Split"] == 0 and "attention.in_proj_weight" not in stored
+        assert any(v.shape == (8, 8) and np.array_equal(v, W[:8].T) for v in stored.values())  # W_qᵀ, bitwise
