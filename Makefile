@@ -57,7 +57,8 @@ fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py tests/test_cli_fuzz.py
 
 lint: $(STAMP)
-	$(BIN)/pip install --quiet $(RUFF) && $(BIN)/ruff check repfold patterns tests examples benchmarks
+	$(BIN)/pip install --quiet $(RUFF) && $(BIN)/ruff check repfold patterns tests examples benchmarks tools
+	$(BIN)/python tools/check_imports.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

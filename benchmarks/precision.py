@@ -30,7 +30,7 @@ import torch
 from _common import trained_like
 
 import repfold
-from repfold._adapters import RepAdapter
+from repfold.adapters.modules import RepAdapter
 
 RESULTS = Path(__file__).parent / "results"
 ABSORBER = {"attn": "qkv", "mlp": "fc1"}  # the Linear each ViT scope starts with

@@ -993,7 +993,7 @@ def choose_scopes(gm0, convs_only: bool = False, within: tuple = ()) -> tuple[li
     backbone)."""
     from torch import nn
 
-    from repfold._insert import _entering, _float_tensor, scopes
+    from repfold.adapters.insert import _entering, _float_tensor, scopes
 
     notes = []
 
@@ -1043,7 +1043,7 @@ def axis_check(gm) -> tuple[int, list[str]]:
     produced it): that layer reads the channel axis (Linear: last, Conv: 1), so its input (output) width is
     the width the adapter must have. An adapter whose value only meets layers after a reshape is unchecked.
     """
-    from repfold._insert import PREFIX
+    from repfold.adapters.insert import PREFIX
 
     placed = gm.meta.get("repfold", {}).get("adapters", {})
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -1069,7 +1069,7 @@ def _shape(n) -> tuple | None:
 
 def _reader(gm, adapter_node, prefix):
     """(width, what) of the nearest weighted layer that reads (else produced) the adapter's value unchanged."""
-    from repfold._trace import is_shape_read
+    from repfold.frontends.trace import is_shape_read
 
     value = adapter_node.args[0]
     want_shape = _shape(value)
@@ -1297,7 +1297,7 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
     from torch import fx
 
     import repfold
-    from repfold._fx import op_counts
+    from repfold.frontends.fx import op_counts
 
     res: dict = {}
     base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=_args(x), return_report=True)
@@ -1334,7 +1334,7 @@ def path_onnx(model, x, y, gm, ya, dynamo: bool, ref=None, one_arg: bool = False
     the export (``max_err``) and the eager model (``e2e_err``), and its cost against the base's and the
     reference merge's exports."""
     import repfold
-    from repfold._onnx import n_params, op_counts
+    from repfold.frontends.onnx import n_params, op_counts
 
     res: dict = {}
     base = at("not traceable", "export", export, model, x, dynamo, one_arg)
@@ -1653,7 +1653,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
     save()
 
     # The traced base graph: the scopes to choose from, and whether torch.fx can trace the model at all.
-    from repfold._trace import shape, to_graph_module
+    from repfold.frontends.trace import shape, to_graph_module
 
     gm, gm0, ya, ref = None, None, None, None
     try:
@@ -1805,7 +1805,7 @@ def run_detection(entry: dict, paths=PATHS, progress=None) -> dict:
     import torchvision.models as tvm
 
     import repfold
-    from repfold._trace import shape, to_graph_module
+    from repfold.frontends.trace import shape, to_graph_module
 
     name = entry["id"].partition(":")[2]
     row = {"id": entry["id"], "source": "torchvision", "family": "detection", "paths": {},

@@ -49,7 +49,7 @@ class Adapted(nn.Module):
 
 
 def counts(gm) -> Counter:
-    from repfold._fx import op_counts
+    from repfold.frontends.fx import op_counts
 
     return Counter(op_counts(gm))
 

@@ -6,7 +6,7 @@ A rule file in this package holds, for one op family:
   (and, for a layer that can take over a region, :class:`Layer` or
   :class:`Absorber`; for a layout op, :class:`Layout`);
 * ``match_fx(node, ctx)``: the torch.fx forms of the op (torch.export graphs
-  reach it too, their ATen ops rewritten as torch's by ``repfold._export``);
+  reach it too, their ATen ops rewritten as torch's by ``repfold.frontends.export``);
 * ``match_onnx(node, ctx)``: the ONNX forms of the op.
 
 A matcher returns a :class:`Match` or None (the node is not in this family).
@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from repfold.core.affine import cast
+
 from ._torch import fx, nn, torch
 
 if TYPE_CHECKING:
-    from repfold._affine import Affine, Channels
+    from repfold.core.affine import Affine, Channels
 
 
 class Op(Protocol):
@@ -134,8 +136,6 @@ def numpy_dtype(t) -> type | None:
 def as_numpy(value, ref) -> np.ndarray:
     """``value`` (an array, or a product the fold left unevaluated) as a C-ordered array for tensor
     ``ref``: in its dtype where NumPy has it, so a product is evaluated straight into it; else float64."""
-    from repfold._affine import cast
-
     return cast(value, numpy_dtype(ref) or np.float64)
 
 

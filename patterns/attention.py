@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, NotAffine
+from repfold.core.affine import Affine, Channels, NotAffine
 
 from ._base import Match, fx_rebuild, torch_own
 from ._torch import nn

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from repfold._affine import (
+from repfold.core.affine import (
     Affine,
     Channels,
     Kernel,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, Kernel, NotAffine, add, scale
+from repfold.core.affine import Affine, Channels, Kernel, NotAffine, add, scale
 
 from ._base import Match, const_vector
 from ._torch import torch

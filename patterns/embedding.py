@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, NotAffine, Product, cast
+from repfold.core.affine import Affine, Channels, NotAffine, Product, cast
 
 from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve
 from ._torch import F, fx, nn, torch

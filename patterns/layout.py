@@ -1,6 +1,6 @@
 """Ops that move values between positions without touching channel arithmetic.
 
-Each op keeps the map and moves the layout (see ``repfold._affine``)::
+Each op keeps the map and moves the layout (see ``repfold.core.affine``)::
 
     layout_op(M·x + c)  ->  same (M, c), positions moved
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, Kernel, KernelBlocked, NotAffine
+from repfold.core.affine import Affine, Channels, Kernel, KernelBlocked, NotAffine
 
 from ._base import Match, torch_own
 from ._torch import F, nn, torch

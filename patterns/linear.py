@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from repfold._affine import (
+from repfold.core.affine import (
     Affine,
     Channels,
     Kernel,
@@ -102,7 +102,7 @@ class Dense:
     def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray | Product, np.ndarray | None]:
         """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't.
 
-        ``W`` may be an unevaluated :class:`~repfold._affine.Product`: the
+        ``W`` may be an unevaluated :class:`~repfold.core.affine.Product`: the
         frontend evaluates it straight into the model's dtype.
         """
         ch.require(v, self.axis, self.kind)

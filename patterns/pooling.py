@@ -6,7 +6,7 @@ counted in the divisor: PyTorch's ``count_include_pad=True``, ONNX's
 
     pool(v)[o, q] = Σ_i Σ_t (M[o, i] / k)·x[i, s·q + start + t] + c[o]
 
-a :class:`~repfold._affine.Kernel` of the source: grouped per channel where
+a :class:`~repfold.core.affine.Kernel` of the source: grouped per channel where
 ``M`` is a per-channel scale, dense where it mixes channels. It sums with
 the other branches of a DBB-style block (1x1 -> average pool beside a 3x3)
 and goes into their conv like any kernel map. The constant passes only
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from repfold._affine import Affine, Channels, Kernel, NotAffine, Relaid, diagonal
+from repfold.core.affine import Affine, Channels, Kernel, NotAffine, Relaid, diagonal
 
 from ._base import Match, torch_own
 from ._torch import F, nn

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING
 # Public names and the modules that define them. They are imported on first
 # use, so `python -m repfold` on an ONNX file never loads torch.
 _WHERE = {
-    "RepAdapter": "._adapters",
-    "fold": "._api",
-    "load_adapters": "._api",
-    "save_adapters": "._api",
-    "insert": "._insert",
-    "FoldReport": "._report",
-    "Region": "._report",
-    "TraceError": "._trace",
+    "RepAdapter": ".adapters.modules",
+    "fold": ".api",
+    "load_adapters": ".api",
+    "save_adapters": ".api",
+    "insert": ".adapters.insert",
+    "FoldReport": ".report",
+    "Region": ".report",
+    "TraceError": ".frontends.trace",
 }
 
 if TYPE_CHECKING:
-    from ._adapters import RepAdapter
-    from ._api import fold, load_adapters, save_adapters
-    from ._insert import insert
-    from ._report import FoldReport, Region
-    from ._trace import TraceError
+    from repfold.adapters.insert import insert
+    from repfold.adapters.modules import RepAdapter
+    from repfold.api import fold, load_adapters, save_adapters
+    from repfold.frontends.trace import TraceError
+    from repfold.report import FoldReport, Region
 
 
 def __getattr__(name: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repfold._affine import LowRank, NotAffine, Product, add, matmul, scale
+from repfold.core.affine import LowRank, NotAffine, Product, add, matmul, scale
 
 rng = np.random.default_rng(0)
 
@@ -75,7 +75,7 @@ def test_a_layer_reading_a_factored_map_stays_unevaluated_until_asked():
 @pytest.mark.parametrize("g", [1.0, 0.25, "vector"])
 def test_a_float32_layer_is_multiplied_in_float64_and_rounded_once(g, monkeypatch):
     """The ONNX path keeps weights in the file's dtype: blocks go to float64, the result is cast once."""
-    import repfold._affine as affine
+    from repfold.core import affine
 
     monkeypatch.setattr(affine, "_BLOCK", 40 * 7)  # several blocks of rows, the last one short
     F = factored(d=rng.standard_normal(40))

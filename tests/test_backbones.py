@@ -13,9 +13,9 @@ import torchvision
 from conftest import assert_base_operators, export, fold_checked, randomize_adapters, rel_err, timm
 
 import repfold
-from repfold._fx import op_counts as fx_counts
-from repfold._onnx import n_weights
-from repfold._onnx import op_counts as onnx_counts
+from repfold.frontends.fx import op_counts as fx_counts
+from repfold.frontends.onnx import n_weights
+from repfold.frontends.onnx import op_counts as onnx_counts
 
 BACKBONES = {
     "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,

@@ -301,8 +301,7 @@ def test_bad_usage_is_one_line_exit_2(dynamic, tmp_path, args, message):
 @pytest.fixture
 def on_disk(dynamic, tmp_path, monkeypatch):
     """The adapted ViT with external data; every float weight counts as large, so it stays on disk."""
-    from repfold import _io
-
+    from repfold.frontends import onnx_io as _io
     monkeypatch.setattr(_io, "_LARGE", 1)
     src, base = dynamic
     onnx.save(onnx.load(str(src)), str(tmp_path / "in.onnx"), save_as_external_data=True,
@@ -314,8 +313,9 @@ def test_only_the_layers_a_fold_replaces_are_read_and_never_all_held(on_disk, tm
     """Weights left on disk are read for the layers a fold replaces (planning, then writing) and for the
     adapters; a layer of the model's own that only reads its input (``proj``, ``fc2``) is not read at
     all, and its weight is not converted. The new weights are made as they are written."""
-    from repfold import _io, _onnx
-    from repfold._cli import main
+    from repfold.cli import main
+    from repfold.frontends import onnx as _onnx
+    from repfold.frontends import onnx_io as _io
 
     src, _ = on_disk
     reads, real = Counter(), _io.read_external
@@ -337,7 +337,7 @@ def test_only_the_layers_a_fold_replaces_are_read_and_never_all_held(on_disk, tm
 def test_the_command_line_never_imports_torch(dynamic, tmp_path):
     """Folding a file needs no torch (seconds and hundreds of megabytes to import)."""
     src, _ = dynamic
-    code = ("import sys; from repfold._cli import main; "
+    code = ("import sys; from repfold.cli import main; "
             f"code = main([{str(src)!r}, '-o', {str(tmp_path / 'out.onnx')!r}, '-q', '--check']); "
             "print(code, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -348,7 +348,7 @@ def test_the_command_line_never_imports_torch(dynamic, tmp_path):
 def test_weights_left_on_disk_fold_to_the_same_values(on_disk, tmp_path):
     """The command line reads only the layers it changes and copies the rest file to file (``_io``):
     the same tensors as folding the fully loaded model, the large ones page-aligned in the new file."""
-    from repfold._cli import main
+    from repfold.cli import main
 
     src, base = on_disk
     out = tmp_path / "out.onnx"
@@ -371,7 +371,7 @@ def test_weights_left_on_disk_fold_to_the_same_values(on_disk, tmp_path):
 
 
 def test_without_a_kernel_copy_the_bytes_are_read_and_written(on_disk, tmp_path, monkeypatch):
-    from repfold._cli import main
+    from repfold.cli import main
 
     src, _ = on_disk
     assert main([str(src), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0

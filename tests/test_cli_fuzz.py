@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from repfold._cli import main
+from repfold.cli import main
 
 
 def adapted_mlp() -> bytes:

@@ -22,7 +22,7 @@ from conftest import randomize_adapters, rel_err
 from torch import fx, nn
 
 import repfold
-from repfold._fx import op_counts
+from repfold.frontends.fx import op_counts
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -11,7 +11,7 @@ import torch
 from conftest import export, image, make_vit, randomize_adapters, rel_err
 
 import repfold
-from repfold._onnx import n_params
+from repfold.frontends.onnx import n_params
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -226,7 +226,7 @@ def test_an_output_whose_sizes_the_exporter_named_is_folded_with_its_real_sizes(
     assert all(rel_err(torch.from_numpy(g), torch.from_numpy(w)) < 1e-5 for g, w in zip(got, want))
 
     # the declared sizes alone (as before): nothing folds that the engine cannot place
-    from repfold._onnx import OnnxContext
+    from repfold.frontends.onnx import OnnxContext
 
     monkeypatch.setattr(OnnxContext, "dims", lambda self, var: None if var.shape is None and var.name not in
                         self.shapes else tuple(var.shape if var.shape is not None else self.shapes[var.name]))

@@ -1,6 +1,6 @@
-"""The engine's graph questions (repfold._graph) on small hand-built graphs."""
+"""The engine's graph questions (repfold.core.graph) on small hand-built graphs."""
 
-from repfold import _graph
+from repfold.core import graph as _graph
 
 
 def diamond():

@@ -14,7 +14,7 @@ from conftest import fold_checked, randomize_adapters, rel_err
 from torch import nn
 
 import repfold
-from repfold import _trace
+from repfold.frontends import trace as _trace
 
 # --- token-id models: insert records what the inputs are, fold(gm) needs none -------------------------------
 

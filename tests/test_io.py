@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from repfold import _io
+from repfold.frontends import onnx_io as _io
 
 
 def rich_model() -> onnx.ModelProto:

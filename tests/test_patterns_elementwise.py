@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from repfold.patterns.elementwise import ChannelAffine, Sum
 
-from repfold._affine import Affine, Channels, NotAffine
+from repfold.core.affine import Affine, Channels, NotAffine
 
 rng = np.random.default_rng(1)
 SHAPE = (2, 7, 4)

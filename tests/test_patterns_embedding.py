@@ -16,8 +16,8 @@ from repfold.patterns.embedding import Lookup, table
 from torch import nn
 
 import repfold
-from repfold._affine import Affine, Channels, NotAffine
-from repfold._fx import op_counts
+from repfold.core.affine import Affine, Channels, NotAffine
+from repfold.frontends.fx import op_counts
 
 VOCAB, DIM = 40, 12
 
@@ -84,7 +84,7 @@ def test_lora_on_an_embedding_folds_into_one_lookup(models, path):
         ort = pytest.importorskip("onnxruntime")
         import onnx
 
-        from repfold._onnx import op_counts as onnx_counts
+        from repfold.frontends.onnx import op_counts as onnx_counts
 
         buf = io.BytesIO()
         torch.onnx.export(adapted.float(), (ids,), buf, dynamo=False)

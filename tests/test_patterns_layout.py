@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from repfold.patterns.layout import Concat, Permute, Reshape, Roll, Same, Slice, swap
 
-from repfold._affine import Affine, Channels, NotAffine
+from repfold.core.affine import Affine, Channels, NotAffine
 
 SHAPE = (2, 8, 8, 4)  # a channels-last feature map: batch, height, width, channels
 
@@ -133,7 +133,7 @@ def test_one_pixel_patches_are_a_reshape_and_ofts_rotation_of_a_1x1_conv_folds()
     import torch
 
     import repfold
-    from repfold._fx import op_counts
+    from repfold.frontends.fx import op_counts
 
     torch.manual_seed(0)
     model = _PatchRotation.make(1).double().eval()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from repfold.patterns.linear import Dense
 
-from repfold._affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
+from repfold.core.affine import Affine, Channels, NotAffine, collapse_groups, expand_groups
 
 rng = np.random.default_rng(0)
 

@@ -16,7 +16,7 @@ from conftest import export, fold_checked, rel_err
 from torch import nn
 
 import repfold
-from repfold._fx import op_counts
+from repfold.frontends.fx import op_counts
 
 C, HEADS = 16, 2
 
@@ -115,7 +115,7 @@ def test_a_norm_before_an_average_pool_folds_into_the_layers_after_it_fx(cls):
 @pytest.mark.parametrize("cls", [Block, PooledHead])
 def test_a_norm_before_an_average_pool_folds_into_the_layers_after_it_onnx(cls, dynamo):
     ort = pytest.importorskip("onnxruntime")
-    from repfold._onnx import op_counts as onnx_counts
+    from repfold.frontends.onnx import op_counts as onnx_counts
 
     model = _model(cls)
     x = _x()

@@ -22,7 +22,7 @@ from conftest import rel_err
 from test_cli import ops, run
 
 import repfold
-from repfold import _engine
+from repfold.core import engine as _engine
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repfold
-from repfold._fx import op_counts as fx_counts
-from repfold._onnx import op_counts as onnx_counts
+from repfold.frontends.fx import op_counts as fx_counts
+from repfold.frontends.onnx import op_counts as onnx_counts
 
 
 class Block(torch.nn.Module):

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import repfold
-from repfold._fx import op_counts
+from repfold.frontends.fx import op_counts
 
 timm = pytest.importorskip("timm")
 from timm.models.fastvit import MobileOneBlock, RepMixer
@@ -141,7 +141,7 @@ def test_bare_matmul_takes_a_bias_only_for_a_shift_of_the_models_own():
     shift (a BatchNorm's); an adapter's constant still finds no bias there."""
     from repfold.patterns.linear import Dense
 
-    from repfold._affine import Affine, Channels, NotAffine
+    from repfold.core.affine import Affine, Channels, NotAffine
 
     ch = Channels()
     ch.source("x", (2, 5, 3))
@@ -460,7 +460,7 @@ def test_a_shared_conv_takes_no_copy_of_the_models_own_sum(path):
         with torch.no_grad():
             assert rel_err(folded(x), model(x)) < 1e-6
     else:
-        from repfold._onnx import n_params as onnx_params
+        from repfold.frontends.onnx import n_params as onnx_params
 
         proto = export(model, x, False)
         folded = repfold.fold(proto)

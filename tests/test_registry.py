@@ -8,8 +8,8 @@ from conftest import export, image, make_vit
 from repfold.patterns import RULES, fx_rules, onnx_rules
 from torch import nn
 
-from repfold import _driver
-from repfold._fx import prepare
+from repfold.core import driver as _driver
+from repfold.frontends.fx import prepare
 
 
 class Zoo(nn.Module):
@@ -56,7 +56,7 @@ def test_fx_registry_finds_what_every_rule_finds():
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_registry_finds_what_every_rule_finds(dynamo):
     onnx_gs = pytest.importorskip("onnx_graphsurgeon")
-    from repfold._onnx import OnnxContext, _infer
+    from repfold.frontends.onnx import OnnxContext, _infer
 
     proto = export(make_vit().eval(), image(), dynamo)
     graph = onnx_gs.import_onnx(proto)

@@ -19,7 +19,7 @@ from test_cli import run
 from torch import nn
 
 import repfold
-from repfold._affine import Kernel, NotAffine, add
+from repfold.core.affine import Kernel, NotAffine, add
 
 
 def _bn(c: int, gen: torch.Generator) -> nn.BatchNorm2d:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import repfold
-from repfold._fx import op_counts
+from repfold.frontends.fx import op_counts
 
 
 class Attn(nn.Module):

@@ -1,7 +1,7 @@
 """Writes into views in the graphs repfold returns export to ONNX as the model's own code does (issue 29).
 
 torch's TorchScript exporter drops an in-place write into a view that the traced
-code names, and fx's code names every value: ``repfold._writes`` spells such
+code names, and fx's code names every value: ``repfold.frontends.writes`` spells such
 writes as index assignments. Judged as a user judges: the file exported from
 the graph against the graph run in eager mode, beside the model's own export.
 """

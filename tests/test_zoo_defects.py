@@ -24,9 +24,9 @@ from test_cli import run
 from torch import nn
 
 import repfold
-from repfold import _cli
-from repfold._adapters import RepAdapter
-from repfold._onnx import n_params
+from repfold import cli as _cli
+from repfold.adapters.modules import RepAdapter
+from repfold.frontends.onnx import n_params
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -383,7 +383,7 @@ def test_onnx_fold_of_an_mlp_on_a_token_slice_loads_and_matches(dynamo):
 
 
 def test_a_zero_diagonal_scaled_per_channel_stays_zero():
-    from repfold._affine import LowRank, scale
+    from repfold.core.affine import LowRank, scale
 
     U, V = np.ones((6, 2)), np.ones((2, 3))  # a 6x3 map: no diagonal to add to
     M = scale(np.arange(6.0), LowRank(0.0, U, V))
@@ -405,15 +405,14 @@ def _small_model(tmp_path):
 
 
 def test_an_internal_error_exits_3_with_one_line_naming_the_region_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    from repfold import _engine
-
+    from repfold.core import engine as _engine
     path, out = _small_model(tmp_path), tmp_path / "f.onnx"
 
     def broken(*args, **kwargs):
         with _engine.folding("the region at /0/LayerNormalization"):
             raise IndexError("index 192 is out of bounds")
 
-    monkeypatch.setattr("repfold._onnx.fold_onnx", broken)
+    monkeypatch.setattr("repfold.frontends.onnx.fold_onnx", broken)
     assert _cli.main([str(path), "-o", str(out)]) == _cli.EXIT_INTERNAL
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -425,8 +424,7 @@ def test_an_internal_error_exits_3_with_one_line_naming_the_region_and_writes_no
 
 def test_a_model_onnxruntime_refuses_is_never_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
-    from repfold import _onnx
-
+    from repfold.frontends import onnx as _onnx
     path, out = _small_model(tmp_path), tmp_path / "f.onnx"
     real = _onnx.fold_onnx
 
@@ -511,8 +509,7 @@ def test_onnx_fold_after_a_space_to_depth_stem(dynamo):
 
 def test_an_adapter_in_no_region_is_reported_kept(monkeypatch):
     """An adapter the engine cannot see at all (here: every value's shape hidden from it) is still named."""
-    from repfold import _engine
-
+    from repfold.core import engine as _engine
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).eval()
     x = torch.randn(2, 5, 8)
     gm = repfold.insert(model, before="2", example_inputs=x)

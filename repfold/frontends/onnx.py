@@ -10,12 +10,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from repfold.core import driver as _driver
+from repfold.core import engine as _engine
+from repfold.core import graph as _graph
+from repfold.core.steps import OUTPUT
+from repfold.frontends.onnx_io import ANCHORED, PLAIN_DTYPES, Later, left_out, mark_pending, read_external
 from repfold.patterns import onnx_rules
+from repfold.patterns._base import Deferred
 from repfold.patterns.linear import block_matmul
-
-from . import _driver, _engine, _graph
-from ._io import ANCHORED, PLAIN_DTYPES, Later, left_out, mark_pending, read_external
-from ._report import FoldReport
+from repfold.report import FoldReport
 
 # Ops whose value ``raw_const`` computes when all their inputs are constants and
 # the result is integer: the shape and index arithmetic exporters emit (pad
@@ -128,22 +131,11 @@ def _run_node(n: onnx.NodeProto, inputs: dict[str, np.ndarray], opsets) -> list[
         return None
 
 
-class OnnxContext:
-    """What the ONNX matchers in ``repfold.patterns`` may ask about a graph."""
+class _Shapes:
+    """Shapes and dtypes of a graph's values: what the graph declares and what inference tells."""
 
-    def __init__(
-        self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int],
-        known: dict[str, np.ndarray], pending: dict[str, np.ndarray] | None = None, opsets=(),
-    ) -> None:
-        self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
-        self.known = known  # small constants and the integer index arithmetic on them, by value name
-        self.added: set[str] = set()  # initializers the fold wrote into ``proto``
-        self.pending = pending  # where new weights go instead of the proto, if given (see ``_io``)
-        self.outputs = {id(v) for v in graph.outputs}
-        self.names = set(graph.tensors())
-        self.names.update(n.name for n in graph.nodes)
-        self._float64: dict[int, np.ndarray | None] = {}
-        self.weights = WeightOnly(graph, proto, list(opsets))
+    shapes: dict[str, tuple]
+    dtypes: dict[str, int]
 
     def dims(self, var) -> tuple | None:
         """``var``'s dims as the graph declares them (its value_info, a graph output's type) or as
@@ -187,6 +179,15 @@ class OnnxContext:
             return onnx.helper.tensor_dtype_to_np_dtype(self.dtypes[var.name])
         return var.dtype
 
+
+class _Constants:
+    """Constant values, in float64 for the algebra: stored ones (initializers, Constant nodes), small index
+    arithmetic on them, and weight-only values computed from them alone (:class:`WeightOnly`)."""
+
+    known: dict[str, np.ndarray]
+    weights: WeightOnly
+    outputs: set[int]
+
     def const(self, var) -> np.ndarray | None:
         """The float64 value of a constant (initializer, Constant node, Identity of one), else None.
 
@@ -210,8 +211,6 @@ class OnnxContext:
         ``transform`` (a transpose, say) is applied when the array is made;
         the shape it will have is worked out now without converting anything.
         """
-        from repfold.patterns._base import Deferred
-
         if isinstance(var, gs.Constant):  # an initializer: shape and dtype without loading its values
             dims, dtype = tuple(var.shape), np.dtype(var.dtype)
         else:
@@ -283,6 +282,17 @@ class OnnxContext:
         own = [shape for leaf, shape in leaves.values() if all(id(c) in nodes for c in leaf.outputs)]
         return sum(int(np.prod(shape)) for shape in own) >= size
 
+
+class _Writer:
+    """The graph edits a fold makes: new initializers (into the proto, or left ``pending`` for the file
+    writer), new nodes and copies, under names the graph does not hold yet."""
+
+    graph: gs.Graph
+    proto: onnx.GraphProto
+    names: set[str]
+    added: set[str]
+    pending: dict[str, np.ndarray] | None
+
     def used(self, var) -> bool:
         return bool(var.outputs) or id(var) in self.outputs
 
@@ -317,7 +327,7 @@ class OnnxContext:
 
     def later(self, like, shape: tuple[int, ...], make):
         """``make()`` (a new weight in ``like``'s dtype, of ``shape``), or, where the command line writes a
-        data file and ``like`` is read from one, a :class:`~repfold._io.Later` that makes it as it is
+        data file and ``like`` is read from one, a :class:`~repfold.frontends.onnx_io.Later` that makes it as it is
         written: the fold's products are computed while the tensors before them are written, and never
         all held at once. (``make`` reads ``like``'s file again then: the input's files stay.)"""
         tensor = _stored_tensor(like)
@@ -338,6 +348,23 @@ class OnnxContext:
         return out
 
 
+class OnnxContext(_Shapes, _Constants, _Writer):
+    """What the ONNX matchers in ``repfold.patterns`` may ask about a graph (its shapes, its constants), and
+    the edits a fold makes in it."""
+
+    def __init__(
+        self, graph: gs.Graph, proto: onnx.GraphProto, shapes: dict[str, tuple], dtypes: dict[str, int],
+        known: dict[str, np.ndarray], pending: dict[str, np.ndarray] | None = None, opsets=(),
+    ) -> None:
+        self.graph, self.proto, self.shapes, self.dtypes = graph, proto, shapes, dtypes
+        self.known = known  # small constants and the integer index arithmetic on them, by value name
+        self.added: set[str] = set()  # initializers the fold wrote into ``proto``
+        self.pending = pending  # where new weights go instead of the proto, if given (see ``onnx_io``)
+        self.outputs = {id(v) for v in graph.outputs}
+        self.names = set(graph.tensors())
+        self.names.update(n.name for n in graph.nodes)
+        self._float64: dict[int, np.ndarray | None] = {}
+        self.weights = WeightOnly(graph, proto, list(opsets))
 
 
 def _fresh(names: set[str], base: str) -> str:
@@ -563,7 +590,7 @@ def fold_onnx(
     The input proto is not modified, unless ``own`` says the caller hands it
     over (the command line does, to hold one copy of the weights, not two).
     With ``pending`` (a dict), new weights are left there by name, for a
-    writer in ``_io`` to take, instead of being copied into the proto.
+    writer in ``onnx_io`` to take, instead of being copied into the proto.
     """
     report = FoldReport("onnx", ops_before=op_counts(model), params_before=n_params(model))
     if own:
@@ -598,7 +625,7 @@ def fold_onnx(
                 others[f"node:{id(c)}"] = c
             if c.op != "Shape":
                 out.append(step_of.get(id(c), f"node:{id(c)}"))
-        return out + ([_engine.OUTPUT] if id(var) in ctx.outputs else [])
+        return out + ([OUTPUT] if id(var) in ctx.outputs else [])
 
     def label(name: str) -> str:
         if name.startswith("node:"):  # an op no rule knows: named with its type (and domain)
@@ -964,7 +991,7 @@ def _fill_tensor(t: onnx.TensorProto, name: str, values: np.ndarray) -> None:
 
 
 class _OnnxEdits:
-    """The graph edits of a fold (:class:`repfold._driver.Edits`) on an onnx-graphsurgeon graph."""
+    """The graph edits of a fold (:class:`repfold.core.driver.Edits`) on an onnx-graphsurgeon graph."""
 
     def __init__(self, ctx: OnnxContext, graph: gs.Graph, tensors, steps, made_by, dead_before) -> None:
         self.ctx, self.graph, self.tensors = ctx, graph, tensors

@@ -12,10 +12,21 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from . import _trace
-from ._adapters import RepAdapter
-from ._trace import META_KEY, TraceError, WritesBuffers, is_shape_read, module_paths, shape, to_graph_module
-from ._writes import index_assignments
+from repfold.adapters.modules import RepAdapter
+from repfold.frontends import trace as _trace
+from repfold.frontends.aten import training_ops
+from repfold.frontends.fx import prepare
+from repfold.frontends.trace import (
+    META_KEY,
+    TraceError,
+    WritesBuffers,
+    is_shape_read,
+    module_paths,
+    shape,
+    to_graph_module,
+)
+from repfold.frontends.writes import index_assignments
+from repfold.report import placement
 
 PREFIX = "repfold_adapters"
 
@@ -273,17 +284,11 @@ HOW_TO_FOLD = (
 )
 
 
-def placement(scope: str) -> str:
-    """Where an adapter of ``gm.meta["repfold"]["adapters"]`` sits, in words: ``before 'blocks.0.attn'``."""
-    return f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"
-
-
 def _foresee(gm: fx.GraphModule, inputs, placed: dict[str, str], strict: bool) -> None:
     """Plan the fold of the new adapters, with random weights as after training; warn (or, ``strict``,
     raise) for each one that would not fold, with the reason."""
     if not placed:
         return
-    from ._fx import prepare
 
     gen = torch.Generator().manual_seed(0)
     saved = {}
@@ -447,71 +452,16 @@ def insert(
     if not names and not after_names:
         raise ValueError("say where the adapters go: before= and/or after= module names")
     exported = isinstance(model, torch.export.ExportedProgram)
-    if exported:  # its module(): weights under their state-dict names
-        from ._export import training_ops
-
-        if example_inputs is None and model.example_inputs:
-            example_inputs = model.example_inputs[0]
-        training = training_ops(model.graph)
-        if training:
-            warnings.warn(f"repfold.insert: the program was exported in training mode ({training[0]}): the "
-                          "model's own dropout and batch statistics stay as they were exported; export the model "
-                          "in eval mode", UserWarning, stacklevel=2)
-        model = model.module()
+    if exported:
+        model, example_inputs = _program_module(model, example_inputs)
     gm, inputs, how = _traced(model, leaf_modules, leaf_functions, example_inputs, names + after_names)
-    how = "torch.export" if exported else how
-    all_scopes = scopes(gm)
-    chosen: dict[tuple[str, str], None] = {}
-    for where, patterns in (("before", names), ("after", after_names)):
-        for pattern in patterns:
-            hits = [s for s in all_scopes if _matches(pattern, s)]
-            if not hits:
-                leaves = sorted({s.rpartition(".")[2] for s in all_scopes if not s.isdigit()})
-                raise ValueError(
-                    f"{where}={pattern!r} matches no module scope; scope names are: {', '.join(leaves)}"
-                )
-            chosen.update(dict.fromkeys((where, h) for h in hits))
-
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     placed = {}
-    for where, scope in chosen:
-        if where == "before":
-            value, readers = _entering(gm, scope)
-        else:
-            value, readers = _leaving(gm, scope)
-        meta = _float_tensor(value)
-        rank = len(meta.shape)
-        given = _axis_for(axis, scope)
-        if given is not None and not -rank <= given < rank:
-            raise ValueError(f"axis={given} for {scope!r}: the value there has rank {rank}")
-        at = given % rank if given is not None else channel_axis(gm, value, scope)
-        adapter = RepAdapter(
-            meta.shape[at], hidden_dim, groups, scale, dropout, rank=rank, axis=at, bias=bias
-        ).to(dtype=meta.dtype, device=device)
-        target = f"{PREFIX}.{scope.replace('.', '_')}" + ("_out" if where == "after" else "")
-        gm.add_submodule(target, adapter)
-        # right before its first reader, not after the value: an in-place write in between (``x = act(x);
-        # x.mul_(2)``) must reach the adapter as it reached the layer
-        uses = [n for n in readers if value in n.all_input_nodes and not is_shape_read(n)]
-        if not uses:
-            raise ValueError(f"module scope {scope!r}: nothing there reads {value.name} but its shape")
-        order = {n: k for k, n in enumerate(gm.graph.nodes)}
-        with gm.graph.inserting_before(min(uses, key=order.__getitem__)):
-            node = gm.graph.call_module(target, (value,))
-        node.meta["tensor_meta"] = value.meta["tensor_meta"]  # an adapter keeps its input's shape and dtype
-        for n in uses:
-            n.replace_input_with(value, node)
+    for where, scope in _chosen_scopes(gm, names, after_names):
+        target = _place(gm, where, scope, axis, device, hidden_dim, groups, scale, dropout, bias)
         placed[scope if where == "before" else f"{scope}:after"] = target
-
     _foresee(gm, inputs, placed, strict)
-
-    frozen = []  # the model's own trainable parameters, frozen for adapter training; fold thaws them
-    for name, p in gm.named_parameters():
-        if p.requires_grad and not name.startswith(PREFIX + "."):
-            frozen.append(name)
-        p.requires_grad_(name.startswith(PREFIX + "."))
-    if placed:  # adapters (and their container) join in the model's mode; the model's own modules keep theirs
-        gm.get_submodule(PREFIX).train(model.training)
+    frozen = _freeze(gm, model, placed)
     gm.graph.lint()
     gm.recompile()
     gm.meta[META_KEY] = {
@@ -526,6 +476,79 @@ def insert(
         },
         "adapters": placed,
         "frozen": frozen,
-        "trace": how,
+        "trace": "torch.export" if exported else how,
     }
     return gm
+
+
+def _program_module(ep: torch.export.ExportedProgram, example_inputs) -> tuple[nn.Module, object]:
+    """An ExportedProgram's ``module()`` (weights under their state-dict names) and its example inputs;
+    a warning where it was exported in training mode."""
+    if example_inputs is None and ep.example_inputs:
+        example_inputs = ep.example_inputs[0]
+    training = training_ops(ep.graph)
+    if training:
+        warnings.warn(f"repfold.insert: the program was exported in training mode ({training[0]}): the "
+                      "model's own dropout and batch statistics stay as they were exported; export the model "
+                      "in eval mode", UserWarning, stacklevel=3)
+    return ep.module(), example_inputs
+
+
+def _chosen_scopes(gm: fx.GraphModule, names: list[str], after_names: list[str]) -> list[tuple[str, str]]:
+    """``(where, scope)`` for every scope a name matches, in the order named; a name matching none is an
+    error that lists the scope names."""
+    all_scopes = scopes(gm)
+    chosen: dict[tuple[str, str], None] = {}
+    for where, patterns in (("before", names), ("after", after_names)):
+        for pattern in patterns:
+            hits = [s for s in all_scopes if _matches(pattern, s)]
+            if not hits:
+                leaves = sorted({s.rpartition(".")[2] for s in all_scopes if not s.isdigit()})
+                raise ValueError(
+                    f"{where}={pattern!r} matches no module scope; scope names are: {', '.join(leaves)}"
+                )
+            chosen.update(dict.fromkeys((where, h) for h in hits))
+    return list(chosen)
+
+
+def _place(gm: fx.GraphModule, where: str, scope: str, axis, device, hidden_dim, groups, scale, dropout,
+           bias) -> str:
+    """A new adapter on the value entering (``before``) or leaving (``after``) ``scope``, along its channel
+    axis, read by every op there that read the value; returns the adapter's module path."""
+    value, readers = _entering(gm, scope) if where == "before" else _leaving(gm, scope)
+    meta = _float_tensor(value)
+    rank = len(meta.shape)
+    given = _axis_for(axis, scope)
+    if given is not None and not -rank <= given < rank:
+        raise ValueError(f"axis={given} for {scope!r}: the value there has rank {rank}")
+    at = given % rank if given is not None else channel_axis(gm, value, scope)
+    adapter = RepAdapter(
+        meta.shape[at], hidden_dim, groups, scale, dropout, rank=rank, axis=at, bias=bias
+    ).to(dtype=meta.dtype, device=device)
+    target = f"{PREFIX}.{scope.replace('.', '_')}" + ("_out" if where == "after" else "")
+    gm.add_submodule(target, adapter)
+    # right before its first reader, not after the value: an in-place write in between (``x = act(x);
+    # x.mul_(2)``) must reach the adapter as it reached the layer
+    uses = [n for n in readers if value in n.all_input_nodes and not is_shape_read(n)]
+    if not uses:
+        raise ValueError(f"module scope {scope!r}: nothing there reads {value.name} but its shape")
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    with gm.graph.inserting_before(min(uses, key=order.__getitem__)):
+        node = gm.graph.call_module(target, (value,))
+    node.meta["tensor_meta"] = value.meta["tensor_meta"]  # an adapter keeps its input's shape and dtype
+    for n in uses:
+        n.replace_input_with(value, node)
+    return target
+
+
+def _freeze(gm: fx.GraphModule, model: nn.Module, placed: dict[str, str]) -> list[str]:
+    """Only the adapters train: the model's own trainable parameters are frozen (their names returned; fold
+    thaws them). The adapters join in the model's mode; the model's own modules keep theirs."""
+    frozen = []
+    for name, p in gm.named_parameters():
+        if p.requires_grad and not name.startswith(PREFIX + "."):
+            frozen.append(name)
+        p.requires_grad_(name.startswith(PREFIX + "."))
+    if placed:
+        gm.get_submodule(PREFIX).train(model.training)
+    return frozen

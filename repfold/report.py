@@ -109,3 +109,8 @@ class FoldReport:
             diff = ", ".join(f"{k} {self.ops_before.get(k, 0)}->{self.ops_after.get(k, 0)}" for k in changed)
             lines.append(f"  operators changed: {diff or 'none'}")
         return "\n".join(lines)
+
+
+def placement(scope: str) -> str:
+    """Where an adapter of ``gm.meta["repfold"]["adapters"]`` sits, in words: ``before 'blocks.0.attn'``."""
+    return f"after {scope.removesuffix(':after')!r}" if scope.endswith(":after") else f"before {scope!r}"

@@ -1,8 +1,8 @@
 """The one fold driver behind every frontend: match a graph's ops with the rules, then rewrite it by plan.
 
-A frontend (``_fx`` for torch.fx and torch.export graphs, ``_onnx`` for ONNX)
+A frontend (``frontends.fx`` for torch.fx and torch.export graphs, ``frontends.onnx`` for ONNX)
 supplies its nodes and a matcher for :func:`match`, asks
-:func:`repfold._engine.plan` what to fold, and hands :func:`rewrite` an
+:func:`repfold.core.engine.plan` what to fold, and hands :func:`rewrite` an
 :class:`Edits`: the few graph edits a fold needs, in its own IR. The order of
 the rewrite, the replay of layout ops, the choice of what a shape read reads
 afterwards and the check that nothing of a folded region still runs are
@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from . import _engine
+from repfold.core import engine as _engine
+from repfold.core.steps import SOURCE, Fold, Plan, Step, folding
 
 
 class Edits(Protocol):
@@ -26,7 +27,7 @@ class Edits(Protocol):
     def swap(self, pairs: Iterable[tuple[Any, Any]]) -> Mapping:
         """A mapping from old handles to new ones, for a step's ``emit`` to read its inputs through."""
 
-    def emit(self, step: _engine.Step, swap: Mapping, W, b, *, producer: bool) -> Any:
+    def emit(self, step: Step, swap: Mapping, W, b, *, producer: bool) -> Any:
         """``step``'s layer rebuilt with ``(W, b)``, reading its inputs through ``swap``; placed just before
         the old layer, or just after it for a ``producer`` fold; returns its output."""
 
@@ -56,12 +57,12 @@ class Edits(Protocol):
 def match(
     nodes: Iterable, rules: Callable[[Any], Iterable], matcher: Callable[[Any, Any], Any],
     out_name: Callable[[Any], str], in_name: Callable[[Any], str],
-) -> tuple[list[_engine.Step], dict[int, str]]:
+) -> tuple[list[Step], dict[int, str]]:
     """The steps of ``nodes``: for each node not already covered, the first of the rules registered for its
     op (``rules(node)``, from ``repfold.patterns``) whose ``matcher(rule, node)`` gives a match. Returns the
     steps and, by node id, the step that covers each matched node (an ONNX MatMul and its bias Add are one
     step)."""
-    steps: list[_engine.Step] = []
+    steps: list[Step] = []
     step_of: dict[int, str] = {}
     for node in nodes:
         if id(node) in step_of:
@@ -71,13 +72,13 @@ def match(
             if m is not None:
                 covers = m.covers or (node,)
                 name = out_name(covers[-1])
-                steps.append(_engine.Step(name, m.op, tuple(in_name(i) for i in m.inputs), m.label, m.emit))
+                steps.append(Step(name, m.op, tuple(in_name(i) for i in m.inputs), m.label, m.emit))
                 step_of.update({id(c): name for c in covers})
                 break
     return steps, step_of
 
 
-def rewrite(plan: _engine.Plan, steps: Iterable[_engine.Step], edits: Edits, label: Callable[[str], str],
+def rewrite(plan: Plan, steps: Iterable[Step], edits: Edits, label: Callable[[str], str],
             *, release: bool = False) -> None:
     """Carry out ``plan`` through ``edits``; then check that no op of a folded region still runs.
 
@@ -86,8 +87,8 @@ def rewrite(plan: _engine.Plan, steps: Iterable[_engine.Step], edits: Edits, lab
     by_name = {s.name: s for s in steps}
     copies: dict[tuple[int, str], Any] = {}  # (base, layout step) -> its copy on that base
 
-    def replay(f: _engine.Fold, base) -> Any:
-        env = {_engine.SOURCE: base}
+    def replay(f: Fold, base) -> Any:
+        env = {SOURCE: base}
 
         def value(k: str):  # a copied step, the base, or a value of the model's own that stays
             return env[k] if k in env else edits.value(k)
@@ -100,7 +101,7 @@ def rewrite(plan: _engine.Plan, steps: Iterable[_engine.Step], edits: Edits, lab
         return value(f.start)
 
     for f in plan.folds:
-        with _engine.folding(f):
+        with folding(f):
             step = by_name[f.absorber]
             if f.kind == "producer":
                 new = replay(f, edits.emit(step, edits.swap(()), f.W, f.b, producer=True))

@@ -110,7 +110,7 @@ def _load(path: str, progress=None):
     Large external tensors stay in their files (``anchor_external_data``): a
     fold reads the layers it changes, and the rest is copied file to file.
     """
-    from ._io import anchor_external_data, read_model
+    from repfold.frontends.onnx_io import anchor_external_data, read_model
 
     p = Path(path)
     if not p.exists():
@@ -170,7 +170,7 @@ def _short(e: BaseException) -> str:
 
 def _weight_bytes(model) -> int:
     """Bytes of the weights, wherever they are stored (inline or external)."""
-    from ._io import nbytes
+    from repfold.frontends.onnx_io import nbytes
 
     return sum(nbytes(t) or 0 for t in model.graph.initializer)
 
@@ -329,7 +329,7 @@ def stage(
     ``keep``, the input's own data files). :func:`commit` moves the files
     into place; removing the folder instead leaves nothing behind.
     """
-    from ._io import load_left_out, write_model, write_with_external_data
+    from repfold.frontends.onnx_io import load_left_out, write_model, write_with_external_data
 
     data = None
     if external:
@@ -362,7 +362,7 @@ def commit(tmp: Path, path: Path, data: Path | None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ._onnx import fold_onnx
+    from repfold.frontends.onnx import fold_onnx
 
     say = (lambda *a: None) if args.quiet else print
     progress = _Progress(args.quiet)

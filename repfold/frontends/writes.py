@@ -33,7 +33,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ._graph import upstream
+from repfold.core.graph import upstream
 
 # in-place methods whose out-of-place namesake is no elementwise rewrite of the view (metadata edits, random
 # draws whose out-of-place forms are other functions)

@@ -10,7 +10,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import _graph
+from repfold.core import graph as _graph
+from repfold.frontends.aten import as_torch
 
 META_KEY = "repfold"
 
@@ -149,12 +150,11 @@ def to_graph_module(
     replaces many of them saves cloning those, and must call
     ``own_parameters`` on the result before handing it out. A graph of ATen
     ops loses the ops that write nothing and that nobody reads, with the
-    weights only they read (``repfold._export.as_torch``).
+    weights only they read (``repfold.frontends.export.as_torch``).
     """
     memo = {id(p): p for p in model.parameters()} if share_parameters else {}
     own = copy.deepcopy(model, memo)
     if isinstance(own, fx.GraphModule):
-        from ._export import as_torch
 
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
         return as_torch(own)  # the graph of an ExportedProgram's module(): its ATen ops as torch's

@@ -15,12 +15,12 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from repfold.patterns import fx_rules
-from repfold.patterns._base import as_numpy, torch_own
-
-from . import _driver, _engine, _graph
-from ._report import FoldReport, Region
-from ._trace import (
+from repfold.core import driver as _driver
+from repfold.core import engine as _engine
+from repfold.core import graph as _graph
+from repfold.core.affine import NotAffine
+from repfold.core.steps import OUTPUT, Plan, Step
+from repfold.frontends.trace import (
     META_KEY,
     VALUE_KEY,
     TraceError,
@@ -33,7 +33,10 @@ from ._trace import (
     shape,
     to_graph_module,
 )
-from ._writes import ALIAS, index_assignments, restore_aliases
+from repfold.frontends.writes import ALIAS, index_assignments, restore_aliases
+from repfold.patterns import fx_rules
+from repfold.patterns._base import as_numpy, torch_own
+from repfold.report import FoldReport, Region, placement
 
 
 class FxContext:
@@ -383,13 +386,13 @@ class Prepared:
 
     gm: fx.GraphModule
     ctx: FxContext
-    plan: _engine.Plan
+    plan: Plan
     report: FoldReport
     nodes: dict[str, fx.Node]
     effects: Effects
     read_before: set[str]
     live_before: set[fx.Node]
-    by_name: dict[str, _engine.Step]
+    by_name: dict[str, Step]
     label: Any
     inputs: tuple = ()
 
@@ -408,7 +411,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     gm.eval()
     inline_submodules(gm)
     shape(gm, inputs)  # shapes by interpreting the graph: no code is generated until the end
-    index_assignments(gm)  # writes into views spelled as the exporters keep them (repfold._writes)
+    index_assignments(gm)  # writes into views spelled as the exporters keep them (repfold.frontends.writes)
     traced = gm.meta.get(META_KEY, {}).get("trace")  # insert's: torch.export where fx could not
     report = FoldReport("fx" if traced in (None, "torch.fx") else f"fx, traced by {traced}",
                         ops_before=op_counts(gm), params_before=n_params(gm))
@@ -429,7 +432,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
 
     def consumers(name: str) -> list[str]:  # users that run for a reason: live, and not shape reads
         # (a user that a step of several nodes covers, OFT's reshape -> einsum -> reshape: that step)
-        return [_engine.OUTPUT if u.op == "output" else step_of.get(id(u), u.name) for u in nodes[name].users
+        return [OUTPUT if u.op == "output" else step_of.get(id(u), u.name) for u in nodes[name].users
                 if u in live_before and not is_shape_read(u)]
 
     def label(name: str) -> str:
@@ -465,7 +468,6 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
 def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
     """A kept region for each adapter of ``repfold.insert`` that no region found holds, so that the report
     names every adapter (one the fold cannot even see stays in the model: the report must say so)."""
-    from ._insert import placement  # (insert plans folds with this module: imported when used)
 
     lost = []
     for scope, target in gm.meta.get(META_KEY, {}).get("adapters", {}).items():
@@ -533,7 +535,7 @@ def _fold_leaves(gm: fx.GraphModule, inputs: tuple, report: FoldReport, scales: 
             args = seen[0][0]
             try:
                 folded, sub = fold_fx(m, args, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
-            except (TraceError, _engine.NotAffine):
+            except (TraceError, NotAffine):
                 folded = None
             if folded is not None and _same(folded, m, args) and sub.params_after <= sub.params_before:
                 if sub.ops_after != sub.ops_before or sub.regions:
@@ -786,7 +788,7 @@ def _name_of(n: fx.Node) -> str:
 
 
 class _FxEdits:
-    """The graph edits of a fold (:class:`repfold._driver.Edits`) on an fx graph."""
+    """The graph edits of a fold (:class:`repfold.core.driver.Edits`) on an fx graph."""
 
     def __init__(self, p: Prepared) -> None:
         self.p, self.graph, self.nodes = p, p.gm.graph, p.nodes

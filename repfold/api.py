@@ -12,8 +12,8 @@ from typing import TypeVar
 import torch
 from torch import fx, nn
 
-from ._insert import PREFIX, insert
-from ._trace import META_KEY, recorded_inputs, to_graph_module
+from repfold.adapters.insert import PREFIX, insert
+from repfold.frontends.trace import META_KEY, recorded_inputs, to_graph_module
 
 log = logging.getLogger("repfold")
 
@@ -55,17 +55,17 @@ def fold(
     if own:  # read a field at a time (the file is never held twice), then its external data
         from onnx.external_data_helper import load_external_data_for_model
 
-        from ._io import read_model
+        from repfold.frontends.onnx_io import read_model
 
         path = os.fspath(model)
         model = read_model(path)
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     if isinstance(model, torch.export.ExportedProgram):
-        from ._export import fold_export
+        from repfold.frontends.export import fold_export
 
         out, report = fold_export(model, scales=scales)
     elif isinstance(model, nn.Module):
-        from ._fx import fold_fx
+        from repfold.frontends.fx import fold_fx
 
         if model.training:
             warnings.warn(
@@ -77,7 +77,7 @@ def fold(
         )
         out.train(False)
     elif type(model).__name__ == "ModelProto":
-        from ._onnx import fold_onnx
+        from repfold.frontends.onnx import fold_onnx
 
         out, report = fold_onnx(model, scales=scales, own=own)
     else:

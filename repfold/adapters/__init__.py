@@ -1,0 +1,1 @@
+"""The training side: adapter modules, ``insert``, adapter checkpoints."""

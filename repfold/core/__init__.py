@@ -1,0 +1,1 @@
+"""The shared core: the affine algebra, region finding and planning, the fold driver."""

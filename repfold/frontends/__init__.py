@@ -1,0 +1,1 @@
+"""Frontends: torch.fx, torch.export (as ATen -> torch graphs), ONNX with its streaming I/O, tracing."""
