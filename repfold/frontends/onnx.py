@@ -693,119 +693,138 @@ def _store_moved_weights(graph: gs.Graph, ctx: OnnxContext, dead_before: set[int
     (both parts of a Split) are stored together or not at all; a tensor another op reads too stays, and
     what is moved out of it would be stored twice.
     """
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+    moves = _MovedWeights(graph, ctx)
+    cands = moves.candidates(dead_before)
+    groups = moves.affordable(cands)
+    if groups:
+        moves.store(groups, cands)
+        _drop_unread(graph, dead_before)
 
-    top, outputs = {id(n) for n in graph.nodes}, {id(v) for v in graph.outputs}
-    overridable = {v.name for v in ctx.proto.input}  # initializers listed as inputs: a caller may feed them
-    inner, todo = set(), [a for n in graph.nodes for a in n.attrs.values() if isinstance(a, gs.Graph)]
-    while todo:  # the names If / Loop bodies read
-        sub = todo.pop()
-        inner.update(i.name for n in sub.nodes for i in n.inputs)
-        todo += [a for n in sub.nodes for a in n.attrs.values() if isinstance(a, gs.Graph)]
 
-    def readers(v) -> list:  # (a value's consumers still list the nodes the fold removed)
-        return [r for r in v.outputs if id(r) in top]
+class _MovedWeights:
+    """The weights a graph moves out of stored tensors (see :func:`_store_moved_weights`)."""
 
-    def kept(v) -> bool:  # read by name: a graph output, or in a subgraph
-        return id(v) in outputs or v.name in inner
+    def __init__(self, graph: gs.Graph, ctx: OnnxContext) -> None:
+        self.graph, self.ctx = graph, ctx
+        self.top, self.outputs = {id(n) for n in graph.nodes}, {id(v) for v in graph.outputs}
+        self.overridable = {v.name for v in ctx.proto.input}  # initializers listed as inputs: a caller may feed them
+        self.inner, todo = set(), [a for n in graph.nodes for a in n.attrs.values() if isinstance(a, gs.Graph)]
+        while todo:  # the names If / Loop bodies read
+            sub = todo.pop()
+            self.inner.update(i.name for n in sub.nodes for i in n.inputs)
+            todo += [a for n in sub.nodes for a in n.attrs.values() if isinstance(a, gs.Graph)]
+        self.moved = set()  # ids of the values moves compute from stored tensors alone
+        for n in graph.nodes:  # topologically sorted
+            if n.op in _DATA_MOVES and n.domain in ("", "ai.onnx", None) and n.inputs and all(
+                    id(i) in self.moved or self.stored(i) is not None for i in n.inputs if i.name):
+                self.moved.update(id(o) for o in n.outputs)
 
-    def stored(v) -> int | None:  # the values of a stored tensor (initializer, Constant node), else None
+    def readers(self, v) -> list:  # (a value's consumers still list the nodes the fold removed)
+        return [r for r in v.outputs if id(r) in self.top]
+
+    def kept(self, v) -> bool:  # read by name: a graph output, or in a subgraph
+        return id(v) in self.outputs or v.name in self.inner
+
+    def stored(self, v) -> int | None:  # the values of a stored tensor (initializer, Constant node), else None
         if isinstance(v, gs.Constant):
-            return None if v.name in overridable else int(np.prod(v.shape))
+            return None if v.name in self.overridable else int(np.prod(v.shape))
         value = v.inputs[0].attrs.get("value") if len(v.inputs) == 1 and v.inputs[0].op == "Constant" else None
         return int(np.prod(value.shape)) if isinstance(value, gs.Constant) else None
 
-    moved = set()  # ids of the values moves compute from stored tensors alone
-    for n in graph.nodes:  # topologically sorted
-        if n.op in _DATA_MOVES and n.domain in ("", "ai.onnx", None) and n.inputs and all(
-                id(i) in moved or stored(i) is not None for i in n.inputs if i.name):
-            moved.update(id(o) for o in n.outputs)
-
-    def walk(var, data: bool) -> tuple[dict, dict]:
+    def walk(self, var, data: bool) -> tuple[dict, dict]:
         """The nodes computing ``var`` and the stored tensors they read, by id; with ``data``, only the
         tensors whose values it moves (not a Reshape's shape, a Split's sizes, a Gather's indices)."""
         nodes, leaves, todo = {}, {}, [var]
         while todo:
             v = todo.pop()
-            if stored(v) is not None:
+            if self.stored(v) is not None:
                 leaves[id(v)] = v
             elif id(v.inputs[0]) not in nodes:
                 n = nodes[id(v.inputs[0])] = v.inputs[0]
                 todo += [i for i in (n.inputs[:1] if data and n.op != "Concat" else n.inputs) if i.name]
         return nodes, leaves
 
-    # the moved values an op other than a move reads (a layer, or arithmetic on weights alone: SigLIP's
-    # query ``probe @ W_qᵀ``): id -> (value, size, its nodes, its stored tensors, those it moves)
-    cands = {}
-    for n in graph.nodes:
-        if id(n) in dead_before or any(id(o) in moved for o in n.outputs):
-            continue
-        for v in n.inputs:
-            if id(v) not in moved or id(v) in cands or kept(v) or stored(v) is not None:
+    def candidates(self, dead_before: set[int]) -> dict:
+        """The moved values an op other than a move reads (a layer, or arithmetic on weights alone: SigLIP's
+        query ``probe @ W_qᵀ``): id -> (value, size, its nodes, its stored tensors, those it moves)."""
+        cands = {}
+        for n in self.graph.nodes:
+            if id(n) in dead_before or any(id(o) in self.moved for o in n.outputs):
                 continue
-            dims, (nodes, leaves), (_, data) = ctx.dims(v), walk(v, False), walk(v, True)
-            if dims is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims) \
-                    and np.issubdtype(ctx.dtype(next(iter(data.values()))), np.floating):
-                cands[id(v)] = (v, math.prod(int(d) for d in dims), nodes, leaves, data)
-    while cands:  # drop the groups that would store more than they free, until none does
-        nodes = {k: n for c in cands.values() for k, n in c[2].items()}
-        gone = set()  # the nodes left unread once every candidate's readers read its stored value
-        for n in reversed(graph.nodes):
-            if id(n) in nodes and all(id(o) in cands or not kept(o) and all(id(r) in gone for r in readers(o))
-                                      for o in n.outputs):
-                gone.add(id(n))
-        freed = {}  # the moved tensors left unread: id -> (their values, the candidates moved out of them)
-        for k, c in cands.items():
-            for i, leaf in c[4].items():
-                if not kept(leaf) and all(id(r) in gone for r in readers(leaf)):
-                    freed.setdefault(i, (stored(leaf), []))[1].append(k)
-        groups, seen = [], set()
-        for k in cands:
-            if k not in seen:
-                seen.add(k)
-                group, todo = [], [k]
-                while todo:
-                    group.append(todo.pop())
-                    more = {o for i in cands[group[-1]][4] for o in freed.get(i, (0, ()))[1] if o not in seen}
-                    seen |= more
-                    todo += more
-                groups.append(group)
-        costly = [g for g in groups if sum(cands[c][1] for c in g) >
-                  sum(freed[i][0] for i in {i for c in g for i in cands[c][4] if i in freed})]
-        if not costly:
-            break
-        for c in (c for g in costly for c in g):
-            del cands[c]
-    if not cands:
-        return
+            for v in n.inputs:
+                if id(v) not in self.moved or id(v) in cands or self.kept(v) or self.stored(v) is not None:
+                    continue
+                dims, (nodes, leaves), (_, data) = self.ctx.dims(v), self.walk(v, False), self.walk(v, True)
+                if dims is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims) \
+                        and np.issubdtype(self.ctx.dtype(next(iter(data.values()))), np.floating):
+                    cands[id(v)] = (v, math.prod(int(d) for d in dims), nodes, leaves, data)
+        return cands
 
-    place = {id(n): k for k, n in enumerate(graph.nodes)}
-    for group in groups:
-        values, new = {}, []
-        for c in group:
-            var, _, nodes, leaves, data = cands[c]
-            for leaf in leaves.values():
-                if leaf.name not in values:
-                    values[leaf.name] = _stored_values(
-                        leaf if isinstance(leaf, gs.Constant) else leaf.inputs[0].attrs["value"])
-            for n in sorted(nodes.values(), key=lambda n: place[id(n)]):
-                if n.outputs[0].name not in values:
-                    ins = {i.name: values[i.name] for i in n.inputs if i.name}
-                    outs = _run_node(OnnxExporter.export_node(n), ins, ctx.weights.opsets) or [None] * len(n.outputs)
-                    values.update({o.name: v for o, v in zip(n.outputs, outs)})
-            like = var
-            while stored(like) is None:  # named after (and typed like) the first tensor it moves
-                like = like.inputs[0].inputs[0]
-            new.append((var, like, values[var.name]))
-        if any(v is None or v.dtype != ctx.dtype(like) or v.size != cands[id(var)][1] for var, like, v in new):
-            continue  # (not expected: the runtime moves them as onnx's reference does)
-        for var, like, v in new:
-            const = ctx.new_const(like, v)
-            for r in readers(var):
-                for k in [k for k, i in enumerate(r.inputs) if i is var]:
-                    r.inputs[k] = const
-    _drop_unread(graph, dead_before)
+    def affordable(self, cands: dict) -> list[list[int]]:
+        """The groups of candidates (those moved out of one tensor) to store: ``cands`` loses the groups that
+        would store more than they free, until none does."""
+        groups: list[list[int]] = []
+        while cands:
+            nodes = {k: n for c in cands.values() for k, n in c[2].items()}
+            gone = set()  # the nodes left unread once every candidate's readers read its stored value
+            for n in reversed(self.graph.nodes):
+                if id(n) in nodes and all(id(o) in cands or not self.kept(o) and all(id(r) in gone for r in self.readers(o))
+                                          for o in n.outputs):
+                    gone.add(id(n))
+            freed = {}  # the moved tensors left unread: id -> (their values, the candidates moved out of them)
+            for k, c in cands.items():
+                for i, leaf in c[4].items():
+                    if not self.kept(leaf) and all(id(r) in gone for r in self.readers(leaf)):
+                        freed.setdefault(i, (self.stored(leaf), []))[1].append(k)
+            groups, seen = [], set()
+            for k in cands:
+                if k not in seen:
+                    seen.add(k)
+                    group, todo = [], [k]
+                    while todo:
+                        group.append(todo.pop())
+                        more = {o for i in cands[group[-1]][4] for o in freed.get(i, (0, ()))[1] if o not in seen}
+                        seen |= more
+                        todo += more
+                    groups.append(group)
+            costly = [g for g in groups if sum(cands[c][1] for c in g) >
+                      sum(freed[i][0] for i in {i for c in g for i in cands[c][4] if i in freed})]
+            if not costly:
+                break
+            for c in (c for g in costly for c in g):
+                del cands[c]
+        return groups if cands else []
 
+    def store(self, groups: list[list[int]], cands: dict) -> None:
+        """Each group's values, moved as the runtime would move them, as new initializers its readers read."""
+        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+        place = {id(n): k for k, n in enumerate(self.graph.nodes)}
+        for group in groups:
+            values, new = {}, []
+            for c in group:
+                var, _, nodes, leaves, _ = cands[c]
+                for leaf in leaves.values():
+                    if leaf.name not in values:
+                        values[leaf.name] = _stored_values(
+                            leaf if isinstance(leaf, gs.Constant) else leaf.inputs[0].attrs["value"])
+                for n in sorted(nodes.values(), key=lambda n: place[id(n)]):
+                    if n.outputs[0].name not in values:
+                        ins = {i.name: values[i.name] for i in n.inputs if i.name}
+                        outs = _run_node(OnnxExporter.export_node(n), ins, self.ctx.weights.opsets) \
+                            or [None] * len(n.outputs)
+                        values.update({o.name: v for o, v in zip(n.outputs, outs)})
+                like = var
+                while self.stored(like) is None:  # named after (and typed like) the first tensor it moves
+                    like = like.inputs[0].inputs[0]
+                new.append((var, like, values[var.name]))
+            if any(v is None or v.dtype != self.ctx.dtype(like) or v.size != cands[id(var)][1] for var, like, v in new):
+                continue  # (not expected: the runtime moves them as onnx's reference does)
+            for var, like, v in new:
+                const = self.ctx.new_const(like, v)
+                for r in self.readers(var):
+                    for k in [k for k, i in enumerate(r.inputs) if i is var]:
+                        r.inputs[k] = const
 
 def _split_regroups(g: onnx.GraphProto, shapes: dict, dtypes: dict, known: dict) -> list[tuple[str, str, str]]:
     """Write some Reshapes as two, a merge of the last axes then the split, so that the value between holds
