@@ -314,12 +314,12 @@ def test_only_the_layers_a_fold_replaces_are_read_and_never_all_held(on_disk, tm
     adapters; a layer of the model's own that only reads its input (``proj``, ``fc2``) is not read at
     all, and its weight is not converted. The new weights are made as they are written."""
     from repfold.cli import main
-    from repfold.frontends import onnx as _onnx
+    from repfold.frontends import onnx_context
     from repfold.frontends import onnx_io as _io
 
     src, _ = on_disk
     reads, real = Counter(), _io.read_external
-    monkeypatch.setattr(_onnx, "read_external", lambda t: reads.update([t.name]) or real(t))
+    monkeypatch.setattr(onnx_context, "read_external", lambda t: reads.update([t.name]) or real(t))
     made, later = [], _io.Later.__call__
     monkeypatch.setattr(_io.Later, "__call__", lambda self: made.append(self.shape) or later(self))
     assert main([str(src), "-o", str(tmp_path / "out.onnx"), "-q"]) == 0
