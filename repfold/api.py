@@ -28,6 +28,7 @@ def fold(
     leaf_modules=(),
     leaf_functions=(),
     return_report: bool = False,
+    into: nn.Module | None = None,
 ):
     """Fold every adapter region into its neighbouring layer; returns a new model of the same kind.
 
@@ -50,6 +51,14 @@ def fold(
     model's own and leaves them alone (folding only regions with layers).
     ``leaf_modules`` (classes) and ``leaf_functions`` are kept whole when
     tracing a model torch.fx cannot trace through.
+
+    ``into``: the module ``model`` was made from (``gm = insert(model, ...)``,
+    then ``fold(gm, into=model)`` after training): the result is then a copy
+    of ``into``, of its own class, holding the fold as module edits (layers
+    re-weighted, submodules whose ops all folded replaced by ``nn.Identity``,
+    a wrapper left with one layer replaced by that layer), run once on the
+    example inputs against the folded graph. Where an adapter did not fold,
+    or the class cannot hold the fold, it raises ``ValueError`` with the reason.
     """
     own = isinstance(model, (str, os.PathLike))
     if own:  # read a field at a time (the file is never held twice), then its external data
@@ -60,6 +69,8 @@ def fold(
         path = os.fspath(model)
         model = read_model(path)
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    if into is not None and not (isinstance(model, nn.Module) and isinstance(into, nn.Module)):
+        raise TypeError("into= takes the nn.Module a module or GraphModule was made from (fold(gm, into=model))")
     if isinstance(model, torch.export.ExportedProgram):
         from repfold.frontends.export import fold_export
 
@@ -72,9 +83,8 @@ def fold(
                 "repfold.fold: the model is in training mode; it is folded as if in eval mode (dropout off, "
                 "BatchNorm running statistics)", UserWarning, stacklevel=2,
             )
-        out, report = fold_fx(
-            model, example_inputs, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions
-        )
+        out, report = fold_fx(model, example_inputs, scales=scales, leaf_modules=leaf_modules,
+                              leaf_functions=leaf_functions, into=into)
         out.train(False)
     elif type(model).__name__ == "ModelProto":
         from repfold.frontends.onnx import fold_onnx

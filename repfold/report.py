@@ -68,6 +68,9 @@ class FoldReport:
     params_before: int = 0
     params_after: int = 0
     unseen: list[str] = field(default_factory=list)  # layers the fold could not examine: input shape unknown
+    into: str | None = None  # the class the fold was written into (``fold(gm, into=model)``), if any
+    edits: list[str] = field(default_factory=list)  # its module edits, in words
+    into_error: float | None = None  # the class's largest difference from the folded graph, relative
 
     @property
     def folded(self) -> list[Region]:
@@ -108,6 +111,10 @@ class FoldReport:
             )
             diff = ", ".join(f"{k} {self.ops_before.get(k, 0)}->{self.ops_after.get(k, 0)}" for k in changed)
             lines.append(f"  operators changed: {diff or 'none'}")
+        if self.into is not None:
+            lines.append(f"  written into {self.into} as {len(self.edits)} module edits (" + "; ".join(self.edits[:4])
+                         + ("; ..." if len(self.edits) > 4 else "") + f"); against the folded graph on the example "
+                         f"inputs: max error {self.into_error:.1e}")
         return "\n".join(lines)
 
 

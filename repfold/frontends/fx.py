@@ -20,6 +20,7 @@ from repfold.core import engine as _engine
 from repfold.core import graph as _graph
 from repfold.core.affine import NotAffine
 from repfold.core.steps import OUTPUT, Plan, Step
+from repfold.frontends.classes import NotWritable, scopes, write_back
 from repfold.frontends.trace import (
     META_KEY,
     VALUE_KEY,
@@ -482,16 +483,21 @@ def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
 
 
 def fold_fx(
-    model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=()
-) -> tuple[fx.GraphModule, FoldReport]:
+    model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=(), into=None
+) -> tuple[nn.Module, FoldReport]:
     """Fold every adapter region of ``model``; returns a new GraphModule and the report.
 
     No dead-code pass runs on the user's graph: the only nodes removed are
     those the fold itself made unread (see :func:`_remove_unread`), so in-place
     writes, asserts and random ops whose results nobody reads stay.
+
+    With ``into`` (the module ``model`` was made from, of the user's class),
+    the result is a copy of ``into`` holding the fold as module edits
+    (``repfold.frontends.classes``), checked against the folded graph.
     """
     p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions)
     gm, ctx, plan, report = p.gm, p.ctx, p.plan, p.report
+    before = scopes(gm) if into is not None else None
     _driver.rewrite(plan, p.by_name.values(), _FxEdits(p), p.label)
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, p.read_before)
@@ -502,7 +508,24 @@ def fold_fx(
     gm.recompile()
     _fold_leaves(gm, p.inputs, report, scales, leaf_modules, leaf_functions)
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
-    return gm, report
+    if into is None:
+        return gm, report
+    return _into_class(into, gm, before, p.inputs, report), report
+
+
+def _into_class(into: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport) -> nn.Module:
+    """The fold written into a copy of ``into`` (its own class), when every adapter region folded."""
+    name = type(into).__name__
+    kept = report.kept
+    if kept:
+        raise NotWritable(f"cannot write the fold into {name}: {len(kept)} region(s) did not fold, first "
+                          f"{kept[0].source}: {kept[0].reason}")
+    gm.train(False)
+    own, edits, error = write_back(into, gm, before, inputs, label=name)
+    report.into = name
+    report.edits = edits
+    report.into_error = error
+    return own
 
 
 def _fold_leaves(gm: fx.GraphModule, inputs: tuple, report: FoldReport, scales: bool, leaf_modules=(),

@@ -155,7 +155,6 @@ def to_graph_module(
     memo = {id(p): p for p in model.parameters()} if share_parameters else {}
     own = copy.deepcopy(model, memo)
     if isinstance(own, fx.GraphModule):
-
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
         return as_torch(own)  # the graph of an ExportedProgram's module(): its ATen ops as torch's
     gm = trace(own, leaf_modules, leaf_functions)

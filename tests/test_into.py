@@ -1,0 +1,128 @@
+"""``fold(gm, into=model)``: the fold written back into the user's own class, as module edits, checked.
+
+After ``gm = insert(model, ...)`` and training, a user deploys their own class (timm's
+``VisionTransformer``, with ``pretrained_cfg``, ``forward_features``, a state dict that loads into
+``timm.create_model``), not a GraphModule. The copy is judged against the eager model with adapters.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_adapters, rel_err, timm
+from torch import nn
+
+import repfold
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+
+
+def test_insert_then_fold_into_the_model_gives_its_own_class_back():
+    model = _vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    untouched = copy.deepcopy(model.state_dict())
+    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
+    randomize_adapters(gm)
+    gm.eval()
+    with torch.no_grad():
+        want = gm(x)
+        assert rel_err(want, model(x)) > 1e-2  # the adapters change the output
+    out, report = repfold.fold(gm, into=model, return_report=True)
+    assert type(out) is type(model) and out is not model
+    assert out.pretrained_cfg == model.pretrained_cfg and hasattr(out, "forward_features")
+    assert report.into == "VisionTransformer" and len(report.edits) == 4 and report.into_error <= 1e-6
+    assert "written into VisionTransformer" in str(report)
+    with torch.no_grad():
+        assert rel_err(out(x), want) < 1e-5
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in model.parameters())
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    fresh.load_state_dict(out.state_dict())  # the deployed checkpoint loads into a fresh model of the same name
+    with torch.no_grad():
+        assert rel_err(fresh(x), want) < 1e-5
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in untouched.items())  # the input is untouched
+
+
+class _Wrapped(nn.Module):
+    """A layer wrapped with an adapter of its own (PEFT's tuner layers call theirs ``base_layer``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(6, 6, bias=False)
+        self.lora_A = nn.Linear(6, 2, bias=False)
+        self.lora_B = nn.Linear(2, 6, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 0.5
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _Model(nn.Module):
+    def __init__(self, inline_scale: bool = False) -> None:
+        super().__init__()
+        self.proj = _Wrapped()
+        self.norm = nn.BatchNorm1d(6)
+        self.ls = _Scale()
+        self.head = nn.Linear(6, 3)
+        self.inline = nn.Parameter(torch.rand(6) + 0.5) if inline_scale else None
+
+    def forward(self, x):
+        h = torch.relu(self.proj(x))
+        h = self.ls(self.norm(h))
+        if self.inline is not None:
+            h = h * self.inline  # functional code of the model's own: a class edit cannot remove it
+        return self.head(h)
+
+
+def _toy(**kw):
+    torch.manual_seed(0)
+    model = _Model(**kw).eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    return model, torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_wrapper_becomes_its_layer_and_folded_modules_become_identities():
+    model, x = _toy()
+    out, report = repfold.fold(model, example_inputs=(x,), into=model, return_report=True)
+    assert type(out) is _Model
+    assert isinstance(out.proj, nn.Linear) and out.proj is not model.proj.base_layer  # re-weighted copy
+    assert isinstance(out.norm, nn.Identity) and isinstance(out.ls, nn.Identity)
+    assert any("proj (_Wrapped) -> its base_layer" in e for e in report.edits), report.edits
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+    assert isinstance(model.proj, _Wrapped) and isinstance(model.norm, nn.BatchNorm1d)  # untouched
+
+
+def test_functional_code_the_fold_removed_refuses_the_class_with_the_reason():
+    model, x = _toy(inline_scale=True)
+    with pytest.raises(ValueError, match="computes something else than the folded graph"):
+        repfold.fold(model, example_inputs=(x,), into=model)
+
+
+def test_an_adapter_that_did_not_fold_is_named():
+    model = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    x = torch.randn(2, 5, 6)
+    with pytest.warns(UserWarning, match="will not fold"):  # between a GELU and a LayerNorm: no layer takes it
+        gm = repfold.insert(model, before="2", example_inputs=x)
+    randomize_adapters(gm)
+    with pytest.raises(ValueError, match="did not fold"):
+        repfold.fold(gm, into=model)
+
+
+def test_into_takes_a_module_only():
+    model, x = _toy()
+    with pytest.raises(TypeError, match="into="):
+        repfold.fold(torch.export.export(model, (x,)), into=model)
