@@ -126,3 +126,25 @@ def test_into_takes_a_module_only():
     model, x = _toy()
     with pytest.raises(TypeError, match="into="):
         repfold.fold(torch.export.export(model, (x,)), into=model)
+
+
+def test_peft_lora_layers_become_their_re_weighted_base_layers():
+    """PEFT's LoRA wrappers (traced by torch.export, as fold does for a PeftModel) are each replaced by their
+    base layer, re-weighted: what ``merge_and_unload`` does to them, with the fold's check."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    config = peft.LoraConfig(target_modules=["0", "2"], r=2, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        assert rel_err(want, base(x)) > 1e-2
+    out, report = repfold.fold(model, example_inputs=(x,), into=model, return_report=True)
+    assert type(out) is type(model) and len(report.edits) == 2
+    inner = out.base_model.model
+    assert [type(m) for m in inner] == [nn.Linear, nn.ReLU, nn.Linear], inner
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert sum(p.numel() for p in inner.parameters()) == sum(p.numel() for p in merged.parameters())
+    with torch.no_grad():
+        assert rel_err(out(x), want) < 1e-5 and rel_err(inner(x), want) < 1e-5

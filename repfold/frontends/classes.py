@@ -33,16 +33,18 @@ class NotWritable(ValueError):
 
 
 def scopes(gm: fx.GraphModule) -> dict[str, list[str]]:
-    """The names of the nodes that run inside each module scope of ``gm`` (``blocks.0.attn``): what the
-    trace recorded, and, for a module call or an attribute read, the paths its target lies under."""
+    """The names of the nodes that run inside each module scope of ``gm`` (``blocks.0.attn``): for a module
+    call or an attribute read, the paths its target lies under (a call of torch.export's own ``_guards_fn``
+    lies under none); for any other op, what the trace recorded."""
     out: dict[str, list[str]] = {}
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
-        paths = set(module_paths(n))
         if n.op in ("call_module", "get_attr"):
             parts = n.target.split(".")
-            paths.update(".".join(parts[:k]) for k in range(1, len(parts) + (n.op == "call_module")))
+            paths = {".".join(parts[:k]) for k in range(1, len(parts) + (n.op == "call_module"))}
+        else:
+            paths = set(module_paths(n))
         for p in paths:
             out.setdefault(p, []).append(n.name)
     return out
@@ -85,6 +87,8 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
         if n.op not in ("call_module", "get_attr") or inside(n.target):
             continue
         if n.op == "call_module":
+            if n.target not in mods and n.target in before:
+                continue  # a module of the trace's own (torch.export's ``_guards_fn``), there before the fold
             if n.target not in mods:
                 raise NotWritable(f"the fold rebuilt a layer as {n.target!r}, a module {label} does not have "
                                   "(its weights are read elsewhere too)")
