@@ -148,3 +148,30 @@ def test_peft_lora_layers_become_their_re_weighted_base_layers():
     assert sum(p.numel() for p in inner.parameters()) == sum(p.numel() for p in merged.parameters())
     with torch.no_grad():
         assert rel_err(out(x), want) < 1e-5 and rel_err(inner(x), want) < 1e-5
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_the_fewest_structural_edits_keep_the_models_layout():
+    """A conv's BatchNorm becomes an identity and the conv stays where it was (its state dict keys with it),
+    although the block is then a wrapper of one layer: the wrapper rule is only for a wrapper whose own
+    code still runs what folded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ConvBN(), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].bn.running_mean.normal_()
+        model[0].bn.bias.normal_()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = repfold.fold(model, example_inputs=(x,), into=model)
+    assert isinstance(out[0], _ConvBN) and isinstance(out[0].bn, nn.Identity)
+    assert set(out.state_dict()) == {"0.conv.weight", "0.conv.bias"}
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
