@@ -175,3 +175,33 @@ def test_the_fewest_structural_edits_keep_the_models_layout():
     assert set(out.state_dict()) == {"0.conv.weight", "0.conv.bias"}
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_peft_lora_vit_for_image_classification_round_trips_through_save_pretrained(tmp_path):
+    """A Hugging Face classifier with PEFT LoRA on every Linear of its blocks: the fold written into the
+    PeftModel; its base model (what ``merge_and_unload`` returns) saves and loads with transformers' own
+    ``save_pretrained`` / ``from_pretrained`` and reproduces the eager model with adapters."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.ViTForImageClassification(config).eval()
+    linears = sorted({n.rpartition(".")[2] for n, m in base.named_modules()
+                      if isinstance(m, nn.Linear) and m is not base.classifier})  # every Linear of its blocks
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=linears, r=4, init_lora_weights=False)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).logits
+        assert rel_err(want, base(x).logits) > 1e-3
+    out, report = repfold.fold(model, example_inputs=(x,), into=model, return_report=True)
+    inner = out.base_model.model
+    assert type(inner) is type(base) and not report.kept
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert sorted(type(m).__name__ for m in inner.modules()) == sorted(type(m).__name__ for m in merged.modules())
+    assert sum(p.numel() for p in inner.parameters()) == sum(p.numel() for p in merged.parameters())
+    inner.save_pretrained(tmp_path)
+    back = type(base).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(back(x).logits, want) < 1e-5
