@@ -199,7 +199,10 @@ def test_peft_lora_vit_for_image_classification_round_trips_through_save_pretrai
     inner = out.base_model.model
     assert type(inner) is type(base) and not report.kept
     merged = copy.deepcopy(model).merge_and_unload()
-    assert sorted(type(m).__name__ for m in inner.modules()) == sorted(type(m).__name__ for m in merged.modules())
+    def layers(m):  # the modules that hold weights (the fold also made eval-mode dropouts identities)
+        return sorted(type(t).__name__ for t in m.modules() if next(t.parameters(recurse=False), None) is not None)
+
+    assert layers(inner) == layers(merged)
     assert sum(p.numel() for p in inner.parameters()) == sum(p.numel() for p in merged.parameters())
     inner.save_pretrained(tmp_path)
     back = type(base).from_pretrained(tmp_path).eval()
