@@ -177,21 +177,32 @@ def test_the_fewest_structural_edits_keep_the_models_layout():
         assert rel_err(out(x), model(x)) < 1e-5
 
 
-def test_peft_lora_vit_for_image_classification_round_trips_through_save_pretrained(tmp_path):
+def _hf(family: str):
+    """A small Hugging Face classifier with random weights, and an input for it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "vit":
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64, num_labels=3)
+        return (transformers.ViTForImageClassification(config).eval(),
+                torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    return (transformers.BertForSequenceClassification(config).eval(),
+            torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_peft_lora_classifier_round_trips_through_save_pretrained(tmp_path, family):
     """A Hugging Face classifier with PEFT LoRA on every Linear of its blocks: the fold written into the
     PeftModel; its base model (what ``merge_and_unload`` returns) saves and loads with transformers' own
     ``save_pretrained`` / ``from_pretrained`` and reproduces the eager model with adapters."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
-    torch.manual_seed(0)
-    base = transformers.ViTForImageClassification(config).eval()
+    base, x = _hf(family)
     linears = sorted({n.rpartition(".")[2] for n, m in base.named_modules()
                       if isinstance(m, nn.Linear) and m is not base.classifier})  # every Linear of its blocks
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         target_modules=linears, r=4, init_lora_weights=False)).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(x).logits
         assert rel_err(want, base(x).logits) > 1e-3
@@ -199,6 +210,7 @@ def test_peft_lora_vit_for_image_classification_round_trips_through_save_pretrai
     inner = out.base_model.model
     assert type(inner) is type(base) and not report.kept
     merged = copy.deepcopy(model).merge_and_unload()
+
     def layers(m):  # the modules that hold weights (the fold also made eval-mode dropouts identities)
         return sorted(type(t).__name__ for t in m.modules() if next(t.parameters(recurse=False), None) is not None)
 
