@@ -52,6 +52,12 @@ def fold(
     ``leaf_modules`` (classes) and ``leaf_functions`` are kept whole when
     tracing a model torch.fx cannot trace through.
 
+    A module that holds graphs ``insert`` made (``model.backbone =
+    insert(model.backbone, ...)``, for a detector whose post-processing
+    neither tracer takes) is folded part by part: each such graph with the
+    inputs ``insert`` recorded, put back into a copy of the model, of its own
+    class, the rest of the model as it is; the report names the parts.
+
     ``into``: the module ``model`` was made from (``gm = insert(model, ...)``,
     then ``fold(gm, into=model)`` after training): the result is then a copy
     of ``into``, of its own class, holding the fold as module edits (layers
@@ -75,6 +81,11 @@ def fold(
         from repfold.frontends.export import fold_export
 
         out, report = fold_export(model, scales=scales)
+    elif isinstance(model, nn.Module) and _parts(model):
+        if into is not None:
+            raise TypeError("into= takes a module folded whole; this one holds graphs made by insert, folded part "
+                            "by part into the model itself")
+        out, report = _fold_parts(model, scales=scales)
     elif isinstance(model, nn.Module):
         from repfold.frontends.fx import fold_fx
 
@@ -95,6 +106,52 @@ def fold(
                         f"not {type(model).__name__}")
     log.info("%s", report)
     return (out, report) if return_report else out
+
+
+def _parts(model: nn.Module) -> list[str]:
+    """The paths of the outermost graphs ``insert`` made inside ``model`` (``model.backbone =
+    insert(model.backbone, ...)``), when ``model`` is not one itself; else none."""
+    if _inserted(model):
+        return []
+    found: list[str] = []
+    for path, m in model.named_modules():
+        if path and _inserted(m) and not any(path.startswith(p + ".") for p in found):
+            found.append(path)
+    return found
+
+
+def _inserted(m: nn.Module) -> bool:
+    return isinstance(m, fx.GraphModule) and META_KEY in getattr(m, "meta", {})
+
+
+def _fold_parts(model: nn.Module, *, scales: bool):
+    """A model that holds graphs made by ``insert`` (a detector whose backbone alone traces): each such graph
+    folded with the inputs ``insert`` recorded and put back into a copy of the model, of its own class; the
+    rest of the model is left as it is. One report for all, its regions named by part."""
+    import copy
+
+    from repfold.frontends.fx import fold_fx, n_params
+    from repfold.report import FoldReport
+
+    own = copy.deepcopy(model)
+    parts = _parts(model)
+    report = FoldReport("fx, in parts", params_before=n_params(model), parts=parts)
+    for path in parts:
+        owner, _, name = path.rpartition(".")
+        folded, sub = fold_fx(model.get_submodule(path), None, scales=scales)
+        folded.train(False)
+        setattr(own.get_submodule(owner) if owner else own, name, folded)
+        for r in sub.regions:
+            r.source = f"{path}: {r.source}"
+            report.regions.append(r)
+        report.unseen += [f"{path}: {u}" for u in sub.unseen]
+        for k, v in sub.ops_before.items():
+            report.ops_before[k] = report.ops_before.get(k, 0) + v
+        for k, v in sub.ops_after.items():
+            report.ops_after[k] = report.ops_after.get(k, 0) + v
+    own.train(False)
+    report.params_after = n_params(own)
+    return own, report
 
 
 def _adapter_state(gm: nn.Module) -> dict[str, torch.Tensor]:

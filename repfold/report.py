@@ -69,6 +69,7 @@ class FoldReport:
     params_after: int = 0
     unseen: list[str] = field(default_factory=list)  # layers the fold could not examine: input shape unknown
     into: str | None = None  # the class the fold was written into (``fold(gm, into=model)``), if any
+    parts: list[str] = field(default_factory=list)  # the submodules folded one by one (graphs insert made)
     edits: list[str] = field(default_factory=list)  # its module edits, in words
     into_error: float | None = None  # the class's largest difference from the folded graph, relative
 
@@ -99,6 +100,8 @@ class FoldReport:
             head += (f"; {len(scales)} regions of per-channel scales and shifts only folded too (SSF, IA3, "
                      "LayerScale, BatchNorm, an exporter's constant): fewer operators than without adapters")
         lines = [head] + ["  " + r.line() for r in self.regions]
+        if self.parts:
+            lines.append(f"  folded part by part (graphs insert made, put back into the model): {', '.join(self.parts)}")
         if self.unseen:
             lines.append(f"  not examined (input shape unknown, so no region there can be found): "
                          f"{len(self.unseen)} layers, e.g. {', '.join(self.unseen[:3])}")

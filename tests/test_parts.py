@@ -1,0 +1,55 @@
+"""A model neither tracer takes whole, with adapters in a part that traces: ``fold`` folds the part and gives
+the model back, of its own class.
+
+torchvision's detectors post-process with data-dependent code (score thresholds, NMS), so neither
+torch.fx nor torch.export traces them; their backbone traces. The user inserts there
+(``model.backbone = insert(model.backbone, ...)``), trains, and folds the whole detector with one call.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_adapters, rel_err
+
+import repfold
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _detector():
+    torch.manual_seed(0)
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=1e-3, min_size=128, max_size=128).eval()
+
+
+def test_a_detector_with_adapters_in_its_backbone_folds_in_one_call():
+    model = _detector()
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    seen = {}
+    hook = model.backbone.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        base = model(images)
+    hook.remove()
+    base_params = sum(p.numel() for p in model.parameters())
+    convs = [n for n, m in model.backbone.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1][:3]
+    model.backbone = repfold.insert(model.backbone, before=convs, example_inputs=seen["x"], bias=False)
+    randomize_adapters(model.backbone, std=0.05)
+    model.eval()
+    adapted = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(images)
+        assert rel_err(want[0]["boxes"], base[0]["boxes"]) > 1e-3  # the adapters change the detections
+    out, report = repfold.fold(model, return_report=True)
+    assert type(out) is type(model) and report.parts == ["backbone"]
+    assert "folded part by part" in str(report) and all(r.folded for r in report.layered), str(report)
+    assert not [n for n, _ in out.named_parameters() if "repfold_adapters" in n]
+    assert sum(p.numel() for p in out.parameters()) <= base_params
+    with torch.no_grad():
+        got = out(images)
+    for key in ("boxes", "scores", "labels"):
+        assert got[0][key].shape == want[0][key].shape
+    assert rel_err(got[0]["boxes"], want[0]["boxes"]) < 1e-5
+    assert rel_err(got[0]["scores"], want[0]["scores"]) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), adapted.state_dict().values()))
