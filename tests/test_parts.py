@@ -53,3 +53,36 @@ def test_a_detector_with_adapters_in_its_backbone_folds_in_one_call():
     assert rel_err(got[0]["boxes"], want[0]["boxes"]) < 1e-5
     assert rel_err(got[0]["scores"], want[0]["scores"]) < 1e-5
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), adapted.state_dict().values()))
+
+
+def test_insert_on_a_whole_detector_puts_the_adapters_in_the_part_that_traces():
+    """One ``insert`` call on the whole detector (scopes named from the top, its input a list of images as
+    the detector takes): the backbone, the largest part holding them that traces, gets them, with the input
+    it received on one run; ``fold`` on the whole detector then folds it."""
+    model = _detector()
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        base = model(images)
+    convs = ["backbone." + n for n, m in model.backbone.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1][:3]
+    adapted = repfold.insert(model, before=convs, example_inputs=(images,), bias=False)
+    assert type(adapted) is type(model) and isinstance(adapted.backbone, torch.fx.GraphModule)
+    assert not isinstance(model.backbone, torch.fx.GraphModule)  # the input is untouched
+    randomize_adapters(adapted.backbone, std=0.05)
+    adapted.eval()
+    with torch.no_grad():
+        want = adapted(images)
+        assert rel_err(want[0]["boxes"], base[0]["boxes"]) > 1e-3
+    out, report = repfold.fold(adapted, return_report=True)
+    assert type(out) is type(model) and report.parts == ["backbone"] and not report.kept
+    with torch.no_grad():
+        got = out(images)
+    assert rel_err(got[0]["boxes"], want[0]["boxes"]) < 1e-5
+    assert rel_err(got[0]["scores"], want[0]["scores"]) < 1e-5
+
+
+def test_a_scope_in_no_part_that_traces_is_refused_with_the_reason():
+    model = _detector()
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    with pytest.raises(repfold.TraceError, match="no part of FasterRCNN holding before 'roi_heads'"):
+        repfold.insert(model, before=["roi_heads"], example_inputs=(images,))

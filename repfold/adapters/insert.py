@@ -454,7 +454,14 @@ def insert(
     exported = isinstance(model, torch.export.ExportedProgram)
     if exported:
         model, example_inputs = _program_module(model, example_inputs)
-    gm, inputs, how = _traced(model, leaf_modules, leaf_functions, example_inputs, names + after_names)
+    try:
+        gm, inputs, how = _traced(model, leaf_modules, leaf_functions, example_inputs, names + after_names)
+    except TraceError as e:
+        if exported or example_inputs is None:
+            raise
+        kw = {"hidden_dim": hidden_dim, "groups": groups, "scale": scale, "dropout": dropout, "axis": axis,
+              "leaf_modules": leaf_modules, "leaf_functions": leaf_functions, "bias": bias, "strict": strict}
+        return _insert_in_parts(model, names, after_names, example_inputs, e, kw)
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     placed = {}
     for where, scope in _chosen_scopes(gm, names, after_names):
@@ -552,3 +559,68 @@ def _freeze(gm: fx.GraphModule, model: nn.Module, placed: dict[str, str]) -> lis
     if placed:
         gm.get_submodule(PREFIX).train(model.training)
     return frozen
+
+
+def _insert_in_parts(model: nn.Module, names: list[str], after_names: list[str], example_inputs, why: TraceError,
+                     kw: dict) -> nn.Module:
+    """A model neither tracer takes whole (a detector's data-dependent post-processing): the adapters go into
+    the largest submodules that hold the selected scopes and trace, each with the inputs it received on one
+    run of the model; returns a copy of the model, of its own class, with those submodules replaced by the
+    graphs ``insert`` made of them (``fold(model)`` folds them part by part)."""
+    paths = [p for p, _ in model.named_modules() if p]
+    hits = {}
+    for where, patterns in (("before", names), ("after", after_names)):
+        for pattern in patterns:
+            found = [p for p in paths if _matches(pattern, p)]
+            if not found:
+                raise ValueError(f"{where}={pattern!r} matches no module of {type(model).__name__} (which neither "
+                                 f"tracer takes whole: {str(why).splitlines()[0]})")
+            hits.update(dict.fromkeys((where, p) for p in found))
+    own = copy.deepcopy(model)
+    owners = sorted({a for _, h in hits for a in _ancestors(h)}, key=lambda a: (a.count("."), a))
+    seen: dict[str, tuple] = {}
+
+    def record(a: str):
+        def hook(module, args, kwargs) -> None:
+            if not kwargs:  # (a part called with keywords is not taken: insert's example inputs are positional)
+                seen.setdefault(a, args)
+        return hook
+
+    hooks = [own.get_submodule(a).register_forward_pre_hook(record(a), with_kwargs=True) for a in owners]
+    mode = own.training
+    own.eval()
+    try:
+        with torch.no_grad():
+            own(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+    finally:
+        for h in hooks:
+            h.remove()
+        own.train(mode)
+    left, parts = dict(hits), []
+    for a in owners:  # shallowest first: the largest part that traces takes all the scopes under it
+        mine = [(w, h) for w, h in left if h.startswith(a + ".")]
+        if not mine or a not in seen or any(a.startswith(p + ".") for p in parts):
+            continue
+        rel = {w: [h[len(a) + 1:] for ww, h in mine if ww == w] for w in ("before", "after")}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # (the part's own warnings come again below)
+                graph = insert(own.get_submodule(a), before=rel["before"], after=rel["after"],
+                               example_inputs=seen[a], **kw)
+        except (TraceError, ValueError):
+            continue
+        owner, _, name = a.rpartition(".")
+        setattr(own.get_submodule(owner) if owner else own, name, graph)
+        parts.append(a)
+        for k in mine:
+            left.pop(k)
+    if left:
+        (where, scope), *_ = left
+        raise TraceError(f"{why}; and no part of {type(model).__name__} holding {where} {scope!r} traces either")
+    return own
+
+
+def _ancestors(path: str) -> list[str]:
+    """The module paths above ``path`` (``backbone``, ``backbone.body`` for ``backbone.body.1``)."""
+    parts = path.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
