@@ -55,9 +55,7 @@ class AvgPool:
         if v.pos is not None or v.rank != n + 2:
             raise Relaid(f"a {self.desc} reads its region's source laid out another way")
         g = self.geometry
-        if g.padding is not None and np.any(v.c):
-            raise NotAffine(f"a constant before a zero-padded {self.desc} is not exact at the borders "
-                            "(the padding reads 0, not the constant)")
+        self.no_constant_in_padding(v)
         box = np.full(self.size, 1.0 / math.prod(self.size))
         C = v.shape[1]
         d = diagonal(v.M, C) if not isinstance(v.M, float) else np.full(C, v.M)
@@ -67,9 +65,17 @@ class AvgPool:
             M = np.asarray(v.M)
             K, groups = M.reshape(M.shape + (1,) * n) * box, 1
         kmap = Kernel(K, groups, g.stride, g.dilation, g.start, g.padding)
-        shape = (v.shape[0], K.shape[0], *(g.out_size(size, a, k) for a, (size, k) in enumerate(zip(v.shape[2:], self.size))))
-        return replace(v, shape=shape, M=kmap)
+        return replace(v, shape=self.out_shape(v, K.shape[0]), M=kmap)
 
+    def no_constant_in_padding(self, v: Affine) -> None:
+        if self.geometry.padding is not None and np.any(v.c):
+            raise NotAffine(f"a constant before a zero-padded {self.desc} is not exact at the borders "
+                            "(the padding reads 0, not the constant)")
+
+    def out_shape(self, v: Affine, channels: int) -> tuple[int, ...]:
+        """The pool's output shape for input ``v`` (batch, channels, pooled positions)."""
+        g = self.geometry
+        return (v.shape[0], channels, *(g.out_size(n, a, k) for a, (n, k) in enumerate(zip(v.shape[2:], self.size))))
 
     def commute(self, ins: list[Affine], ch: Channels) -> Affine:
         """The pool kept as an op, replayed on the region's source: the same window over every channel, so
@@ -81,12 +87,8 @@ class AvgPool:
         if v.rank != n + 2:
             raise NotAffine(f"a {self.desc} reads a rank-{v.rank} value")
         v = ch.require(v, 1, f"a {self.desc}")
-        g = self.geometry
-        if g.padding is not None and np.any(v.c):
-            raise NotAffine(f"a constant before a zero-padded {self.desc} is not exact at the borders "
-                            "(the padding reads 0, not the constant)")
-        shape = (v.shape[0], v.shape[1], *(g.out_size(size, a, k) for a, (size, k) in enumerate(zip(v.shape[2:], self.size))))
-        return ch.mixed(v, shape, f"a {self.desc}")
+        self.no_constant_in_padding(v)
+        return ch.mixed(v, self.out_shape(v, v.shape[1]), f"a {self.desc}")
 
 
 def _tuple(x, n: int) -> tuple[int, ...]:

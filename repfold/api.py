@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from repfold.adapters.insert import PREFIX, insert
-from repfold.frontends.trace import META_KEY, recorded_inputs, to_graph_module
+from repfold.frontends.trace import META_KEY, recorded_inputs, set_module, to_graph_module
 
 log = logging.getLogger("repfold")
 
@@ -81,11 +83,11 @@ def fold(
         from repfold.frontends.export import fold_export
 
         out, report = fold_export(model, scales=scales)
-    elif isinstance(model, nn.Module) and _parts(model):
+    elif isinstance(model, nn.Module) and (parts := _parts(model)):
         if into is not None:
             raise TypeError("into= takes a module folded whole; this one holds graphs made by insert, folded part "
                             "by part into the model itself")
-        out, report = _fold_parts(model, scales=scales)
+        out, report = _fold_parts(model, parts, scales=scales)
     elif isinstance(model, nn.Module):
         from repfold.frontends.fx import fold_fx
 
@@ -124,31 +126,28 @@ def _inserted(m: nn.Module) -> bool:
     return isinstance(m, fx.GraphModule) and META_KEY in getattr(m, "meta", {})
 
 
-def _fold_parts(model: nn.Module, *, scales: bool):
-    """A model that holds graphs made by ``insert`` (a detector whose backbone alone traces): each such graph
-    folded with the inputs ``insert`` recorded and put back into a copy of the model, of its own class; the
-    rest of the model is left as it is. One report for all, its regions named by part."""
-    import copy
-
+def _fold_parts(model: nn.Module, parts: list[str], *, scales: bool):
+    """A model that holds graphs made by ``insert`` at ``parts`` (a detector whose backbone alone traces): each
+    such graph folded with the inputs ``insert`` recorded and put back into a copy of the model, of its own
+    class; the rest of the model is left as it is. One report for all, its regions named by part."""
     from repfold.frontends.fx import fold_fx, n_params
     from repfold.report import FoldReport
 
-    own = copy.deepcopy(model)
-    parts = _parts(model)
+    # the copy takes the folded parts in place of the adapted ones: those are not copied first
+    own = copy.deepcopy(model, {id(model.get_submodule(p)): nn.Identity() for p in parts})
     report = FoldReport("fx, in parts", params_before=n_params(model), parts=parts)
+    before, after = Counter(), Counter()
     for path in parts:
-        owner, _, name = path.rpartition(".")
         folded, sub = fold_fx(model.get_submodule(path), None, scales=scales)
         folded.train(False)
-        setattr(own.get_submodule(owner) if owner else own, name, folded)
+        set_module(own, path, folded)
         for r in sub.regions:
             r.source = f"{path}: {r.source}"
             report.regions.append(r)
         report.unseen += [f"{path}: {u}" for u in sub.unseen]
-        for k, v in sub.ops_before.items():
-            report.ops_before[k] = report.ops_before.get(k, 0) + v
-        for k, v in sub.ops_after.items():
-            report.ops_after[k] = report.ops_after.get(k, 0) + v
+        before.update(sub.ops_before)
+        after.update(sub.ops_after)
+    report.ops_before, report.ops_after = dict(before), dict(after)
     own.train(False)
     report.params_after = n_params(own)
     return own, report

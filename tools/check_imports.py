@@ -23,6 +23,8 @@ import ast
 import sys
 from pathlib import Path
 
+import networkx as nx  # (a dependency of repfold: its dataflow questions)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # layer -> the layers it may import (a module may always import its own layer's modules)
@@ -109,36 +111,9 @@ def allowed(src: str, dst: str) -> bool:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan), each a cycle or several."""
-    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
-
-    def strong(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                strong(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1 or v in graph.get(v, ()):
-                out.append(sorted(comp))
-
-    sys.setrecursionlimit(10000)
-    for v in sorted(graph):
-        if v not in index:
-            strong(v)
-    return out
+    """The strongly connected components of more than one module, each a cycle or several (sorted)."""
+    g = nx.DiGraph([(a, b) for a, bs in graph.items() for b in bs])
+    return sorted(sorted(c) for c in nx.strongly_connected_components(g) if len(c) > 1)
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from repfold.frontends.trace import (
     WritesBuffers,
     is_shape_read,
     module_paths,
+    set_module,
     shape,
     to_graph_module,
 )
@@ -609,8 +610,7 @@ def _insert_in_parts(model: nn.Module, names: list[str], after_names: list[str],
                                example_inputs=seen[a], **kw)
         except (TraceError, ValueError):
             continue
-        owner, _, name = a.rpartition(".")
-        setattr(own.get_submodule(owner) if owner else own, name, graph)
+        set_module(own, a, graph)
         parts.append(a)
         for k in mine:
             left.pop(k)

@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from repfold.frontends.trace import module_paths
+from repfold.frontends.trace import get_attr, module_paths, set_module
 
 TOLERANCE = 1e-5  # relative to the output's largest magnitude: float32 rounding, not a different computation
 
@@ -63,8 +63,10 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
     adapters it held: PEFT's tuner layers) are wrappers replaced by the one layer left of them.
     """
     error, why = float("inf"), ""
+    after = scopes(folded)
     for wrappers in (False, True):
-        own, edits = _edited(model, folded, before, label, wrappers)
+        own, edits = _edited(model, folded, before, after, label, wrappers)
+        why = ""
         try:
             error = _difference(own, folded, inputs)
         except Exception as e:  # noqa: BLE001 (the class's own code failing on the edits is the answer: not these)
@@ -78,13 +80,12 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
                       + (f" ({', '.join(gone[:3])}, ...)" if gone else ""))
 
 
-def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str]], label: str,
-            wrappers: bool) -> tuple[nn.Module, list[str]]:
+def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str]], after: dict[str, list[str]],
+            label: str, wrappers: bool) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with the fold's module edits (with ``wrappers``, a scope left with one call of one
     of its submodules becomes that submodule), and the edits in words."""
     own = copy.deepcopy(model)
     mods = dict(own.named_modules())
-    after = scopes(folded)
     settled: list[str] = []  # scopes replaced whole: nothing under them is edited again
     edits: list[str] = []
 
@@ -97,7 +98,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             continue
         left = after.get(path, [])
         if not left:  # every op of the scope went into an absorber
-            _put(own, path, nn.Identity())
+            set_module(own, path, nn.Identity())
             settled.append(path)
             edits.append(f"{path} ({type(mods[path]).__name__}) -> Identity")
             continue
@@ -106,7 +107,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
                 and only.target in mods:  # a wrapper around the one layer left of it
             layer = mods[only.target]
             _take(layer, folded.get_submodule(only.target), only.target)
-            _put(own, path, layer)
+            set_module(own, path, layer)
             settled.append(path)
             edits.append(f"{path} ({type(mods[path]).__name__}) -> its {only.target[len(path) + 1:]} "
                          f"({type(layer).__name__}), re-weighted")
@@ -123,7 +124,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) re-weighted")
             continue
         owner, _, name = n.target.rpartition(".")
-        new = _get(folded, n.target)
+        new = get_attr(folded, n.target)
         held = getattr(mods.get(owner), name, None) if owner in mods else None
         if not isinstance(new, torch.Tensor):
             continue
@@ -135,16 +136,6 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             edits.append(f"{n.target} re-weighted")
     own.train(False)
     return own, edits
-
-
-def _get(root: nn.Module, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, name)
-
-
-def _put(root: nn.Module, path: str, module: nn.Module) -> None:
-    owner, _, name = path.rpartition(".")
-    setattr(root.get_submodule(owner) if owner else root, name, module)
 
 
 def _take(layer: nn.Module, rebuilt: nn.Module, path: str) -> bool:

@@ -27,10 +27,13 @@ from repfold.frontends.trace import (
     TraceError,
     WritesBuffers,
     example_inputs,
+    get_attr,
+    has_submodule,
     is_shape_read,
     module_paths,
     own_parameters,
     reads_rank_only,
+    set_module,
     shape,
     to_graph_module,
 )
@@ -112,7 +115,7 @@ class FxContext:
         for n in self.gm.graph.nodes:  # a tensor other ops read too stays: it does not count
             if n.op == "get_attr" and n.target in targets and (n not in inside or any(u not in inside for u in n.users)):
                 targets.discard(n.target)
-        return sum(_get_attr(self.gm, t).numel() for t in targets) >= size
+        return sum(get_attr(self.gm, t).numel() for t in targets) >= size
 
     @functools.cached_property
     def weights(self) -> WeightOnly:
@@ -126,7 +129,7 @@ class FxContext:
         get_attr node or a weight-only value (whose dtype is the one the model computed it in).
         """
         if like.op == "get_attr" and shape is None:
-            ref = _get_attr(self.gm, like.target)
+            ref = get_attr(self.gm, like.target)
             trainable = self.trainable(ref)
         else:  # ``shape`` (where it is not ``like``'s), ``like``'s dtype and device
             roots = self.weights.roots(like)
@@ -148,10 +151,10 @@ class FxContext:
         target = node.target
         if self.calls[target] > 1 or target in self.read_owners:
             base, i = f"{target}_folded", 0
-            while _has_submodule(self.gm, target):
+            while has_submodule(self.gm, target):
                 target = f"{base}_{i}" if i else base
                 i += 1
-        _set(self.gm, target, new)
+        set_module(self.gm, target, new)
         return target
 
 
@@ -197,7 +200,7 @@ class WeightOnly:
 
     def _pure_call(self, n: fx.Node, inputs: list[bool]) -> bool:
         if n.op == "get_attr":
-            return isinstance(_get_attr(self.gm, n.target), torch.Tensor)
+            return isinstance(get_attr(self.gm, n.target), torch.Tensor)
         if n.op == "call_function" and n.target is getattr and n.args[1] == "dtype" and _dtype_of(n.args[0]):
             return True  # ``x.dtype`` (PEFT casts its ΔW to the input's): known from the trace
         if n.op not in ("call_function", "call_method") or not all(inputs) or not n.users:
@@ -221,7 +224,7 @@ class WeightOnly:
 
     def roots(self, n: fx.Node) -> list[torch.Tensor]:
         """The module tensors the weight-only value ``n`` is computed from."""
-        return [_get_attr(self.gm, m.target) for m in _graph.upstream(n, _inputs) if m.op == "get_attr"]
+        return [get_attr(self.gm, m.target) for m in _graph.upstream(n, _inputs) if m.op == "get_attr"]
 
     def value(self, n: fx.Node):
         """The float64 value of weight-only ``n`` (None when ``n`` is not one, or cannot be evaluated)."""
@@ -242,7 +245,7 @@ class WeightOnly:
         if n.op == "call_function" and n.target is getattr and n.args[1] == "dtype":
             return _dtype_of(n.args[0])
         if n.op == "get_attr":  # a copy: an op of the subgraph may write into its input
-            t = _get_attr(self.gm, n.target).detach()
+            t = get_attr(self.gm, n.target).detach()
             return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
         if any(self._values.get(i) is None for i in n.all_input_nodes):
             return None
@@ -270,29 +273,6 @@ def _dtype_of(n):
 def _double(a):
     """A floating dtype argument as float64 (``.to(torch.float32)`` of a weight stays float64)."""
     return torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a
-
-
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _has_submodule(gm: nn.Module, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-        return True
-    except AttributeError:
-        return False
-
-
-def _set(gm: nn.Module, target: str, new: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    if not _has_submodule(gm, parent):
-        gm.add_submodule(target, new)
-    else:
-        setattr(gm.get_submodule(parent), name, new)
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -799,7 +779,7 @@ def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for target in read_before - now:
         owner, _, name = target.rpartition(".")
-        if any(owner == c or owner.startswith(c + ".") for c in called) or not _has_submodule(gm, owner):
+        if any(owner == c or owner.startswith(c + ".") for c in called) or not has_submodule(gm, owner):
             continue  # read by a module's own forward, or already gone with its unused module
         mod = gm.get_submodule(owner)
         mod._parameters.pop(name, None)

@@ -24,6 +24,32 @@ def module_paths(n) -> list[str]:
 VALUE_KEY = "repfold_value"  # node.meta key: the int / size a node computed during shape propagation
 
 
+def get_attr(root: nn.Module, target: str):
+    """The module, parameter or buffer at dotted path ``target`` of ``root``."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def has_submodule(root: nn.Module, target: str) -> bool:
+    try:
+        root.get_submodule(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def set_module(root: nn.Module, target: str, new: nn.Module) -> None:
+    """``new`` at dotted path ``target`` of ``root``, in place of what is there (made, with its parents, where
+    nothing is)."""
+    parent, _, name = target.rpartition(".")
+    if not has_submodule(root, parent):
+        root.add_submodule(target, new)
+    else:
+        setattr(root.get_submodule(parent), name, new)
+
+
 class TraceError(RuntimeError):
     """The model could not be turned into a torch.fx graph."""
 
