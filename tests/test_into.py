@@ -96,6 +96,11 @@ def _toy(**kw):
 
 def test_a_wrapper_becomes_its_layer_and_folded_modules_become_identities():
     model, x = _toy()
+    plain = copy.deepcopy(model)
+    nn.init.zeros_(plain.proj.lora_B.weight)
+    plain.norm, plain.ls = nn.Identity(), nn.Identity()
+    with torch.no_grad():
+        assert rel_err(model(x), plain(x)) > 1e-2  # the adapter, the norm and the scale change the output
     out, report = repfold.fold(model, example_inputs=(x,), into=model, return_report=True)
     assert type(out) is _Model
     assert isinstance(out.proj, nn.Linear) and out.proj is not model.proj.base_layer  # re-weighted copy
@@ -170,6 +175,10 @@ def test_the_fewest_structural_edits_keep_the_models_layout():
         model[0].bn.running_mean.normal_()
         model[0].bn.bias.normal_()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(model)
+    plain[0].bn = nn.Identity()
+    with torch.no_grad():
+        assert rel_err(model(x), plain(x)) > 1e-2  # the BatchNorm the fold takes changes the output
     out = repfold.fold(model, example_inputs=(x,), into=model)
     assert isinstance(out[0], _ConvBN) and isinstance(out[0].bn, nn.Identity)
     assert set(out.state_dict()) == {"0.conv.weight", "0.conv.bias"}

@@ -17,6 +17,7 @@ from torch import nn
 
 import repfold
 from repfold.frontends.fx import op_counts
+from repfold.frontends.trace import set_module
 
 C, HEADS = 16, 2
 
@@ -89,6 +90,16 @@ def _model(cls, **kw) -> nn.Module:
     return model
 
 
+def _assert_norms_matter(model: nn.Module, x: torch.Tensor) -> None:
+    """The norms the fold is to take really change the output (against the model with them as identities)."""
+    plain = copy.deepcopy(model)
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            set_module(plain, name, nn.Identity())
+    with torch.no_grad():
+        assert rel_err(model(x), plain(x)) > 1e-2
+
+
 def _x() -> torch.Tensor:
     return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -102,6 +113,7 @@ def _norms_fx(gm) -> int:
 def test_a_norm_before_an_average_pool_folds_into_the_layers_after_it_fx(cls):
     model = _model(cls).double()
     x = _x().double()
+    _assert_norms_matter(model, x)
     folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert _norms_fx(folded) == 0, op_counts(folded)
     assert all(r.folded for r in report.regions), report
@@ -119,6 +131,7 @@ def test_a_norm_before_an_average_pool_folds_into_the_layers_after_it_onnx(cls, 
 
     model = _model(cls)
     x = _x()
+    _assert_norms_matter(model, x)
     proto = export(model, x, dynamo)
     folded = repfold.fold(proto)
     counts, before = onnx_counts(folded), onnx_counts(proto)
@@ -147,6 +160,7 @@ def test_a_shift_before_a_zero_padded_pool_stays():
     pool, so the norm stays, and the output is the model's."""
     model = _model(PooledHead, padding=1).double()
     x = _x().double()
+    _assert_norms_matter(model, x)
     folded = repfold.fold(model, example_inputs=(x,))
     assert _norms_fx(folded) == 1
     with torch.no_grad():
