@@ -88,7 +88,7 @@ def measure(name: str, runs: int) -> dict:
     with torch.no_grad():
         y = model(x).numpy()
     row = {"model": name, "train": convs_fx(model)}
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         row.update(fx=convs_fx(folded), fx_err=rel(folded(x).numpy(), y), fx_kept=len(report.kept))
     ref = timm.utils.reparameterize_model(copy.deepcopy(model))

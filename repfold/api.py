@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from repfold.adapters.insert import PREFIX, insert
-from repfold.frontends.trace import META_KEY, recorded_inputs, set_module, to_graph_module
+from repfold.frontends.trace import META_KEY, has_submodule, recorded_inputs, set_module, to_graph_module
 
 log = logging.getLogger("repfold")
 
@@ -31,15 +31,29 @@ def fold(
     leaf_functions=(),
     return_report: bool = False,
     into: nn.Module | None = None,
+    graph: bool = False,
 ):
     """Fold every adapter region into its neighbouring layer; returns a new model of the same kind.
 
-    ``model`` may be an ``nn.Module`` (traced with torch.fx; the result is an
-    ``fx.GraphModule``), an ``fx.GraphModule``, an ``onnx.ModelProto``, or the
-    path of an ``.onnx`` file (the result is an ``onnx.ModelProto``). The
+    ``model`` may be an ``nn.Module``, an ``fx.GraphModule`` (what ``insert``
+    returns), a ``torch.export.ExportedProgram``, an ``onnx.ModelProto``, or
+    the path of an ``.onnx`` file (the result is an ``onnx.ModelProto``). The
     input is never modified. Regions are found by algebra; those that cannot
     fold exactly and at no extra cost are kept and explained in the report,
     which ``return_report=True`` returns as ``(model, report)``.
+
+    An ``nn.Module`` of the user's class (a PEFT or Hugging Face model, a timm
+    or ultralytics model, one with adapter modules of its own) is folded into
+    a copy of its own class, as PEFT's ``merge_and_unload`` and timm's
+    ``reparameterize_model`` do: layers re-weighted, submodules whose ops all
+    folded replaced by ``nn.Identity``, a wrapper left with one layer (a PEFT
+    tuner layer) replaced by that layer; the copy is run once on the example
+    inputs against the folded graph (``report.into_error``). A region written
+    in a forward's own code (``x * self.gamma``, an adapter spelled inline)
+    cannot be removed by module edits: it is left running in the class,
+    reported kept with that reason, and warned about when it is an adapter.
+    ``graph=True`` returns the folded ``torch.fx.GraphModule`` instead, with
+    every region that folds folded, forward code included.
 
     ``example_inputs`` shapes the fx graph; it defaults to inputs like those
     ``insert`` recorded (shapes and dtypes: token ids stay integers), then to
@@ -97,7 +111,8 @@ def fold(
                 "BatchNorm running statistics)", UserWarning, stacklevel=2,
             )
         out, report = fold_fx(model, example_inputs, scales=scales, leaf_modules=leaf_modules,
-                              leaf_functions=leaf_functions, into=into)
+                              leaf_functions=leaf_functions, into=into,
+                              own_class=into is None and not graph and not isinstance(model, fx.GraphModule))
         out.train(False)
     elif type(model).__name__ == "ModelProto":
         from repfold.frontends.onnx import fold_onnx
@@ -161,32 +176,60 @@ def _adapter_state(gm: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write only the adapters' weights (and how they were inserted) to a safetensors file."""
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write only the adapters' weights (and how they were inserted) to a safetensors file.
+
+    ``model`` is what ``insert`` returned: a GraphModule, or the user's model with adapted parts (a
+    detector whose backbone took them); the file then names the parts (``backbone.repfold_adapters...``).
+    """
     from safetensors.torch import save_file
 
-    state = _adapter_state(gm)
+    parts = _parts(model)
+    if parts:
+        state = {f"{p}.{k}": v for p in parts for k, v in _adapter_state(model.get_submodule(p)).items()}
+        meta = {"parts": {p: _insert_record(model.get_submodule(p)) for p in parts}}
+    else:
+        state, meta = _adapter_state(model), _insert_record(model)
     if not state:
         raise ValueError("this model has no repfold adapters to save")
-    # how the adapters were inserted; which weights insert froze is about this live model, not the file
-    meta = {k: v for k, v in getattr(gm, "meta", {}).get(META_KEY, {}).items() if k != "frozen"}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> fx.GraphModule:
-    """A new GraphModule: ``model`` with the adapters saved at ``path``.
+def _insert_record(gm: nn.Module) -> dict:
+    """How ``insert`` made ``gm``; which weights it froze is about this live model, not the file."""
+    return {k: v for k, v in getattr(gm, "meta", {}).get(META_KEY, {}).items() if k != "frozen"}
 
-    A model that has no adapters yet gets them inserted first, with the
-    settings recorded in the file; ``model`` itself is not modified.
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, example_inputs=None) -> nn.Module:
+    """``model`` with the adapters saved at ``path``, as ``insert`` returned it: a new GraphModule, or, for
+    a file saved from a model with adapted parts, a copy of ``model`` with those parts.
+
+    A model (or part) that has no adapters yet gets them inserted first, with
+    the settings recorded in the file; ``model`` itself is not modified.
     """
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    if "parts" not in meta:
+        return _with_adapters(model, state, meta, example_inputs, path)
+    missing = [p for p in meta["parts"] if not has_submodule(model, p)]
+    if missing:
+        raise ValueError(f"adapters in {path} are for parts this model does not have: {missing[:3]}")
+    own = copy.deepcopy(model, {id(model.get_submodule(p)): nn.Identity() for p in meta["parts"]})
+    for p, record in meta["parts"].items():
+        mine = {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
+        set_module(own, p, _with_adapters(model.get_submodule(p), mine, record, None, path))
+    own.train(model.training)
+    return own
+
+
+def _with_adapters(model: nn.Module, state: dict, meta: dict, example_inputs, path) -> fx.GraphModule:
+    """``model`` (a whole model or a part) as a GraphModule holding the adapters of ``state``."""
     if any(name.startswith(PREFIX + ".") for name, _ in model.named_modules()):
         gm = to_graph_module(model)
     else:

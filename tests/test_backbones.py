@@ -104,7 +104,7 @@ def test_fx_fold_of_a_real_backbone(name, dtype, tol):
     assert rel_err(y_folded, y_adapted) < tol
     check_kept(name, "fx", report, gm)
     if not report.kept:  # the base model's operators, or fewer (BEiT's run-time qkv bias is a constant now)
-        got, base = same_kinds(fx_counts(folded)), same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+        got, base = same_kinds(fx_counts(folded)), same_kinds(fx_counts(repfold.fold(model, example_inputs=x, graph=True)))
         assert all(n <= base.get(k, 0) for k, n in got.items()), (got, base)
 
 
@@ -259,7 +259,7 @@ def test_full_size_backbone(name):
     gm = repfold.insert(model, before=where, example_inputs=x)
     folded, report = fold_checked(gm, model, x, std=0.05, tol=1e-4)
     assert len(report.layered) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)
-    assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x)))
+    assert same_kinds(fx_counts(folded)) == same_kinds(fx_counts(repfold.fold(model, example_inputs=x, graph=True)))
     adapted, base = export(gm, x, False), export(model, x, False)
     folded_onnx, report = repfold.fold(adapted, return_report=True)
     assert len(report.layered) == len(gm.meta["repfold"]["adapters"]) and not report.kept, str(report)

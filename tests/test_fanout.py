@@ -133,7 +133,7 @@ def test_adapter_reading_a_feature_the_next_block_reads_folds_through_torch_expo
 
 def test_lora_beside_a_conv_reading_a_feature_the_next_block_reads_folds_into_that_conv():
     model, x = build(lora=True), x_of()
-    folded, report = repfold.fold(model, example_inputs=x, return_report=True)
+    folded, report = repfold.fold(model, example_inputs=x, return_report=True, graph=True)
     assert len(report.layered) == 1 and not report.kept, str(report)
     with torch.no_grad():
         assert err(folded(x), model(x)) < 1e-10

@@ -33,7 +33,7 @@ def test_fold_keeps_outputs_and_restores_base_cost(name, dtype):
     assert sorted(into for r in report.folded for into in r.into) == sorted(
         f"blocks.{i}.{layer} (Linear)" for i in range(2) for layer in ("attn.qkv", "mlp.fc1")
     )
-    _, base = repfold.fold(model, example_inputs=x, return_report=True)
+    _, base = repfold.fold(model, example_inputs=x, return_report=True, graph=True)
     assert report.ops_after == base.ops_after
     assert report.params_after == base.params_after == sum(p.numel() for p in model.parameters())
     assert not any(isinstance(m, repfold.RepAdapter) for m in folded.modules())
@@ -85,7 +85,7 @@ def test_folded_parameters_are_trainable_as_before_insert():
 def test_folding_twice_changes_nothing():
     _, gm, x = adapted(MODELS[0], torch.float64)
     once = repfold.fold(gm)
-    twice, report = repfold.fold(once, example_inputs=x, return_report=True)
+    twice, report = repfold.fold(once, example_inputs=x, return_report=True, graph=True)
     assert report.regions == []
     assert torch.equal(twice(x), once(x))
 
@@ -111,7 +111,7 @@ def test_plain_module_with_handwritten_adapter_folds():
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(block(x), torch.relu(block.fc(block.norm(x)))) > 1e-2  # the adapter matters
-    folded, report = repfold.fold(block, example_inputs=x, return_report=True)
+    folded, report = repfold.fold(block, example_inputs=x, return_report=True, graph=True)
     assert [r.into for r in report.regions] == [["fc (Linear)"]]
     assert rel_err(folded(x), block(x)) <= 1e-12
 
@@ -177,7 +177,7 @@ def test_a_computed_weight_is_stored_only_where_that_costs_no_more(kind):
     layers read) or where nothing is computed (a transposed weight): the model stays bitwise as it was."""
     model = _ComputedWeights(kind).eval()
     x, t = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 64)
-    folded, report = repfold.fold(torch.fx.symbolic_trace(model), example_inputs=(x, t), return_report=True)
+    folded, report = repfold.fold(torch.fx.symbolic_trace(model), example_inputs=(x, t), return_report=True, graph=True)
     with torch.no_grad():
         want, got = model(x, t), folded(x, t)
     if kind == "standardised":
@@ -229,7 +229,7 @@ def test_a_model_fx_cannot_trace_is_folded_through_torch_export():
     with torch.no_grad():
         model.bn.running_mean.normal_(), model.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 4, 6, 6)
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert report.frontend == "fx, traced by torch.export" and len(report.folded) == 1, str(report)
     assert "BatchNorm2d" not in str(report.ops_after), str(report)
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_a_layer_whose_weight_is_read_elsewhere_too_keeps_it_for_that_reader():
     with torch.no_grad():
         want = model(x)
         assert (want - (model.proj(x) + F.linear(torch.relu(x), model.proj.weight))).abs().max() > 1e-3
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert [r.folded for r in report.regions] == [True], report
     with torch.no_grad():
         torch.testing.assert_close(folded(x), want, atol=1e-12, rtol=0)

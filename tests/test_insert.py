@@ -53,9 +53,10 @@ def test_groups_must_divide_widths():
         repfold.insert(make_vit(), before="attn", hidden_dim=8, groups=3, example_inputs=image())
 
 
-def test_adapters_save_and_load_alone(tmp_path):
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapters_save_and_load_alone(tmp_path, bias):
     model, x = make_vit(), image()
-    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x)
+    gm = repfold.insert(model, before=["attn", "mlp"], example_inputs=x, bias=bias)  # (the file says which)
     randomize_adapters(gm)
     gm.eval()
     path = tmp_path / "task.safetensors"

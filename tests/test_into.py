@@ -1,4 +1,5 @@
-"""``fold(gm, into=model)``: the fold written back into the user's own class, as module edits, checked.
+"""The fold written back into the user's own class, as module edits, checked: ``fold(model)`` (the default
+for a module) and ``fold(gm, into=model)``.
 
 After ``gm = insert(model, ...)`` and training, a user deploys their own class (timm's
 ``VisionTransformer``, with ``pretrained_cfg``, ``forward_features``, a state dict that loads into
@@ -6,6 +7,8 @@ After ``gm = insert(model, ...)`` and training, a user deploys their own class (
 """
 
 import copy
+import types
+import warnings
 
 import pytest
 import torch
@@ -184,6 +187,10 @@ def test_the_fewest_structural_edits_keep_the_models_layout():
     assert set(out.state_dict()) == {"0.conv.weight", "0.conv.bias"}
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
+    # code of the model's own that folds its BatchNorms again (ultralytics' fuse(), run by its exporter) finds
+    # one that changes nothing: the conv comes back bitwise as it is
+    again = torch.nn.utils.fusion.fuse_conv_bn_eval(out[0].conv, out[0].bn)
+    assert torch.equal(again.weight, out[0].conv.weight) and torch.equal(again.bias, out[0].conv.bias)
 
 
 def _hf(family: str):
@@ -203,9 +210,10 @@ def _hf(family: str):
 
 @pytest.mark.parametrize("family", ["vit", "bert"])
 def test_peft_lora_classifier_round_trips_through_save_pretrained(tmp_path, family):
-    """A Hugging Face classifier with PEFT LoRA on every Linear of its blocks: the fold written into the
-    PeftModel; its base model (what ``merge_and_unload`` returns) saves and loads with transformers' own
-    ``save_pretrained`` / ``from_pretrained`` and reproduces the eager model with adapters."""
+    """A Hugging Face classifier with PEFT LoRA on every Linear of its blocks: ``fold(model)`` gives what
+    ``merge_and_unload`` returns, the base model of its own class (the PeftModel's ``get_base_model()``),
+    re-weighted; it saves and loads with transformers' own ``save_pretrained`` / ``from_pretrained`` and
+    reproduces the eager model with adapters."""
     peft = pytest.importorskip("peft")
     base, x = _hf(family)
     linears = sorted({n.rpartition(".")[2] for n, m in base.named_modules()
@@ -215,9 +223,9 @@ def test_peft_lora_classifier_round_trips_through_save_pretrained(tmp_path, fami
     with torch.no_grad():
         want = model(x).logits
         assert rel_err(want, base(x).logits) > 1e-3
-    out, report = repfold.fold(model, example_inputs=(x,), into=model, return_report=True)
-    inner = out.base_model.model
-    assert type(inner) is type(base) and not report.kept
+    inner, report = repfold.fold(model, example_inputs=(x,), return_report=True)  # the default: its own class,
+    assert type(inner) is type(base) and not report.kept  # unwrapped as merge_and_unload does
+    assert report.into == type(base).__name__ and "get_base_model()" in report.edits[-1]
     merged = copy.deepcopy(model).merge_and_unload()
 
     def layers(m):  # the modules that hold weights (the fold also made eval-mode dropouts identities)
@@ -229,3 +237,111 @@ def test_peft_lora_classifier_round_trips_through_save_pretrained(tmp_path, fami
     back = type(base).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert rel_err(back(x).logits, want) < 1e-5
+
+
+def test_a_module_folds_into_its_own_class_by_default():
+    model, x = _toy()
+    out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert type(out) is _Model and isinstance(out.proj, nn.Linear) and isinstance(out.norm, nn.Identity)
+    assert report.into == "_Model" and report.into_error <= 1e-6 and not report.kept
+    graph = repfold.fold(model, example_inputs=(x,), graph=True)
+    assert isinstance(graph, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5 and rel_err(graph(x), model(x)) < 1e-5
+
+
+class _Inline(nn.Module):
+    """An adapter module beside one written inline in ``forward``: the class cannot drop the inline one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter = _Wrapped()
+        self.down, self.up = nn.Linear(6, 2), nn.Linear(2, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.adapter(x))
+        h = h + self.up(self.down(h))  # an adapter spelled inline
+        return self.head(h)
+
+
+def test_an_adapter_written_inline_is_left_in_the_class_warned_and_folded_with_graph_true():
+    torch.manual_seed(0)
+    model = _Inline().eval()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(model)
+    nn.init.zeros_(plain.up.weight)
+    nn.init.zeros_(plain.up.bias)
+    with torch.no_grad():
+        assert rel_err(model(x), plain(x)) > 1e-2  # the inline adapter changes the output
+    with pytest.warns(UserWarning, match="1 adapter region.* left running in _Inline"):
+        out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert type(out) is _Inline and isinstance(out.adapter, nn.Linear)  # the module adapter folded
+    assert isinstance(out.up, nn.Linear) and torch.equal(out.up.weight, model.up.weight)  # the inline one stays
+    [kept] = report.kept
+    assert "forward code" in kept.reason and "graph=True" in kept.reason
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph, g_report = repfold.fold(model, example_inputs=(x,), graph=True, return_report=True)
+    assert not g_report.kept and isinstance(graph, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert rel_err(graph(x), model(x)) < 1e-5
+
+
+def test_a_timm_vit_with_seed_style_adapter_modules_folds_to_its_class():
+    """The RepAdapter paper's own code: adapter modules set on each block, and the block's forward replaced
+    by one that calls them. The fold makes them identities: a ``VisionTransformer`` with the base model's
+    parameters, whose state dict loads into a fresh ``timm.create_model``."""
+    model = _vit()
+    base = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+
+    def forward(self, x):  # as in the seed code: the adapters before attn and mlp, the rest timm's
+        x = x + self.drop_path1(self.ls1(self.attn(self.adapter_attn(self.norm1(x)))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.adapter_mlp(self.norm2(x)))))
+
+    for block in model.blocks:
+        for name in ("adapter_attn", "adapter_mlp"):
+            adapter = repfold.RepAdapter(model.embed_dim, hidden_dim=8, groups=2).eval()
+            with torch.no_grad():
+                for p in adapter.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            setattr(block, name, adapter)
+        block.forward = types.MethodType(forward, block)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        assert rel_err(want, base(x)) > 1e-2
+    out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert type(out).__name__ == "VisionTransformer" and len(report.folded) == 4 and not report.kept
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in base.parameters())
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    fresh.load_state_dict(out.state_dict())
+    with torch.no_grad():
+        assert rel_err(out(x), want) < 1e-5 and rel_err(fresh(x), want) < 1e-5
+
+
+def test_timm_reparameterizable_blocks_fold_in_their_class_as_timms_merge_does():
+    """RepVGG's branches are submodules summed in the block's forward: the block becomes the chain of
+    layers left of it (its 3x3 conv, then its activation), named as they were; as many convs as timm's
+    ``reparameterize_model``, no BatchNorm."""
+    torch.manual_seed(0)
+    model = timm.create_model("repvgg_a0", pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    ref = timm.utils.reparameterize_model(copy.deepcopy(model))
+
+    def count(m, kind):
+        return sum(isinstance(t, kind) for t in m.modules())
+
+    assert type(out) is type(model) and not report.kept
+    assert count(out, nn.Conv2d) == count(ref, nn.Conv2d) and count(out, nn.BatchNorm2d) == 0
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5

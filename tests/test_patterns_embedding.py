@@ -96,8 +96,8 @@ def test_lora_on_an_embedding_folds_into_one_lookup(models, path):
         assert counts.get("MatMul", 0) == 1 and counts.get("Mul", 0) == 0, counts  # the head's MatMul only
     else:
         model = torch.export.export(adapted, (ids,)) if path == "export" else adapted
-        folded, report = repfold.fold(model, example_inputs=(ids,), return_report=True) if path == "fx" \
-            else repfold.fold(model, return_report=True)
+        folded, report = repfold.fold(model, example_inputs=(ids,), return_report=True, graph=True) if path == "fx" \
+            else repfold.fold(model, return_report=True, graph=True)
         runnable = folded.module() if path == "export" else folded
         with torch.no_grad():
             torch.testing.assert_close(runnable(ids), want, atol=1e-12, rtol=0)
@@ -141,7 +141,7 @@ def test_an_embedding_that_renormalises_rows_is_left_alone():
     ids = _ids()
     with torch.no_grad():
         want = model(ids)
-    folded, report = repfold.fold(copy.deepcopy(model), example_inputs=(ids,), return_report=True)
+    folded, report = repfold.fold(copy.deepcopy(model), example_inputs=(ids,), return_report=True, graph=True)
     with torch.no_grad():
         assert torch.equal(folded(ids), want)
     assert not report.regions
@@ -152,7 +152,7 @@ def test_a_model_with_embeddings_and_nothing_to_fold_is_bitwise_unchanged():
     model = Toy(lora=False, shift=True).eval()
     ids = _ids()
     for target in (model, torch.export.export(model, (ids,))):
-        folded = repfold.fold(target, example_inputs=(ids,)) if isinstance(target, nn.Module) \
+        folded = repfold.fold(target, example_inputs=(ids,), graph=True) if isinstance(target, nn.Module) \
             else repfold.fold(target)
         run = folded.module() if hasattr(folded, "module") and not isinstance(folded, nn.Module) else folded
         with torch.no_grad():

@@ -141,7 +141,7 @@ def test_one_pixel_patches_are_a_reshape_and_ofts_rotation_of_a_1x1_conv_folds()
     with torch.no_grad():
         want = model(x)
         assert (want - torch.relu(model.conv(x))).abs().max() > 1e-2
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), want, atol=1e-12, rtol=0)
     assert [r.folded for r in report.regions] == [True], report
@@ -162,7 +162,7 @@ def test_ofts_rotation_of_a_kxk_conv_is_reported_kept():
     with torch.no_grad():
         want = model(x)
         assert (want - torch.relu(model.conv(x))).abs().max() > 1e-2  # the rotation matters
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert torch.equal(folded(x), want)
     assert [r.folded for r in report.regions] == [False] and "einsum" in report.regions[0].reason, report

@@ -114,7 +114,7 @@ def test_a_norm_before_an_average_pool_folds_into_the_layers_after_it_fx(cls):
     model = _model(cls).double()
     x = _x().double()
     _assert_norms_matter(model, x)
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert _norms_fx(folded) == 0, op_counts(folded)
     assert all(r.folded for r in report.regions), report
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_a_shift_before_a_zero_padded_pool_stays():
     model = _model(PooledHead, padding=1).double()
     x = _x().double()
     _assert_norms_matter(model, x)
-    folded = repfold.fold(model, example_inputs=(x,))
+    folded = repfold.fold(model, example_inputs=(x,), graph=True)
     assert _norms_fx(folded) == 1
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-12

@@ -74,7 +74,7 @@ def _heavy(counts: Counter) -> int:
 def _fold(path: str, adapted, merged, x):
     """``(folded output, report, folded op counts, merged op counts, the folded model)`` on ``path``."""
     if path == "fx":
-        folded, report = repfold.fold(adapted, example_inputs=(x,), return_report=True)
+        folded, report = repfold.fold(adapted, example_inputs=(x,), return_report=True, graph=True)
         assert isinstance(folded, torch.fx.GraphModule)
         with torch.no_grad():
             got = folded(x)
@@ -110,7 +110,7 @@ def test_lora_on_the_patch_embedding_sums_into_its_conv(lora, path):
     into = [i for r in report.layered for i in r.into]
     assert sum("patch_embed" in i or "Conv" in i or "conv" in i for i in into) == 1, str(report)
     # a fixed point: folding the result again finds nothing more to fold
-    again = repfold.fold(folded, **({"example_inputs": (x,)} if path == "fx" else {}), return_report=True)[1]
+    again = repfold.fold(folded, **({"example_inputs": (x,)} if path == "fx" else {}), return_report=True, graph=True)[1]
     assert not again.layered, str(again)
 
 

@@ -437,11 +437,11 @@ def test_random_architectures_fold_exactly_in_fx(arch):
     with torch.no_grad():
         y = gm(x)
         assert rel_err(y, base(x)) > 1e-6, "the adapters must change the output"
-        folded, report = repfold.fold(gm, example_inputs=x, return_report=True)
+        folded, report = repfold.fold(gm, example_inputs=x, return_report=True, graph=True)
         assert rel_err(folded(x), y) <= 1e-9
     check_report(report, adapters)
     if all(r.folded for r in report.regions) and not _branches(arch):
-        assert fx_counts(folded) == fx_counts(repfold.fold(base, example_inputs=x))
+        assert fx_counts(folded) == fx_counts(repfold.fold(base, example_inputs=x, graph=True))
         assert report.params_after == sum(p.numel() for p in base.parameters())
     elif all(r.folded for r in report.regions):  # an adapter's fold may keep a block's branches from summing
         plain = fx_counts(torch.fx.symbolic_trace(base))
@@ -450,7 +450,7 @@ def test_random_architectures_fold_exactly_in_fx(arch):
         assert report.params_after <= sum(p.numel() for p in base.parameters()) + _new_biases(folded, base)
     # folding again finds no adapter; a constant scale whose layer took the adapter's fold may fold now (and
     # the branches whose convs took an adapter one by one)
-    again, second = repfold.fold(folded, example_inputs=x, return_report=True)
+    again, second = repfold.fold(folded, example_inputs=x, return_report=True, graph=True)
     assert _relaid(adapters) or not [r for r in second.layered if r.folded], str(second)
     with torch.no_grad():
         assert torch.equal(again(x), folded(x)) if not second.folded else rel_err(again(x), folded(x)) <= 1e-9
@@ -476,7 +476,7 @@ def test_random_architectures_fold_via_onnx(arch):
     y = run(adapted, x)
     assert rel_err(y, run(plain, x)) > 1e-4
     assert rel_err(run(folded, x), y) <= 1e-5
-    fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True)[1]
+    fx_report = repfold.fold(build(arch, torch.float64)[1], example_inputs=x.double(), return_report=True, graph=True)[1]
     # the same adapters fold (the TorchScript exporter's GELU × 0.5 may fold too, as a scale region; an
     # adapter whose source the relaid logic moves before a block may fold in fx only)
     # (a RELAID adapter may join a block's region in one and not the other)
@@ -508,7 +508,7 @@ def test_random_architectures_fold_via_torch_export(arch):
         folded, report = repfold.fold(ep, return_report=True)
         assert rel_err(folded.module()(x), y) <= 1e-9
     check_report(report, adapters, fx=False)
-    fx_report = repfold.fold(gm, example_inputs=x, return_report=True)[1]
+    fx_report = repfold.fold(gm, example_inputs=x, return_report=True, graph=True)[1]
     # (an adapter whose source the relaid logic moves before a block may fold in fx only; a RELAID adapter
     # may join a block's region in one and not the other)
     assert _relaid(adapters) or \

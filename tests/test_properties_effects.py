@@ -181,7 +181,7 @@ def test_random_architectures_with_effects_fold_exactly_in_fx(arch, more):
     y = call(gm, x)
     # (the in-place ReLUs after each unit may zero all the adapters change: such a model checks nothing)
     assume(max(rel_err(a, b) for a, b in zip(y, call(base, x))) > 1e-6)
-    folded, report = repfold.fold(gm, example_inputs=x, return_report=True)
+    folded, report = repfold.fold(gm, example_inputs=x, return_report=True, graph=True)
     got = call(folded, x)
     assert len(got) == len(y) and all(rel_err(a, b) <= 1e-9 for a, b in zip(got, y))
     check_report(report, adapters)
@@ -194,7 +194,7 @@ def test_random_architectures_with_effects_fold_exactly_in_fx(arch, more):
         if not _branches(arch):  # (a block's own branches may sum into fewer)
             assert report.params_after == sum(p.numel() for p in base.parameters())
         assert not any("repfold_adapters" in str(n.target) for n in folded.graph.nodes)
-    nothing, second = repfold.fold(base, example_inputs=x, return_report=True)
+    nothing, second = repfold.fold(base, example_inputs=x, return_report=True, graph=True)
     if not _branches(arch):
         assert second.regions == []
         assert all(torch.equal(a, b) for a, b in zip(call(nothing, x), call(base, x)))

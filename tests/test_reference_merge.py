@@ -101,7 +101,7 @@ def _x(*shape, dtype=torch.float64):
 
 def test_levit_linear_norm_folds_fx():
     model, x = _levit(), _x(2, 5, 16)
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-10
     got = op_counts(folded)
@@ -253,7 +253,7 @@ def test_iformer_rep_cpe_identity_sums_into_its_conv(path):
     model, x = _iformer(dtype), _x(1, 3, 6, 6, dtype=dtype)
     merged = reparameterize_model(copy.deepcopy(model))
     if path == "fx":
-        folded = repfold.fold(model, example_inputs=(x,))
+        folded = repfold.fold(model, example_inputs=(x,), graph=True)
         with torch.no_grad():
             assert rel_err(folded(x), model(x)) < 1e-10
         got, want = collections.Counter(op_counts(folded)), collections.Counter(op_counts(torch.fx.symbolic_trace(merged)))
@@ -310,7 +310,7 @@ def test_export_drops_a_branch_nobody_reads_and_keeps_writes():
     assert float(module.calls) == calls + 1  # the in-place write, read by nobody, still runs
     # a torch.fx trace keeps what it computes (a Python-level op may write without saying so)
     model.writes = False  # (torch.fx refuses a forward that writes a buffer)
-    fx_folded = repfold.fold(model, example_inputs=(x,))
+    fx_folded = repfold.fold(model, example_inputs=(x,), graph=True)
     assert sum(1 for n in fx_folded.graph.nodes if n.op == "call_module" and n.target.startswith("many")) == 2
 
 
@@ -337,7 +337,7 @@ def test_batch_norms_fold_inside_a_block_fx_keeps_whole():
     torch.manual_seed(0)
     model = _randomize_bns(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Windowed(8), nn.GELU(), _Windowed(8))).double()
     x = _x(1, 3, 6, 6)
-    folded, report = repfold.fold(model, example_inputs=(x,), leaf_modules=(_Windowed,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), leaf_modules=(_Windowed,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-10
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), report
@@ -417,7 +417,7 @@ def test_nextvit_block_pooled_norm_folds_into_kv(sr_ratio):
     torch.manual_seed(0)
     model = _randomize_bns(NextTransformerBlock(128, 128, drop_path=0.0, sr_ratio=sr_ratio)).double()
     x = _x(1, 128, 4, 4)
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-10
     norms = [n.target for n in folded.graph.nodes if n.op == "call_module" and "norm" in n.target]
@@ -455,7 +455,7 @@ def test_a_shared_conv_takes_no_copy_of_the_models_own_sum(path):
     torch.manual_seed(0)
     model, x = _SharedPosConv().eval(), _x(1, 8, 4, 4, dtype=torch.float32)
     if path == "fx":
-        folded = repfold.fold(model, example_inputs=(x,))
+        folded = repfold.fold(model, example_inputs=(x,), graph=True)
         n_params = sum(p.numel() for p in folded.parameters())
         with torch.no_grad():
             assert rel_err(folded(x), model(x)) < 1e-6
@@ -494,5 +494,5 @@ def test_an_alias_stays_a_view_after_a_fold():
     assert got["aten.clone"] == 0 and got["aten.batch_norm"] == 0, got
     with torch.no_grad():
         assert rel_err(folded.module()(x), model(x)) < 1e-10
-    gm = repfold.fold(model, example_inputs=(x,))  # (fx: no alias, nothing to restore)
+    gm = repfold.fold(model, example_inputs=(x,), graph=True)  # (fx: no alias, nothing to restore)
     assert not any(n.target == "clone" for n in gm.graph.nodes)

@@ -139,7 +139,7 @@ def test_fx_branches_become_one_conv(name, dtype, tol):
     x = _x(dtype)
     with torch.no_grad():  # the other branches matter: the block is not its first branch alone
         assert rel_err(model.act(model.branches[0](x)), model(x)) > 1e-3
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < tol
     assert _convs(folded) == 1, report
@@ -175,7 +175,7 @@ def test_blocks_in_a_row_fold_each_into_its_conv(name, path):
     with torch.no_grad():
         y = model(x)
     if path == "fx":
-        folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+        folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
         with torch.no_grad():
             assert rel_err(folded(x), y) < 1e-5
         assert _convs(folded) == want, report
@@ -221,7 +221,7 @@ def test_branches_that_cannot_be_one_conv_stay(convs):
                 m.bias.fill_(0.5)
     x = _x(torch.float64)
     model = model.double()
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-10
     assert _convs(folded) > 1, report  # the branches stay branches (their BatchNorms may fold in)
@@ -259,7 +259,7 @@ def test_an_adapter_before_a_multi_branch_block_folds_into_its_sum(name):
     with torch.no_grad():
         assert rel_err(folded(x), gm(x)) < 1e-10
     assert not report.kept, report
-    assert _convs(folded) == _convs(repfold.fold(model, example_inputs=(x,))), report
+    assert _convs(folded) == _convs(repfold.fold(model, example_inputs=(x,), graph=True)), report
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -305,7 +305,7 @@ def test_lora_on_a_kxk_conv_folds_into_it():
     x = _x(torch.float64)
     with torch.no_grad():
         assert rel_err(model(x), model.after(torch.relu(model.base(x)))) > 1e-3
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-10
     assert _convs(folded) == 2 and report.layered[0].folded, report
@@ -327,7 +327,7 @@ def _timm_family(name: str):
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repvit_m0_9", "fastvit_t8", "repghostnet_050"])
 def test_timm_reparam_families_fold_like_timm(name):
     timm, model, x = _timm_family(name)
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-5
         ref = timm.utils.reparameterize_model(model)

@@ -40,9 +40,13 @@ def fold(model, *xs, **kw):
     with torch.no_grad():
         want = model(*xs)
         assert rel_err(without_adapters(model)(*xs), want) > 1e-3, "the adapters do not change the output"
-    out, report = repfold.fold(model, example_inputs=xs if len(xs) > 1 else xs[0], return_report=True, **kw)
+    example = xs if len(xs) > 1 else xs[0]
+    out, report = repfold.fold(model, example_inputs=example, return_report=True, graph=True, **kw)
     out.graph.lint()
+    own = repfold.fold(model, example_inputs=example, **kw)  # the default: the model's own class, as exact
+    assert type(own) is type(model)
     with torch.no_grad():
+        assert rel_err(own(*xs), want) < 1e-9
         return out, report, rel_err(out(*xs), want)
 
 
@@ -200,7 +204,7 @@ def test_an_adapter_between_two_layers_in_series_folds_into_one_of_them():
 def test_the_models_own_layers_in_series_are_no_adapter_region():
     """Without the adapter the same chain was reported as an adapter region, kept; now its BatchNorms fold."""
     model, x = Bottleneck(adapter=False).double().eval(), image().double()
-    out, report = repfold.fold(model, example_inputs=x, return_report=True)
+    out, report = repfold.fold(model, example_inputs=x, return_report=True, graph=True)
     assert not [r for r in report.regions if not r.folded], str(report)
     assert op_counts(out)["Conv2d"] == 2 and not op_counts(out).get("BatchNorm2d")
     with torch.no_grad():
@@ -420,7 +424,7 @@ def test_a_models_own_shift_folds_into_a_bias_less_layer_only_per_channel(per_ch
             return self.fc2(self.s * F.relu(self.fc1(x)) ** 2 + self.b)
 
     model, x = StarReLU().double().eval(), tokens().double()
-    out, report = repfold.fold(model, example_inputs=x, return_report=True)
+    out, report = repfold.fold(model, example_inputs=x, return_report=True, graph=True)
     with torch.no_grad():
         err = rel_err(out(x), model(x))
     params = sum(p.numel() for p in model.parameters())
@@ -495,7 +499,7 @@ def test_half_precision_folds_in_float64_and_casts_once(dtype):
     x = tokens()
     ref, ref_report, ref_err = fold(_upcast(half), x)  # the same fold, in float64 throughout
     assert ref_err < 1e-12 and [r.folded for r in ref_report.regions] == [True]
-    out, report = repfold.fold(half, example_inputs=x.to(dtype), return_report=True)
+    out, report = repfold.fold(half, example_inputs=x.to(dtype), return_report=True, graph=True)
     (region,) = report.regions
     assert region.folded and region.into == ["qkv (Linear)"]
     assert out.get_submodule("qkv").weight.dtype == dtype

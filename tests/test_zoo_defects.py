@@ -74,7 +74,7 @@ def test_fold_with_nothing_to_fold_is_bitwise_equal_with_in_place_ops_asserts_an
     torch.manual_seed(0)
     model = Effects().eval()
     x = torch.randn(2, 4, 8)
-    folded, report = repfold.fold(copy.deepcopy(model), example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(copy.deepcopy(model), example_inputs=(x,), return_report=True, graph=True)
     assert report.regions == []
     reference = copy.deepcopy(model)
     torch.manual_seed(3)
@@ -135,7 +135,7 @@ class Counter(nn.Module):
 def test_a_buffer_written_in_forward_that_fx_cannot_record_is_refused():
     model = Counter().eval()
     with pytest.raises(repfold.TraceError, match="writes buffer 'calls'"):
-        repfold.fold(model, example_inputs=(torch.randn(2, 4),))
+        repfold.fold(model, example_inputs=(torch.randn(2, 4),), graph=True)
     assert model.calls.item() == 0  # the caller's model is untouched
 
 
@@ -145,7 +145,7 @@ def test_a_source_written_in_place_is_kept_with_the_reason():
     randomize_adapters_module(model.adapter)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     assert rel_err(model(x), without_adapter(model)(x)) > 1e-3  # the adapter matters
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert len(report.regions) == 1 and not report.regions[0].folded
     assert "written in place" in report.regions[0].reason
     assert torch.allclose(folded(x), model(x), rtol=0, atol=1e-12)
@@ -185,7 +185,7 @@ def test_a_value_written_in_place_inside_a_region_is_read_as_written(how):
     with torch.no_grad():
         plain.lora.weight.zero_(), plain.lora.bias.zero_()
         assert rel_err(plain(x), model(x)) > 1e-3  # the branch (random, non-zero) matters
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-12
     assert [len(r.into) for r in report.regions if r.folded] == [1], str(report)  # one of the two, not next
@@ -230,7 +230,7 @@ def test_a_shape_read_that_would_keep_a_region_running_keeps_it_with_the_reason(
         base.up.weight.zero_()
         base.up.bias.zero_()
     assert rel_err(model(x), base(x)) > 1e-3  # the hand-written adapter branch matters
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert len(report.regions) == 1 and not report.regions[0].folded
     assert "shape of" in report.regions[0].reason and "running" in report.regions[0].reason
     assert torch.equal(folded(x), model(x))
@@ -259,7 +259,7 @@ def test_shape_reads_inside_a_folded_region_move_to_a_value_that_stays():
     randomize_adapters_module(model.adapter)
     x = torch.randn(2, 3, 3, 8, dtype=torch.float64)
     assert rel_err(model(x), without_adapter(model)(x)) > 1e-3
-    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(x,), return_report=True, graph=True)
     assert [r.folded for r in report.regions] == [True]
     assert rel_err(folded(x), model(x)) < 1e-10
     base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("adapter."))
@@ -606,7 +606,7 @@ def test_a_scale_fold_reads_layout_ops_that_stay_instead_of_copying_them():
     # as "fewer operators than without adapters"
     model = Departition().eval()
     w = torch.randn(2, 4, 4, 8)
-    folded, report = repfold.fold(model, example_inputs=(w,), return_report=True)
+    folded, report = repfold.fold(model, example_inputs=(w,), return_report=True, graph=True)
     assert report.regions and report.regions[0].folded, report
     before, after = report.ops_before, report.ops_after
     assert all(after.get(k, 0) <= n for k, n in before.items()) and set(after) <= set(before), report
@@ -650,7 +650,7 @@ def test_a_conv_whose_weight_is_a_constant_node_after_a_reflect_pad_folds_withou
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
                               [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    folded, report = repfold.fold(model, return_report=True)
+    folded, report = repfold.fold(model, return_report=True, graph=True)
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert not report.regions
     np.testing.assert_array_equal(run(folded, x), run(model, x))

@@ -345,7 +345,7 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
             raise  # (a written buffer: the shapes are found by running the graph once, which would move it)
         why = str(e)  # fx traced a graph that does not run as the model does (torchvision's swin3d_t)
     try:
-        ep = torch.export.export(_eval_copy(model), inputs, strict=False)
+        ep = _trace.export_quietly(_eval_copy(model), inputs)
     except Exception as e:  # both tracers failed: say why for each
         if fx_graph is not None:  # fx's graph still holds the adapter, only not next to the hidden layers
             warnings.warn(f"repfold.insert: {why}, and torch.export failed on the model ({type(e).__name__}); "
@@ -481,6 +481,8 @@ def insert(
             "groups": groups,
             "scale": scale,
             "dropout": dropout,
+            "bias": bias,
+            **({"axis": axis} if axis is not None else {}),
         },
         "adapters": placed,
         "frozen": frozen,

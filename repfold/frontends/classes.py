@@ -20,13 +20,38 @@ model's own functional code that the fold removed: the class would still run it)
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 from torch import fx, nn
 
 from repfold.frontends.trace import get_attr, module_paths, set_module
 
+REPLACED_KEY = "repfold_replaced"  # gm.meta: a new tensor's name -> the model's tensor whose values it replaces
 TOLERANCE = 1e-5  # relative to the output's largest magnitude: float32 rounding, not a different computation
+
+
+class Folded(nn.Identity):
+    """An identity in place of a submodule whose ops all folded into a neighbouring layer.
+
+    Code of the model's own may still read a folded BatchNorm's statistics (ultralytics' ``fuse()``, which
+    its exporter runs, folds every ``Conv.bn`` into its conv): :meth:`of` gives the identity those of a
+    BatchNorm that changes nothing (mean 0, variance 1, weight 1, bias 0, eps 0), which such a fold takes
+    exactly (it multiplies by 1 / sqrt(0 + 1) = 1 and adds 0). They are buffers kept out of the state dict:
+    no parameter is added, and ``forward`` runs nothing.
+    """
+
+    @classmethod
+    def of(cls, module: nn.Module) -> nn.Identity:
+        """The identity for ``module``: a plain ``nn.Identity`` unless it held a BatchNorm's statistics."""
+        if not all(isinstance(getattr(module, k, None), torch.Tensor) for k in ("running_mean", "running_var")):
+            return nn.Identity()
+        out = cls()
+        like = module.running_mean
+        for name, value in (("running_mean", 0.0), ("running_var", 1.0), ("weight", 1.0), ("bias", 0.0)):
+            out.register_buffer(name, torch.full_like(like, value), persistent=False)
+        out.eps = 0.0
+        return out
 
 
 class NotWritable(ValueError):
@@ -44,8 +69,9 @@ def scopes(gm: fx.GraphModule) -> dict[str, list[str]]:
         if n.op in ("call_module", "get_attr"):
             parts = n.target.split(".")
             paths = {".".join(parts[:k]) for k in range(1, len(parts) + (n.op == "call_module"))}
-        else:
-            paths = set(module_paths(n))
+        else:  # (with every path above them: torch.export's stack may start below the root's children)
+            paths = {".".join(parts[:k]) for path in module_paths(n) if path
+                     for parts in [path.split(".")] for k in range(1, len(parts) + 1)}
         for p in paths:
             out.setdefault(p, []).append(n.name)
     return out
@@ -68,7 +94,7 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
         own, edits = _edited(model, folded, before, after, label, wrappers)
         why = ""
         try:
-            error = _difference(own, folded, inputs)
+            error = difference(own, folded, inputs)
         except Exception as e:  # noqa: BLE001 (the class's own code failing on the edits is the answer: not these)
             error, why = float("inf"), f"{type(e).__name__}: {e}"
         if error <= TOLERANCE:
@@ -83,7 +109,8 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
 def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str]], after: dict[str, list[str]],
             label: str, wrappers: bool) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with the fold's module edits (with ``wrappers``, a scope left with one call of one
-    of its submodules becomes that submodule), and the edits in words."""
+    of its submodules becomes that submodule, one left with a chain of them an ``nn.Sequential`` of them,
+    named as they were), and the edits in words."""
     own = copy.deepcopy(model)
     mods = dict(own.named_modules())
     settled: list[str] = []  # scopes replaced whole: nothing under them is edited again
@@ -92,25 +119,30 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
     def inside(path: str) -> bool:
         return any(path == s or path.startswith(s + ".") for s in settled)
 
-    calls = {n.name: n for n in folded.graph.nodes}
+    replaced = folded.meta.get(REPLACED_KEY, {})
+    read = {n.target for n in folded.graph.nodes if n.op == "get_attr"}
     for path, _ in model.named_modules():
         if not path or inside(path) or path not in before:
             continue
         left = after.get(path, [])
-        if not left:  # every op of the scope went into an absorber
-            set_module(own, path, nn.Identity())
+        if not computing(folded, left):  # every op of the scope went into an absorber (a shape check may stay)
+            if not isinstance(mods[path], nn.Identity):
+                set_module(own, path, Folded.of(mods[path]))
+                edits.append(f"{path} ({type(mods[path]).__name__}) -> Identity")
             settled.append(path)
-            edits.append(f"{path} ({type(mods[path]).__name__}) -> Identity")
             continue
-        only = calls[left[0]] if len(left) == 1 else None
-        if wrappers and only is not None and only.op == "call_module" and only.target.startswith(path + ".") \
-                and only.target in mods:  # a wrapper around the one layer left of it
-            layer = mods[only.target]
-            _take(layer, folded.get_submodule(only.target), only.target)
-            set_module(own, path, layer)
+        chain = chained(folded, path, left) if wrappers else None
+        if chain and all(sub in mods for _, sub in chain):  # a wrapper around the layers left of it
+            layers = []
+            for n, sub in chain:
+                if n.op == "call_module":  # (a call of a function's: its tensors are taken below)
+                    _take(mods[sub], folded.get_submodule(sub), sub)
+                layers.append((sub[len(path) + 1:].replace(".", "_"), mods[sub]))
+            new = layers[0][1] if len(layers) == 1 else nn.Sequential(OrderedDict(layers))
+            set_module(own, path, new)
             settled.append(path)
-            edits.append(f"{path} ({type(mods[path]).__name__}) -> its {only.target[len(path) + 1:]} "
-                         f"({type(layer).__name__}), re-weighted")
+            edits.append(f"{path} ({type(mods[path]).__name__}) -> its {' -> '.join(k for k, _ in layers)} "
+                         f"({' -> '.join(type(m).__name__ for _, m in layers)}), re-weighted")
     for n in folded.graph.nodes:
         if n.op not in ("call_module", "get_attr") or inside(n.target):
             continue
@@ -120,22 +152,82 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             if n.target not in mods:
                 raise NotWritable(f"the fold rebuilt a layer as {n.target!r}, a module {label} does not have "
                                   "(its weights are read elsewhere too)")
-            if _take(mods[n.target], folded.get_submodule(n.target), n.target):
+            rebuilt = folded.get_submodule(n.target)
+            held = mods[n.target]
+            if next(held.children(), None) is not None and _restructured(held, rebuilt):  # a block the trace
+                # kept whole, folded inside
+                set_module(own, n.target, copy.deepcopy(rebuilt))
+                settled.append(n.target)
+                edits.append(f"{n.target} ({type(mods[n.target]).__name__}) -> its folded copy (submodules "
+                             "folded one by one)")
+            elif _take(mods[n.target], rebuilt, n.target):
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) re-weighted")
             continue
-        owner, _, name = n.target.rpartition(".")
         new = get_attr(folded, n.target)
-        held = getattr(mods.get(owner), name, None) if owner in mods else None
         if not isinstance(new, torch.Tensor):
             continue
-        if not isinstance(held, torch.Tensor) or held.shape != new.shape:
+        target = replaced.get(n.target, n.target)  # a new tensor in place of one of the model's, read no more
+        owner, _, name = target.rpartition(".")
+        held = getattr(mods.get(owner), name, None) if owner in mods else None
+        if not isinstance(held, torch.Tensor) or held.shape != new.shape or (target != n.target and target in read):
             raise NotWritable(f"the fold made a tensor {n.target!r} that {label} does not hold")
         if not torch.equal(held, new):
             with torch.no_grad():
                 held.copy_(new)
-            edits.append(f"{n.target} re-weighted")
+            edits.append(f"{target} re-weighted")
     own.train(False)
     return own, edits
+
+
+def chained(folded: fx.GraphModule, path: str, left: list[str]) -> list[tuple[fx.Node, str]] | None:
+    """The calls of ``path``'s submodules that are all that is left of scope ``path`` in ``folded``, with
+    the submodule each stands for, when they form a chain (the first reads one value from outside, each
+    next one only the one before): then the scope computes what the chain does (a multi-branch block
+    summed into one conv, a PEFT tuner layer folded into its base layer); else None. A call is a module
+    call, or an op of a submodule's own code that reads no other value (``F.embedding(ids, self.weight)``
+    in a graph of ATen ops)."""
+    out = []
+    for n in computing(folded, left):
+        sub, data = _stands_for(n, path)
+        if sub is None or len(data) != 1 or (out and (data[0] is not out[-1][0] or
+                                                      [u for u in out[-1][0].users if not _checks(u)] != [n])):
+            return None
+        out.append((n, sub))
+    return out or None
+
+
+def _stands_for(n: fx.Node, path: str) -> tuple[str | None, list[fx.Node]]:
+    """The submodule of ``path`` whose call ``n`` is (or None), and the values it reads besides tensors."""
+    if n.op == "call_module":
+        plain = not n.kwargs and len(n.args) == 1
+        return (n.target if plain and n.target.startswith(path + ".") else None), list(n.all_input_nodes)
+    inner = (module_paths(n) or [""])[-1]
+    data = [i for i in n.all_input_nodes if i.op != "get_attr"]
+    replaced = n.graph.owning_module.meta.get(REPLACED_KEY, {})
+    own = {replaced.get(i.target, i.target).rpartition(".")[0] for i in n.all_input_nodes if i.op == "get_attr"}
+    layer = n.op == "call_function" and inner.startswith(path + ".") and own == {inner}  # on its own tensors
+    return (inner if layer else None), data
+
+
+def computing(folded: fx.GraphModule, left: list[str]) -> list[fx.Node]:
+    """The nodes named ``left`` that compute tensors, or feed ops that do: not shape checks."""
+    calls = {n.name: n for n in folded.graph.nodes}
+    return [n for n in (calls[name] for name in left) if not _checks(n)]
+
+
+def _checks(n: fx.Node) -> bool:
+    """Whether ``n`` computes no tensor and feeds none (a shape check: ``assert x.ndim == 4``), so that a
+    chain replacing its scope may leave it out."""
+    def plain(m: fx.Node) -> bool:
+        return m.op in ("call_function", "call_method") and m.meta.get("tensor_meta") is None
+    return plain(n) and all(plain(u) for u in n.users)
+
+
+def _restructured(held: nn.Module, rebuilt: nn.Module) -> bool:
+    """Whether ``rebuilt`` differs from ``held`` in its submodules' paths or classes (a block that the trace
+    kept whole, in which submodules were folded as models of their own)."""
+    mine = {path: type(m) for path, m in held.named_modules()}
+    return mine != {path: type(m) for path, m in rebuilt.named_modules()}
 
 
 def _take(layer: nn.Module, rebuilt: nn.Module, path: str) -> bool:
@@ -167,7 +259,7 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _difference(own: nn.Module, folded: fx.GraphModule, inputs: tuple) -> float:
+def difference(own: nn.Module, folded: fx.GraphModule, inputs: tuple) -> float:
     with torch.no_grad():
         got, want = _tensors(own(*inputs)), _tensors(folded(*inputs))
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import io
+import sys
 
 import torch
 from torch import fx, nn
@@ -21,7 +24,20 @@ def module_paths(n) -> list[str]:
     ``nn_module_stack``, whose keys torch.export spells its own way (``L__self__blocks.0.attn``)."""
     stack = n.meta.get("nn_module_stack") or {}
     return [v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else k for k, v in stack.items()]
+
+
 VALUE_KEY = "repfold_value"  # node.meta key: the int / size a node computed during shape propagation
+
+
+def export_quietly(model: nn.Module, inputs: tuple):
+    """``torch.export.export(model, inputs, strict=False)``, without the partial graph torch prints to
+    stderr when it fails (thousands of lines for a detector, whose failure repfold reports in one line, or
+    recovers from); what else it writes there is passed on."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # (on a failure, the exception leaves it, and what it holds)
+        ep = torch.export.export(model, inputs, strict=False)
+    sys.stderr.write(err.getvalue())
+    return ep
 
 
 def get_attr(root: nn.Module, target: str):
