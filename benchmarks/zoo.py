@@ -1292,7 +1292,12 @@ def no_mha_fastpath():
 
 def path_fx(model, x, y, gm, ya, ref=None) -> dict:
     """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in; eager outputs ``ya``) exact against the eager
-    model and no more operators than the base (and the reference merge ``ref``); time."""
+    model and no more operators than the base (and the reference merge ``ref``); time.
+
+    ``gm`` is what ``insert`` made (a GraphModule, folded to one), or the user's model with adapters of its own
+    (a PEFT model): that folds into its own class, the default, whose operators are counted as fold traces
+    it, against the base folded the same way (a model's own scale in its forward code, such as Llama's
+    RMSNorm weight, stays in both)."""
     import torch
     from torch import fx
 
@@ -1300,8 +1305,15 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
     from repfold.frontends.fx import op_counts
 
     res: dict = {}
+    own_class = gm is not None and not isinstance(gm, fx.GraphModule)
     base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=_args(x), return_report=True,
-                    graph=True)
+                    graph=not own_class)
+
+    def counts(m):  # a GraphModule's operators, or those of a module of the user's class as fold traces it
+        if isinstance(m, fx.GraphModule):
+            return same_kinds(op_counts(m))
+        return same_kinds(repfold.fold(m, example_inputs=_args(x), graph=True, return_report=True)[1].ops_before)
+
     with torch.no_grad():
         _noop(rep0, at("crash", "run folded base", lambda: flat(base(*_args(x)))), y, res)
     if gm is None:
@@ -1316,11 +1328,8 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
         if type(e.cause).__name__ == "TraceError" and "torch.export failed too" in str(e.cause):
             raise Stage("export failed", "trace with adapters (torch.fx, then torch.export)", e.cause) from e
         raise
-    if isinstance(folded, fx.GraphModule):
-        got = same_kinds(op_counts(folded))
-    else:  # the model's own class (a PEFT model): its operators as fold traces it
-        got = same_kinds(repfold.fold(folded, example_inputs=_args(x), graph=True, return_report=True)[1].ops_before)
-    _vs_base(res, report, got, same_kinds(op_counts(base)), same_kinds(report.ops_before),
+    got = counts(folded)
+    _vs_base(res, report, got, counts(base), same_kinds(report.ops_before),
              lambda: _stored(folded) - _stored(model))
 
     def ref_counts():  # the reference traced as fold traces a module (torch.export where fx fails)
@@ -1328,7 +1337,7 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
         return same_kinds(rep.ops_before), _stored(ref[1])
 
     _vs_reference(res, report, got, _stored(folded), ref and (ref[0], ref[2], ref_counts),
-                  (same_kinds(op_counts(base)), _stored(base)), ignore=FX_SHAPE_OPS)
+                  (counts(base), _stored(base)), ignore=FX_SHAPE_OPS)
     return res
 
 

@@ -290,7 +290,7 @@ def test_an_adapter_written_inline_is_left_in_the_class_warned_and_folded_with_g
         assert rel_err(graph(x), model(x)) < 1e-5
 
 
-def test_a_timm_vit_with_seed_style_adapter_modules_folds_to_its_class():
+def test_a_timm_vit_with_seed_style_adapter_modules_folds_to_its_class(tmp_path):
     """The RepAdapter paper's own code: adapter modules set on each block, and the block's forward replaced
     by one that calls them. The fold makes them identities: a ``VisionTransformer`` with the base model's
     parameters, whose state dict loads into a fresh ``timm.create_model``."""
@@ -317,8 +317,9 @@ def test_a_timm_vit_with_seed_style_adapter_modules_folds_to_its_class():
     out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert type(out).__name__ == "VisionTransformer" and len(report.folded) == 4 and not report.kept
     assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in base.parameters())
+    torch.save(out.state_dict(), tmp_path / "folded.pt")  # the checkpoint a user ships, into a fresh model
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
-    fresh.load_state_dict(out.state_dict())
+    fresh.load_state_dict(torch.load(tmp_path / "folded.pt"))
     with torch.no_grad():
         assert rel_err(out(x), want) < 1e-5 and rel_err(fresh(x), want) < 1e-5
 
@@ -345,3 +346,65 @@ def test_timm_reparameterizable_blocks_fold_in_their_class_as_timms_merge_does()
     assert count(out, nn.Conv2d) == count(ref, nn.Conv2d) and count(out, nn.BatchNorm2d) == 0
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_a_norm_weight_in_forward_code_stays_and_the_lora_after_it_folds():
+    """Llama's RMSNorm multiplies by its weight in its own forward: in the graph that scale and the LoRA
+    adapters on q, k, v after it are one region. The class keeps the scale where it is (the region is cut
+    there) and folds the adapters alone: what ``merge_and_unload`` gives, unwrapped to the ``LlamaModel``."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                      vocab_size=50, num_key_value_heads=2, use_cache=False)
+    base = transformers.LlamaModel(config).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4,
+        init_lora_weights=False)).eval()
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        assert rel_err(want, base(ids).last_hidden_state) > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no adapter is left running
+        out, report = repfold.fold(model, example_inputs=(ids,), return_report=True)
+    assert type(out) is type(base) and not report.kept and len(report.layered) == 4
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in merged.parameters())
+    assert torch.equal(out.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)
+    with torch.no_grad():
+        assert rel_err(out(ids).last_hidden_state, want) < 1e-5
+
+
+class _Indexed(nn.Module):
+    """Layers in a ModuleList its forward indexes (diffusers' attention: ``self.to_out[0]``, ``[1]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_out = nn.ModuleList([nn.Linear(6, 6), nn.Dropout(0.1)])
+
+    def forward(self, x):
+        return self.to_out[1](self.to_out[0](x))
+
+
+def test_a_container_the_code_indexes_keeps_its_entries_and_their_fold():
+    """After the fold, all that is left of ``to_out`` is its Linear: the list stays a list (the code
+    indexes it), its Linear becomes the re-weighted base layer."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _Indexed().eval()
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=["to_out.0"], r=2, init_lora_weights=False)).eval()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        assert rel_err(want, base(x)) > 1e-2
+    out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
+    assert type(out) is _Indexed and not report.kept
+    assert isinstance(out.to_out, nn.ModuleList) and isinstance(out.to_out[0], nn.Linear)
+    with torch.no_grad():
+        assert rel_err(out(x), want) < 1e-5

@@ -20,14 +20,17 @@ model's own functional code that the fold removed: the class would still run it)
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import fx, nn
 
-from repfold.frontends.trace import get_attr, module_paths, set_module
+from repfold.frontends.trace import get_attr, has_submodule, module_paths, set_module
+from repfold.report import FoldReport
 
-REPLACED_KEY = "repfold_replaced"  # gm.meta: a new tensor's name -> the model's tensor whose values it replaces
+REPLACED_KEY = "repfold_replaced"  # gm.meta: a tensor the fold made -> the model's tensor whose values it
+# replaces (None: a new one, such as a bias where a layer had none)
 TOLERANCE = 1e-5  # relative to the output's largest magnitude: float32 rounding, not a different computation
 
 
@@ -125,6 +128,8 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
         if not path or inside(path) or path not in before:
             continue
         left = after.get(path, [])
+        if not callable_module(mods[path]):
+            continue  # a container its owner's code indexes (ModuleList, ModuleDict): its entries are edited
         if not computing(folded, left):  # every op of the scope went into an absorber (a shape check may stay)
             if not isinstance(mods[path], nn.Identity):
                 set_module(own, path, Folded.of(mods[path]))
@@ -156,7 +161,8 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             held = mods[n.target]
             if next(held.children(), None) is not None and _restructured(held, rebuilt):  # a block the trace
                 # kept whole, folded inside
-                set_module(own, n.target, copy.deepcopy(rebuilt))
+                set_module(own, n.target, rebuilt)  # (the folded graph's own: not returned, so not copied; a
+                # GraphModule's deepcopy would drop what the block reads of it besides calling it)
                 settled.append(n.target)
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) -> its folded copy (submodules "
                              "folded one by one)")
@@ -166,9 +172,11 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
         new = get_attr(folded, n.target)
         if not isinstance(new, torch.Tensor):
             continue
-        target = replaced.get(n.target, n.target)  # a new tensor in place of one of the model's, read no more
+        target = replaced.get(n.target) or n.target  # a new tensor in place of one of the model's, read no more
         owner, _, name = target.rpartition(".")
         held = getattr(mods.get(owner), name, None) if owner in mods else None
+        if held is None and n.target not in replaced:
+            continue  # a constant of the trace's own (``_tensor_constant0``), there before the fold
         if not isinstance(held, torch.Tensor) or held.shape != new.shape or (target != n.target and target in read):
             raise NotWritable(f"the fold made a tensor {n.target!r} that {label} does not hold")
         if not torch.equal(held, new):
@@ -177,6 +185,12 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             edits.append(f"{target} re-weighted")
     own.train(False)
     return own, edits
+
+
+def callable_module(module: nn.Module) -> bool:
+    """Whether ``module`` is called (has a forward of its own), not a container the code indexes: only a
+    called module can be replaced by an identity or by the layers left of it."""
+    return type(module).forward is not nn.Module.forward
 
 
 def chained(folded: fx.GraphModule, path: str, left: list[str]) -> list[tuple[fx.Node, str]] | None:
@@ -193,6 +207,9 @@ def chained(folded: fx.GraphModule, path: str, left: list[str]) -> list[tuple[fx
                                                       [u for u in out[-1][0].users if not _checks(u)] != [n])):
             return None
         out.append((n, sub))
+    children = {f"{path}.{sub[len(path) + 1:].split('.')[0]}" for _, sub in out}
+    if len(children) == 1 and all(sub not in children for _, sub in out):
+        return None  # all inside one child: that child (or one inside it) is the wrapper, not this scope
     return out or None
 
 
@@ -204,7 +221,7 @@ def _stands_for(n: fx.Node, path: str) -> tuple[str | None, list[fx.Node]]:
     inner = (module_paths(n) or [""])[-1]
     data = [i for i in n.all_input_nodes if i.op != "get_attr"]
     replaced = n.graph.owning_module.meta.get(REPLACED_KEY, {})
-    own = {replaced.get(i.target, i.target).rpartition(".")[0] for i in n.all_input_nodes if i.op == "get_attr"}
+    own = {(replaced.get(i.target) or i.target).rpartition(".")[0] for i in n.all_input_nodes if i.op == "get_attr"}
     layer = n.op == "call_function" and inner.startswith(path + ".") and own == {inner}  # on its own tensors
     return (inner if layer else None), data
 
@@ -268,3 +285,104 @@ def difference(own: nn.Module, folded: fx.GraphModule, inputs: tuple) -> float:
     diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, want)
                 if a.numel() and a.is_floating_point()), default=0.0)
     return diff / max(scale, 1e-30)
+
+
+def into_class(into: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport) -> nn.Module:
+    """The fold written into a copy of ``into`` (its own class), when every adapter region folded."""
+    name = type(into).__name__
+    kept = report.kept
+    if kept:
+        raise NotWritable(f"cannot write the fold into {name}: {len(kept)} region(s) did not fold, first "
+                          f"{kept[0].source}: {kept[0].reason}")
+    own, edits, error = write_back(into, gm, before, inputs, label=name)
+    report.into, report.edits, report.into_error = name, edits, error
+    return own
+
+
+def into_own_class(model: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport
+                    ) -> nn.Module:
+    """The fold written into a copy of ``model``, of its own class. Where the class cannot hold it even so
+    (its code reads the folded modules in a way the edits do not serve), the copy is the model as it was and
+    every adapter region is reported kept, with why; either way a warning names the adapters left running."""
+    name = type(model).__name__
+    try:
+        own, edits, error = write_back(model, gm, before, inputs, label=name)
+    except NotWritable as e:
+        own, edits, error = copy.deepcopy(model), [], 0.0
+        own.train(False)
+        report.regions = [r for r in report.regions if not (r.scale and r.folded)]  # the model's own, as it was
+        for r in report.regions:
+            if r.folded:
+                r.folded, r.into = False, []
+                r.reason = f"{name} cannot hold the fold ({e}): {GRAPH_HINT}"
+        report.ops_after, report.params_after = dict(report.ops_before), report.params_before
+    report.into, report.edits, report.into_error = name, edits, error
+    if not report.kept:
+        own = _unwrapped(own, gm, inputs, report)
+    left = [r for r in report.kept if not r.scale and r.reason and r.reason.endswith(GRAPH_HINT)]
+    if left:
+        warnings.warn(f"repfold.fold: {len(left)} adapter region(s) left running in {name}, first {left[0].source}: "
+                      f"{left[0].reason}", UserWarning, stacklevel=4)
+    return own
+
+
+def _unwrapped(own: nn.Module, gm: fx.GraphModule, inputs: tuple, report: FoldReport) -> nn.Module:
+    """The model a wrapper says it wraps (``get_base_model()``: a PEFT model's), once nothing of what it
+    wraps it for is left, when that model alone computes the folded graph: what PEFT's ``merge_and_unload``
+    returns. Otherwise ``own``."""
+    get = getattr(own, "get_base_model", None)
+    base = get() if callable(get) else None
+    if not isinstance(base, nn.Module) or base is own or not any(m is base for m in own.modules()):
+        return own
+    try:
+        error = difference(base, gm, inputs)
+    except Exception:  # noqa: BLE001 (it does not take the wrapper's inputs: the wrapper stays)
+        return own
+    if error > TOLERANCE:
+        return own
+    report.edits.append(f"{report.into} -> its get_base_model() ({type(base).__name__})")
+    report.into, report.into_error = type(base).__name__, max(report.into_error or 0.0, error)
+    return base
+
+
+GRAPH_HINT = "left in the class (fold(..., graph=True) folds it in a GraphModule)"
+
+
+def in_code(before: dict[str, list[str]], gm: fx.GraphModule, members: dict[str, str], nodes: dict[str, fx.Node],
+            model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The ops of folded regions that a class cannot drop, each with its region's source and why: an op the
+    fold removed that runs in a forward's own code (``x * self.gamma``, ``x + self.up(self.down(x))`` written
+    inline), not inside a submodule that the fold empties (made ``nn.Identity``) or leaves with one layer
+    (a wrapper around it: PEFT's tuner layers), which module edits can express. ``members``: each op a
+    fold removes, with its region's source; ``nodes``: the graph's nodes before the fold, by name."""
+    after = scopes(gm)
+    called = {path for path, m in model.named_modules() if callable_module(m)}
+    removable = {path for path in before if path in called and not computing(gm, after.get(path, []))}  # identity
+    removable |= {path for path, left in after.items() if path in before and path in called
+                  and chained(gm, path, left)}  # a wrapper
+    kept = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}  # re-weighted where they are
+    replaced = gm.meta.get(REPLACED_KEY, {})
+    kept |= set(replaced.values())  # re-weighted where they are, under a new name in the graph
+    rebuilt = {((module_paths(n) or [""])[-1], n.target) for n in gm.graph.nodes if n.op == "call_function"
+               and any(i.op == "get_attr" and i.target in replaced for i in n.all_input_nodes)}
+    out: dict[str, tuple[str, str]] = {}
+    for name, src in members.items():
+        n = nodes.get(name)
+        if n is None or (n.op in ("call_module", "get_attr") and n.target in kept):
+            continue
+        if n.op == "call_function" and ((module_paths(n) or [""])[-1], n.target) in rebuilt:
+            continue  # an op of a layer's own code that the fold rebuilt with new tensors, where it was
+        chain = ([*_parents(n.target), n.target] if n.op == "call_module" else
+                 _parents(n.target) if n.op == "get_attr" else module_paths(n))
+        if any(path in removable for path in chain):
+            continue
+        where = chain[-1] if chain else ""
+        owner = type(model.get_submodule(where) if has_submodule(model, where) else model).__name__
+        place = f"{where!r} ({owner})" if where else "the model"
+        out[name] = (src, f"its {n.name} is written in {place}'s forward code, which the class still runs: {GRAPH_HINT}")
+    return out
+
+
+def _parents(target: str) -> list[str]:
+    parts = target.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]

@@ -6,7 +6,6 @@ import copy
 import functools
 import inspect
 import operator
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +20,7 @@ from repfold.core import engine as _engine
 from repfold.core import graph as _graph
 from repfold.core.affine import NotAffine
 from repfold.core.steps import OUTPUT, Plan, Step
-from repfold.frontends.classes import (
-    REPLACED_KEY,
-    TOLERANCE,
-    NotWritable,
-    chained,
-    computing,
-    difference,
-    scopes,
-    write_back,
-)
+from repfold.frontends.classes import GRAPH_HINT, REPLACED_KEY, in_code, into_class, into_own_class, scopes
 from repfold.frontends.trace import (
     META_KEY,
     VALUE_KEY,
@@ -154,9 +144,9 @@ class FxContext:
             i += 1
             name = f"{base}_{i}"
         self.gm.register_parameter(name, nn.Parameter(t, requires_grad=trainable))
-        if like.op == "get_attr" and tuple(t.shape) == tuple(get_attr(self.gm, like.target).shape):
-            # the new values of a tensor of the model's, under a new name (a bias it had none of is not one)
-            self.gm.meta.setdefault(REPLACED_KEY, {})[name] = like.target
+        same = like.op == "get_attr" and tuple(t.shape) == tuple(get_attr(self.gm, like.target).shape)
+        # the new values of a tensor of the model's, under a new name (or None: a bias it had none of)
+        self.gm.meta.setdefault(REPLACED_KEY, {})[name] = like.target if same else None
         return self.graph.get_attr(name)
 
     def replace_module(self, node: fx.Node, new: nn.Module) -> str:
@@ -393,14 +383,14 @@ class Prepared:
 
 
 def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=(),
-            left: dict[str, str] | None = None) -> Prepared:
+            cut: frozenset[str] = frozenset()) -> Prepared:
     """Trace, shape and plan the fold of ``model``: every region found, and how each would fold.
 
     The copy shares the caller's parameters (adapters and absorbed weights are
     never cloned); ``fold_fx`` rewrites it, ``insert`` only reads the plan.
-    ``left``: the sources of regions to keep, each with why (regions a class cannot hold the fold of).
+    ``cut``: ops whose readers see a source of their own (ops of a forward's own code, which a fold into
+    the model's class must leave where they are: the regions they are in end there).
     """
-    left = left or {}
     inputs = example_inputs(model, example)
     try:
         gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
@@ -454,8 +444,8 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
 
     plan = _engine.plan(
         steps, consumers, lambda n: ctx.shape(nodes[n]), label, scales=scales, dtype=lambda n: ctx.dtype(nodes[n]),
-        shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: left.get(n) or effects.hazard(nodes[n], label, order),
-        written={n.name for n in effects.written()}, shared=shared,
+        shape_reads=shape_reads, position=order.__getitem__, hazard=lambda n: effects.hazard(nodes[n], label, order),
+        written={n.name for n in effects.written()} | cut, shared=shared,
     )
     report.regions = plan.regions + _lost_adapters(gm, plan.regions, label)
     report.unseen = plan.unseen
@@ -498,21 +488,31 @@ def fold_fx(
     planned again as kept, with the reason, so that the copy computes exactly
     the folded graph.
     """
-    left: dict[str, str] = {}
-    for _ in range(_ATTEMPTS):
+    cut: set[str] = set()
+    why: dict[str, str] = {}  # a region's source (its label) -> the code the class still runs of it
+    folded_first: set[str] = set()
+    for attempt in range(_ATTEMPTS):
         p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions,
-                    left=left)
+                    cut=frozenset(cut))
         before = scopes(p.gm) if into is not None or own_class else None
+        reads = {n.name: [i.name for i in n.all_input_nodes if i.op != "get_attr"] for n in p.gm.graph.nodes}
         gm, report = _rewritten(p, model, scales, leaf_modules, leaf_functions)
         if into is not None:
-            return _into_class(into, gm, before, p.inputs, report), report
+            return into_class(into, gm, before, p.inputs, report), report
         if not own_class:
             return gm, report
-        more = {src: why for src, why in _in_code(before, gm, p, model).items() if src not in left}
-        if not more:
+        if attempt == 0:
+            folded_first = {r.source for r in report.folded}
+        found = {op: v for op, v in in_code(before, gm, p.plan.members, p.nodes, model).items() if op not in cut}
+        if not found:
             break
-        left.update(more)
-    return _into_own_class(model, gm, before, p.inputs, report), report
+        for op in found:  # the op alone: no region may hold it, from what it reads or into what reads it
+            cut |= {op, *reads[op]}
+        why.update({p.label(src): reason for src, reason in found.values()})
+    for r in report.kept:  # what the class made the fold leave, with where
+        if r.source in why or r.source in folded_first:
+            r.reason = why.get(r.source) or f"{r.reason}; the class's own code ends it there: {GRAPH_HINT}"
+    return into_own_class(model, gm, before, p.inputs, report), report
 
 
 _ATTEMPTS = 4  # plans of a fold into the model's own class: each keeps the regions the last one found in code
@@ -534,101 +534,6 @@ def _rewritten(p: Prepared, model: nn.Module, scales: bool, leaf_modules, leaf_f
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     gm.train(False)
     return gm, report
-
-
-def _into_class(into: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport) -> nn.Module:
-    """The fold written into a copy of ``into`` (its own class), when every adapter region folded."""
-    name = type(into).__name__
-    kept = report.kept
-    if kept:
-        raise NotWritable(f"cannot write the fold into {name}: {len(kept)} region(s) did not fold, first "
-                          f"{kept[0].source}: {kept[0].reason}")
-    own, edits, error = write_back(into, gm, before, inputs, label=name)
-    report.into, report.edits, report.into_error = name, edits, error
-    return own
-
-
-def _into_own_class(model: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport
-                    ) -> nn.Module:
-    """The fold written into a copy of ``model``, of its own class. Where the class cannot hold it even so
-    (its code reads the folded modules in a way the edits do not serve), the copy is the model as it was and
-    every adapter region is reported kept, with why; either way a warning names the adapters left running."""
-    name = type(model).__name__
-    try:
-        own, edits, error = write_back(model, gm, before, inputs, label=name)
-    except NotWritable as e:
-        own, edits, error = copy.deepcopy(model), [], 0.0
-        own.train(False)
-        report.regions = [r for r in report.regions if not (r.scale and r.folded)]  # the model's own, as it was
-        for r in report.regions:
-            if r.folded:
-                r.folded, r.into = False, []
-                r.reason = f"{name} cannot hold the fold ({e}): {GRAPH_HINT}"
-        report.ops_after, report.params_after = dict(report.ops_before), report.params_before
-    report.into, report.edits, report.into_error = name, edits, error
-    if not report.kept:
-        own = _unwrapped(own, gm, inputs, report)
-    left = [r for r in report.kept if not r.scale and r.reason and r.reason.endswith(GRAPH_HINT)]
-    if left:
-        warnings.warn(f"repfold.fold: {len(left)} adapter region(s) left running in {name}, first {left[0].source}: "
-                      f"{left[0].reason}", UserWarning, stacklevel=4)
-    return own
-
-
-def _unwrapped(own: nn.Module, gm: fx.GraphModule, inputs: tuple, report: FoldReport) -> nn.Module:
-    """The model a wrapper says it wraps (``get_base_model()``: a PEFT model's), once nothing of what it
-    wraps it for is left, when that model alone computes the folded graph: what PEFT's ``merge_and_unload``
-    returns. Otherwise ``own``."""
-    get = getattr(own, "get_base_model", None)
-    base = get() if callable(get) else None
-    if not isinstance(base, nn.Module) or base is own or not any(m is base for m in own.modules()):
-        return own
-    try:
-        error = difference(base, gm, inputs)
-    except Exception:  # noqa: BLE001 (it does not take the wrapper's inputs: the wrapper stays)
-        return own
-    if error > TOLERANCE:
-        return own
-    report.edits.append(f"{report.into} -> its get_base_model() ({type(base).__name__})")
-    report.into, report.into_error = type(base).__name__, max(report.into_error or 0.0, error)
-    return base
-
-
-GRAPH_HINT = "left in the class (fold(..., graph=True) folds it in a GraphModule)"
-
-
-def _in_code(before: dict[str, list[str]], gm: fx.GraphModule, p: Prepared, model: nn.Module) -> dict[str, str]:
-    """The sources of the folded regions that a class cannot drop, each with why: a region op the fold
-    removed that runs in a forward's own code (``x * self.gamma``, ``x + self.up(self.down(x))`` written
-    inline), not inside a submodule that the fold empties (made ``nn.Identity``) or leaves with one layer
-    (a wrapper around it: PEFT's tuner layers), which module edits can express."""
-    after = scopes(gm)
-    removable = {path for path in before if not computing(gm, after.get(path, []))}  # emptied: an identity
-    removable |= {path for path, left in after.items() if path in before and chained(gm, path, left)}  # a wrapper
-    kept = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}  # re-weighted where they are
-    kept |= set(gm.meta.get(REPLACED_KEY, {}).values())  # re-weighted where they are, under a new name in the graph
-    rebuilt = {((module_paths(n) or [""])[-1], n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    out: dict[str, str] = {}
-    for name, src in p.plan.members.items():
-        n = p.nodes.get(name)
-        if n is None or src in out or (n.op in ("call_module", "get_attr") and n.target in kept):
-            continue
-        if n.op == "call_function" and ((module_paths(n) or [""])[-1], n.target) in rebuilt:
-            continue  # an op of a layer's own code that the fold rebuilt with new tensors, where it was
-        chain = ([*_parents(n.target), n.target] if n.op == "call_module" else
-                 _parents(n.target) if n.op == "get_attr" else module_paths(n))
-        if any(path in removable for path in chain):
-            continue
-        where = chain[-1] if chain else ""
-        owner = type(model.get_submodule(where) if has_submodule(model, where) else model).__name__
-        out[src] = (f"feeds ops written in {f'{where!r} ({owner})' if where else 'the model'}'s forward code, which "
-                    f"the class still runs: {GRAPH_HINT}")
-    return out
-
-
-def _parents(target: str) -> list[str]:
-    parts = target.split(".")
-    return [".".join(parts[:k]) for k in range(1, len(parts))]
 
 
 def _fold_leaves(gm: fx.GraphModule, inputs: tuple, report: FoldReport, scales: bool, leaf_modules=(),
