@@ -1290,14 +1290,15 @@ def no_mha_fastpath():
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
-def path_fx(model, x, y, gm, ya, ref=None) -> dict:
+def path_fx(model, x, y, gm, ya, ref=None, eager=None) -> dict:
     """fx: (a) noop fold bitwise, (b) fold of ``gm`` (adapters in; eager outputs ``ya``) exact against the eager
     model and no more operators than the base (and the reference merge ``ref``); time.
 
     ``gm`` is what ``insert`` made (a GraphModule, folded to one), or the user's model with adapters of its own
     (a PEFT model): that folds into its own class, the default, whose operators are counted as fold traces
-    it, against the base folded the same way (a model's own scale in its forward code, such as Llama's
-    RMSNorm weight, stays in both)."""
+    it, against the base (``eager``, the eager base model, where ``model`` is a graph standing for it)
+    folded the same way (a model's own scale in its forward code, such as Llama's RMSNorm weight, stays in
+    both)."""
     import torch
     from torch import fx
 
@@ -1306,6 +1307,8 @@ def path_fx(model, x, y, gm, ya, ref=None) -> dict:
 
     res: dict = {}
     own_class = gm is not None and not isinstance(gm, fx.GraphModule)
+    if own_class and eager is not None:  # the base of a class result: the eager base model, folded into its class
+        model = eager
     base, rep0 = at("crash", "fold without adapters", repfold.fold, model, example_inputs=_args(x), return_report=True,
                     graph=not own_class)
 
@@ -1774,7 +1777,7 @@ def run_model(model_id: str, paths=PATHS, progress=None) -> dict:
                             fx_ref = (ref[0], to_graph_module(torch.export.export(
                                 ref[1], _args(x), strict=False).module()), ref[2]) if ref else None
                     with quiet():  # an untraceable model: its exported graph stands for it (same ops as gm's)
-                        res = path_fx(source, x, y, gm, ya, fx_ref)
+                        res = path_fx(source, x, y, gm, ya, fx_ref, eager=model)
             elif p == "export":
                 with quiet():
                     res = path_export(model, x, y, gm, ya, ref)
