@@ -46,11 +46,13 @@ def fold(
     or ultralytics model, one with adapter modules of its own) is folded into
     a copy of its own class, as PEFT's ``merge_and_unload`` and timm's
     ``reparameterize_model`` do: layers re-weighted, submodules whose ops all
-    folded replaced by ``nn.Identity``, a wrapper left with one layer (a PEFT
-    tuner layer) replaced by that layer; the copy is run once on the example
-    inputs against the folded graph (``report.into_error``). A region written
-    in a forward's own code (``x * self.gamma``, an adapter spelled inline)
-    cannot be removed by module edits: it is left running in the class,
+    folded replaced by identities, a scope left with a chain of its own layers
+    (a PEFT tuner layer, a RepVGG block) replaced by them, a PEFT model
+    unwrapped to its ``get_base_model()``; the copy is run once on the example
+    inputs against the folded graph (``report.into_error``). An op written in
+    a forward's own code (``x * self.gamma``, an adapter spelled inline)
+    cannot be removed by module edits: it stays, cut off from every region
+    (what is around it still folds); a region that then does not fold is
     reported kept with that reason, and warned about when it is an adapter.
     ``graph=True`` returns the folded ``torch.fx.GraphModule`` instead, with
     every region that folds folded, forward code included.
