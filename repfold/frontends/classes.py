@@ -118,8 +118,9 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
     """A copy of ``model`` with the fold's module edits (with ``wrappers``, a scope left with one call of one
     of its submodules becomes that submodule, one left with a chain of them an ``nn.Sequential`` of them,
     named as they were), and the edits in words."""
-    own = copy.deepcopy(model)
+    own = copy.deepcopy(model, _shared_tensors(model, folded))
     mods = dict(own.named_modules())
+    originals = dict(model.named_modules())  # (what a tensor was: the copy may hold the fold's already)
     settled: list[str] = []  # scopes replaced whole: nothing under them is edited again
     edits: list[str] = []
 
@@ -145,7 +146,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             layers = []
             for n, sub in chain:
                 if n.op == "call_module":  # (a call of a function's: its tensors are taken below)
-                    _take(mods[sub], folded.get_submodule(sub), sub)
+                    _take(mods[sub], folded.get_submodule(sub), sub, originals.get(sub))
                 layers.append((sub[len(path) + 1:].replace(".", "_"), mods[sub]))
             new = layers[0][1] if len(layers) == 1 else nn.Sequential(OrderedDict(layers))
             set_module(own, path, new)
@@ -170,7 +171,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
                 settled.append(n.target)
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) -> its folded copy (submodules "
                              "folded one by one)")
-            elif _take(mods[n.target], rebuilt, n.target):
+            elif _take(mods[n.target], rebuilt, n.target, originals.get(n.target)):
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) re-weighted")
             continue
         new = get_attr(folded, n.target)
@@ -183,9 +184,11 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             continue  # a constant of the trace's own (``_tensor_constant0``), there before the fold
         if not isinstance(held, torch.Tensor) or held.shape != new.shape or (target != n.target and target in read):
             raise NotWritable(f"the fold made a tensor {n.target!r} that {label} does not hold")
-        if not torch.equal(held, new):
+        if held is not new and not torch.equal(held, new):
             with torch.no_grad():
                 held.copy_(new)
+        old = get_attr(model, target) if owner in originals else None
+        if not (isinstance(old, torch.Tensor) and torch.equal(old, new)):
             edits.append(f"{target} re-weighted")
     own.train(False)
     return own, edits
@@ -244,6 +247,19 @@ def _checks(n: fx.Node) -> bool:
     return plain(n) and all(plain(u) for u in n.users)
 
 
+def _shared_tensors(model: nn.Module, folded: fx.GraphModule) -> dict[int, torch.Tensor]:
+    """A deepcopy memo: each tensor of ``model`` that ``folded`` holds a copy of at the same path (of the same
+    shape and dtype: the fold's own copy, re-weighted or not) stands for itself in the copy of ``model``,
+    so that the class costs no second copy of the weights. ``folded`` is the fold's private graph, never
+    returned beside the class; a tensor it still shares with ``model`` is copied as usual."""
+    def tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+        return {**dict(m.named_parameters(remove_duplicate=False)), **dict(m.named_buffers(remove_duplicate=False))}
+
+    ours = tensors(folded)
+    return {id(t): ours[k] for k, t in tensors(model).items()
+            if k in ours and ours[k] is not t and ours[k].shape == t.shape and ours[k].dtype == t.dtype}
+
+
 def _restructured(held: nn.Module, rebuilt: nn.Module) -> bool:
     """Whether ``rebuilt`` differs from ``held`` in its submodules' paths or classes (a block that the trace
     kept whole, in which submodules were folded as models of their own)."""
@@ -251,20 +267,23 @@ def _restructured(held: nn.Module, rebuilt: nn.Module) -> bool:
     return mine != {path: type(m) for path, m in rebuilt.named_modules()}
 
 
-def _take(layer: nn.Module, rebuilt: nn.Module, path: str) -> bool:
-    """``rebuilt``'s own tensors into ``layer`` (a bias it had none of is added); whether any changed."""
+def _take(layer: nn.Module, rebuilt: nn.Module, path: str, was: nn.Module | None) -> bool:
+    """``rebuilt``'s own tensors into ``layer`` (a bias it had none of is added); whether any differs from
+    the model's layer ``was`` (``layer`` may hold the fold's tensors already: see :func:`_shared_tensors`)."""
     changed = False
     for name, t in [*rebuilt.named_parameters(recurse=False), *rebuilt.named_buffers(recurse=False)]:
         held = getattr(layer, name, None)
         if held is None and name in getattr(layer, "_parameters", {}):
             layer.register_parameter(name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
             changed = True
-        elif not isinstance(held, torch.Tensor) or held.shape != t.shape:
+            continue
+        if not isinstance(held, torch.Tensor) or held.shape != t.shape:
             raise NotWritable(f"the fold rebuilt {path!r} with a {name} of another shape than the model's layer")
-        elif not torch.equal(held, t):
+        if held is not t and not torch.equal(held, t):
             with torch.no_grad():
                 held.copy_(t)
-            changed = True
+        old = getattr(was, name, None)
+        changed |= not (isinstance(old, torch.Tensor) and torch.equal(old, t))
     return changed
 
 
