@@ -46,6 +46,11 @@ def test_insert_then_fold_into_the_model_gives_its_own_class_back():
     with torch.no_grad():
         assert rel_err(fresh(x), want) < 1e-5
     assert all(torch.equal(model.state_dict()[k], v) for k, v in untouched.items())  # the input is untouched
+    assert not _tensor_ids(out) & (_tensor_ids(model) | _tensor_ids(gm))  # and shares no tensor with the result
+
+
+def _tensor_ids(m: nn.Module) -> set[int]:
+    return {id(t) for t in [*m.parameters(), *m.buffers()]}
 
 
 class _Wrapped(nn.Module):
@@ -244,6 +249,7 @@ def test_a_module_folds_into_its_own_class_by_default():
     out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert type(out) is _Model and isinstance(out.proj, nn.Linear) and isinstance(out.norm, nn.Identity)
     assert report.into == "_Model" and report.into_error <= 1e-6 and not report.kept
+    assert not _tensor_ids(out) & _tensor_ids(model)
     graph = repfold.fold(model, example_inputs=(x,), graph=True)
     assert isinstance(graph, torch.fx.GraphModule)
     with torch.no_grad():
