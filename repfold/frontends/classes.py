@@ -129,19 +129,20 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
 
     replaced = folded.meta.get(REPLACED_KEY, {})
     read = {n.target for n in folded.graph.nodes if n.op == "get_attr"}
+    nodes = {n.name: n for n in folded.graph.nodes}
     for path, _ in model.named_modules():
         if not path or inside(path) or path not in before:
             continue
         left = after.get(path, [])
         if not callable_module(mods[path]):
             continue  # a container its owner's code indexes (ModuleList, ModuleDict): its entries are edited
-        if not computing(folded, left):  # every op of the scope went into an absorber (a shape check may stay)
+        if not computing(nodes, left):  # every op of the scope went into an absorber (a shape check may stay)
             if not isinstance(mods[path], nn.Identity):
                 set_module(own, path, Folded.of(mods[path]))
                 edits.append(f"{path} ({type(mods[path]).__name__}) -> Identity")
             settled.append(path)
             continue
-        chain = chained(folded, path, left) if wrappers else None
+        chain = chained(nodes, path, left) if wrappers else None
         if chain and all(sub in mods for _, sub in chain):  # a wrapper around the layers left of it
             layers = []
             for n, sub in chain:
@@ -200,7 +201,7 @@ def callable_module(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
 
-def chained(folded: fx.GraphModule, path: str, left: list[str]) -> list[tuple[fx.Node, str]] | None:
+def chained(nodes: dict[str, fx.Node], path: str, left: list[str]) -> list[tuple[fx.Node, str]] | None:
     """The calls of ``path``'s submodules that are all that is left of scope ``path`` in ``folded``, with
     the submodule each stands for, when they form a chain (the first reads one value from outside, each
     next one only the one before): then the scope computes what the chain does (a multi-branch block
@@ -208,7 +209,7 @@ def chained(folded: fx.GraphModule, path: str, left: list[str]) -> list[tuple[fx
     call, or an op of a submodule's own code that reads no other value (``F.embedding(ids, self.weight)``
     in a graph of ATen ops)."""
     out = []
-    for n in computing(folded, left):
+    for n in computing(nodes, left):
         sub, data = _stands_for(n, path)
         if sub is None or len(data) != 1 or (out and (data[0] is not out[-1][0] or
                                                       [u for u in out[-1][0].users if not _checks(u)] != [n])):
@@ -233,10 +234,10 @@ def _stands_for(n: fx.Node, path: str) -> tuple[str | None, list[fx.Node]]:
     return (inner if layer else None), data
 
 
-def computing(folded: fx.GraphModule, left: list[str]) -> list[fx.Node]:
-    """The nodes named ``left`` that compute tensors, or feed ops that do: not shape checks."""
-    calls = {n.name: n for n in folded.graph.nodes}
-    return [n for n in (calls[name] for name in left) if not _checks(n)]
+def computing(nodes: dict[str, fx.Node], left: list[str]) -> list[fx.Node]:
+    """The nodes named ``left`` (of ``nodes``, a graph's by name) that compute tensors, or feed ops that do:
+    not shape checks."""
+    return [n for n in (nodes[name] for name in left) if not _checks(n)]
 
 
 def _checks(n: fx.Node) -> bool:
@@ -385,9 +386,10 @@ def in_code(before: dict[str, list[str]], gm: fx.GraphModule, members: dict[str,
     fold removes, with its region's source; ``nodes``: the graph's nodes before the fold, by name."""
     after = scopes(gm)
     called = {path for path, m in model.named_modules() if callable_module(m)}
-    removable = {path for path in before if path in called and not computing(gm, after.get(path, []))}  # identity
+    now = {n.name: n for n in gm.graph.nodes}
+    removable = {path for path in before if path in called and not computing(now, after.get(path, []))}  # identity
     removable |= {path for path, left in after.items() if path in before and path in called
-                  and chained(gm, path, left)}  # a wrapper
+                  and chained(now, path, left)}  # a wrapper
     kept = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}  # re-weighted where they are
     replaced = gm.meta.get(REPLACED_KEY, {})
     kept |= set(replaced.values())  # re-weighted where they are, under a new name in the graph

@@ -495,7 +495,8 @@ def fold_fx(
         p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions,
                     cut=frozenset(cut))
         before = scopes(p.gm) if into is not None or own_class else None
-        reads = {n.name: [i.name for i in n.all_input_nodes if i.op != "get_attr"] for n in p.gm.graph.nodes}
+        reads = {n.name: [i.name for i in n.all_input_nodes if i.op != "get_attr"]  # (before the rewrite
+                 for n in p.gm.graph.nodes} if own_class else {}  # erases what it removes)
         gm, report = _rewritten(p, model, scales, leaf_modules, leaf_functions)
         if into is not None:
             return into_class(into, gm, before, p.inputs, report), report
