@@ -246,6 +246,11 @@ def test_peft_lora_classifier_round_trips_through_save_pretrained(tmp_path, fami
 
 def test_a_module_folds_into_its_own_class_by_default():
     model, x = _toy()
+    plain = copy.deepcopy(model)
+    nn.init.zeros_(plain.proj.lora_B.weight)
+    plain.norm, plain.ls = nn.Identity(), nn.Identity()
+    with torch.no_grad():
+        assert rel_err(model(x), plain(x)) > 1e-2  # the adapter, the norm and the scale change the output
     out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     assert type(out) is _Model and isinstance(out.proj, nn.Linear) and isinstance(out.norm, nn.Identity)
     assert report.into == "_Model" and report.into_error <= 1e-6 and not report.kept
@@ -342,6 +347,12 @@ def test_timm_reparameterizable_blocks_fold_in_their_class_as_timms_merge_does()
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    with torch.no_grad():
+        assert rel_err(model(x), fresh(x)) > 1e-2  # the statistics the fold takes change the output
     out, report = repfold.fold(model, example_inputs=(x,), return_report=True)
     ref = timm.utils.reparameterize_model(copy.deepcopy(model))
 
