@@ -1,24 +1,30 @@
-"""Fold cost against model size: ViT-S/16, B/16, L/16, H/14 and g/14 (random weights), in fx, torch.export
-and ONNX, each beside its floor.
+"""Fold cost against model size: ViT-S/16, B/16, L/16, H/14 and g/14 (random weights), float32 and
+bfloat16, in fx (a new model and in place), torch.export and ONNX, each beside its floor and PEFT's merge.
 
-    python benchmarks/scaling.py                  # all five sizes (about 25 minutes on 2 cores; make bench-scaling)
-    python benchmarks/scaling.py --sizes S,B --repeats 1
+    python benchmarks/scaling.py                  # all five sizes, both dtypes (make bench-scaling)
+    python benchmarks/scaling.py --sizes S,B --dtypes float32 --repeats 1
 
 Every measurement runs in a fresh process (a user folds once per process), the
 kinds of process interleaved, medians and ranges reported:
 
-* fx: ``repfold.fold(gm)`` on the model with adapters before attn and mlp;
+* fx: ``repfold.fold(gm)`` on the model with adapters before attn and mlp
+  (what ``repfold.insert`` returns, trained-like random adapter weights);
   floor: ``copy.deepcopy(gm)`` (the least a fold that returns a new model does).
+* in place: ``repfold.fold(gm, inplace=True)``.
 * torch.export: ``repfold.fold(ep)`` on ``torch.export.export(gm, (x,))``
-  (the fold exports the folded module again); same floor.
-* ONNX: ``python -m repfold in.onnx -o out.onnx`` on the TorchScript export
-  (external data from ViT-H up); floor: ``onnx.load`` + ``onnx.save`` of the
-  same file (``onnx_fold.py``).
+  (the fold exports the folded module again).
+* PEFT: ``merge_and_unload()`` of the same model with LoRA of rank 8 on the
+  same layers (qkv, fc1), the ecosystem's own merge (in place).
+* insert: ``repfold.insert`` itself (it shares the frozen weights).
+* ONNX (float32): ``python -m repfold in.onnx -o out.onnx`` on the TorchScript
+  export (external data from ViT-H up); floor: ``onnx.load`` + ``onnx.save`` of
+  the same file (``onnx_fold.py``).
 
-Memory: each process's peak resident memory. For fx and export it holds the
-model with its adapters too (and the exported program), so the copy floor's
-process (the model and one copy) is the one to compare with; the ONNX command
-line holds nothing else. Writes benchmarks/results/scaling.{json,md,png}.
+Memory: what each call adds to the process's resident memory at its peak
+(the peak is reset before the call, ``/proc/self/clear_refs``), against the
+model's weights: a fold that returns a new model may add one copy, an
+in-place one only a layer's working set. Writes
+benchmarks/results/scaling.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -42,21 +48,31 @@ SIZES = {
     "H": "vit_huge_patch14_224",
     "g": "vit_giant_patch14_224",
 }
+KINDS = ("fx", "inplace", "export", "copy", "peft")
+RANK = 8  # LoRA's rank for PEFT's merge, as repfold's adapters' hidden width
 
 
-def _timed_call(call) -> tuple[float, int]:
-    """(seconds of ``call()``, this process's peak resident memory in bytes after it)."""
-    import resource
+def _status(key: str) -> int:
+    import re
 
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def measured(call) -> tuple[float, int, object]:
+    """(seconds of ``call()``, what it added to resident memory at its peak, its result)."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    before = _status("VmRSS")
     t = time.perf_counter()
     out = call()
     elapsed = time.perf_counter() - t
-    del out
-    return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return elapsed, _status("VmHWM") - before, out
 
 
-def child(model_name: str, what: str) -> dict:
-    """One timed call in this (fresh) process: the fold on one path, or the copy floor."""
+def child(model_name: str, what: str, dtype: str) -> dict:
+    """One timed call in this (fresh) process: a fold on one path, a floor, or PEFT's merge."""
     import copy
 
     import timm
@@ -66,24 +82,38 @@ def child(model_name: str, what: str) -> dict:
     import repfold
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval()
-    x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    gm = trained_like(repfold.insert(model, before=["attn", "mlp"], example_inputs=x), seed=0)
-    del model
-    params = sum(p.numel() for n, p in gm.named_parameters() if not n.startswith("repfold_adapters."))
+    model = timm.create_model(model_name, pretrained=False).eval().to(getattr(torch, dtype))
+    x = torch.randn(1, *model.pretrained_cfg["input_size"]).to(getattr(torch, dtype))
+    params = sum(p.numel() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = {"params": params, "weights": weights}
     with torch.no_grad():
+        if what == "peft":
+            from peft import LoraConfig, get_peft_model
+
+            wrapped = get_peft_model(model, LoraConfig(r=RANK, target_modules=["qkv", "fc1"]))
+            for name, p in wrapped.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+            seconds, memory, _ = measured(wrapped.merge_and_unload)
+            return {**row, "seconds": seconds, "memory": memory}
+        seconds, memory, gm = measured(lambda: repfold.insert(model, before=["attn", "mlp"], example_inputs=x))
+        row["insert"] = {"seconds": seconds, "memory": memory}
+        gm = trained_like(gm, seed=0)
         if what == "export":
             ep = torch.export.export(gm, (x,))
-            seconds, memory = _timed_call(lambda: repfold.fold(ep))
+            seconds, memory, _ = measured(lambda: repfold.fold(ep))
         elif what == "fx":
-            seconds, memory = _timed_call(lambda: repfold.fold(gm, example_inputs=x))
+            seconds, memory, _ = measured(lambda: repfold.fold(gm, example_inputs=x))
+        elif what == "inplace":
+            seconds, memory, _ = measured(lambda: repfold.fold(gm, example_inputs=x, inplace=True))
         else:
-            seconds, memory = _timed_call(lambda: copy.deepcopy(gm))
-    return {"params": params, "seconds": seconds, "memory": memory}
+            seconds, memory, _ = measured(lambda: copy.deepcopy(gm))
+    return {**row, "seconds": seconds, "memory": memory}
 
 
-def _run_child(model_name: str, what: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", what, "--model", model_name],
+def _run_child(model_name: str, what: str, dtype: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", what, "--model", model_name, "--dtype", dtype],
                           check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -113,20 +143,25 @@ def _summary(runs: list[tuple[float, int]]) -> dict:
             "memory_bytes": max(m for _, m in runs), "runs": len(runs)}
 
 
-def measure(sizes: list[str], repeats: dict[str, int]) -> list[dict]:
+def measure(sizes: list[str], dtypes: list[str], repeats: dict[str, int], onnx: bool) -> list[dict]:
     rows = []
-    for size in sizes:
-        name, n = SIZES[size], repeats[size]
-        got: dict[str, list] = {"fx": [], "export": [], "copy": []}
-        for _ in range(n):  # interleaved, so drift hits every kind alike
+    for dtype in dtypes:
+        for size in sizes:
+            name, n = SIZES[size], repeats[size]
+            got: dict[str, list] = {k: [] for k in KINDS}
+            for _ in range(n):  # interleaved, so drift hits every kind alike
+                for what, runs in got.items():
+                    runs.append(_run_child(name, what, dtype))
+            first = got["fx"][0]
+            row = {"size": size, "model": name, "dtype": dtype, "params": first["params"], "weights": first["weights"]}
             for what, runs in got.items():
-                runs.append(_run_child(name, what))
-        row = {"size": size, "model": name, "params": got["fx"][0]["params"]}
-        for what, runs in got.items():
-            row[what] = _summary([(r["seconds"], r["memory"]) for r in runs])
-        row["onnx"] = _onnx(name, n)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+                row[what] = _summary([(r["seconds"], r["memory"]) for r in runs])
+            inserts = [r["insert"] for k in ("fx", "inplace", "export", "copy") for r in got[k]]
+            row["insert"] = _summary([(r["seconds"], r["memory"]) for r in inserts])
+            if onnx and dtype == "float32":
+                row["onnx"] = _onnx(name, n)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -134,48 +169,72 @@ def _ratio(a: dict, b: dict) -> str:
     return f"{a['seconds'] / b['seconds']:.2f}×"
 
 
+def _added(r: dict, kind: str) -> str:
+    return f"{r[kind]['memory_bytes'] / r['weights']:.2f}"
+
+
 def render(rows: list[dict]) -> str:
     gb = 1e9
     lines = [
         "# Fold cost against model size (`benchmarks/scaling.py`)",
         "",
-        ("Fresh process per call, medians of the runs given (ranges below); memory: each process's peak resident"
-         " memory (fx, export and copy: with the model itself). 2 CPU cores."),
+        ("Fresh process per call, medians of the runs given (ranges below), 2 CPU cores. Times in seconds, with"
+         " their ratio to `copy.deepcopy` of the same model (the floor of a fold that returns a new model). Memory:"
+         " what the call adds to the process at its peak, in copies of the model's weights (a fold that returns a"
+         " new model may add 1.00, plus a layer; in place only a layer's working set)."),
         "",
-        ("| model | parameters | fx fold | export fold | copy (floor) | ONNX file | `python -m repfold` | load + save"
-         " (floor) | peak memory: fx / export / copy | ONNX fold / floor |"),
+        ("| model | dtype | parameters (weights) | `insert` | fx fold | in place | export fold | copy (floor) |"
+         " PEFT merge | added memory: insert / fx / in place / export / copy / PEFT |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        o = r["onnx"]
         lines.append(
-            f"| ViT-{r['size']} | {r['params'] / 1e6:.0f} M | {r['fx']['seconds']:.2f} s ({_ratio(r['fx'], r['copy'])})"
-            f" | {r['export']['seconds']:.2f} s | {r['copy']['seconds']:.2f} s | {o['file_bytes'] / gb:.2f} GB"
-            f" | {o['fold']['seconds']:.2f} s ({_ratio(o['fold'], o['floor'])}) | {o['floor']['seconds']:.2f} s"
-            f" | {r['fx']['memory_bytes'] / gb:.2f} / {r['export']['memory_bytes'] / gb:.2f} /"
-            f" {r['copy']['memory_bytes'] / gb:.2f} GB | {o['fold']['memory_bytes'] / gb:.2f} GB"
-            f" ({o['fold']['memory_bytes'] / o['file_bytes']:.2f}× file) / {o['floor']['memory_bytes'] / gb:.2f} GB |"
+            f"| ViT-{r['size']} | {r['dtype']} | {r['params'] / 1e6:.0f} M ({r['weights'] / gb:.2f} GB)"
+            f" | {r['insert']['seconds']:.2f} s"
+            f" | {r['fx']['seconds']:.2f} s ({_ratio(r['fx'], r['copy'])})"
+            f" | {r['inplace']['seconds']:.2f} s ({_ratio(r['inplace'], r['copy'])})"
+            f" | {r['export']['seconds']:.2f} s ({_ratio(r['export'], r['copy'])})"
+            f" | {r['copy']['seconds']:.2f} s | {r['peft']['seconds']:.2f} s"
+            f" | {' / '.join(_added(r, k) for k in ('insert', 'fx', 'inplace', 'export', 'copy', 'peft'))} |"
         )
+    onnx = [r for r in rows if "onnx" in r]
+    if onnx:
+        lines += ["", "ONNX (float32; peak resident memory of the whole process, against the file's size):", "",
+                  "| model | ONNX file | `python -m repfold` | load + save (floor) | peak memory: fold / floor |",
+                  "|---|---|---|---|---|"]
+        for r in onnx:
+            o = r["onnx"]
+            lines.append(
+                f"| ViT-{r['size']} | {o['file_bytes'] / gb:.2f} GB | {o['fold']['seconds']:.2f} s"
+                f" ({_ratio(o['fold'], o['floor'])}) | {o['floor']['seconds']:.2f} s | {o['fold']['memory_bytes'] / gb:.2f}"
+                f" GB ({o['fold']['memory_bytes'] / o['file_bytes']:.2f}× file) / {o['floor']['memory_bytes'] / gb:.2f} GB |"
+            )
     lines += ["", "Ranges (min–max seconds):", ""]
     for r in rows:
-        parts = [f"{k} {r[k]['range'][0]:.2f}–{r[k]['range'][1]:.2f}" for k in ("fx", "export", "copy")]
-        parts += [f"onnx {k} {r['onnx'][k]['range'][0]:.2f}–{r['onnx'][k]['range'][1]:.2f}" for k in ("fold", "floor")]
-        lines.append(f"* ViT-{r['size']}: " + ", ".join(parts))
-    slope = _slopes(rows)
-    if slope:
-        lines += ["", "Growth (slope of log time against log parameters, least squares): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in slope.items()) + " (1.00 is linear)."]
+        parts = [f"{k} {r[k]['range'][0]:.2f}–{r[k]['range'][1]:.2f}" for k in ("insert", *KINDS)]
+        if "onnx" in r:
+            parts += [f"onnx {k} {r['onnx'][k]['range'][0]:.2f}–{r['onnx'][k]['range'][1]:.2f}" for k in ("fold", "floor")]
+        lines.append(f"* ViT-{r['size']} {r['dtype']}: " + ", ".join(parts))
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        slope = _slopes([r for r in rows if r["dtype"] == dtype])
+        if slope:
+            lines += ["", f"Growth in {dtype} (slope of log time against log parameters, least squares): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in slope.items()) + " (1.00 is linear)."]
     return "\n".join(lines) + "\n"
 
 
 def _series(rows: list[dict]) -> dict[str, list[float]]:
-    return {
+    out = {
         "fx fold": [r["fx"]["seconds"] for r in rows],
+        "fx fold in place": [r["inplace"]["seconds"] for r in rows],
         "export fold": [r["export"]["seconds"] for r in rows],
-        "copy.deepcopy (fx floor)": [r["copy"]["seconds"] for r in rows],
-        "python -m repfold (ONNX)": [r["onnx"]["fold"]["seconds"] for r in rows],
-        "onnx.load + onnx.save (ONNX floor)": [r["onnx"]["floor"]["seconds"] for r in rows],
+        "copy.deepcopy (floor)": [r["copy"]["seconds"] for r in rows],
+        "PEFT merge_and_unload": [r["peft"]["seconds"] for r in rows],
     }
+    if all("onnx" in r for r in rows):
+        out["python -m repfold (ONNX)"] = [r["onnx"]["fold"]["seconds"] for r in rows]
+        out["onnx.load + onnx.save (ONNX floor)"] = [r["onnx"]["floor"]["seconds"] for r in rows]
+    return out
 
 
 def _slopes(rows: list[dict]) -> dict[str, float]:
@@ -198,21 +257,26 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    params = [r["params"] / 1e6 for r in rows]
-    fig, (ax, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = ["o-", "s-", "o--", "^-", "^--"]
-    for (name, ys), style in zip(_series(rows).items(), styles):
-        ax.plot(params, ys, style, label=name)
-    ax.set(xscale="log", yscale="log", xlabel="parameters (millions)", ylabel="seconds (median)",
-           title="fold time and its floor")
-    ax.legend(fontsize=8)
-    for key, label, style in (("fx", "fx fold", "o-"), ("export", "export fold", "s-"), ("copy", "copy", "o--")):
-        mem.plot(params, [r[key]["memory_bytes"] / 1e9 for r in rows], style, label=label + " (with the model)")
-    mem.plot(params, [r["onnx"]["fold"]["memory_bytes"] / 1e9 for r in rows], "^-", label="python -m repfold")
-    mem.plot(params, [r["onnx"]["floor"]["memory_bytes"] / 1e9 for r in rows], "^--", label="onnx load + save")
-    mem.plot(params, [r["onnx"]["file_bytes"] / 1e9 for r in rows], "k:", label="ONNX file size")
-    mem.set(xscale="log", yscale="log", xlabel="parameters (millions)", ylabel="GB", title="peak resident memory")
-    mem.legend(fontsize=8)
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes) + 1, figsize=(5.5 * (len(dtypes) + 1), 4.2), squeeze=False)
+    styles = ["o-", "o:", "s-", "o--", "x-", "^-", "^--"]
+    for ax, dtype in zip(axes[0], dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        params = [r["params"] / 1e6 for r in mine]
+        for (name, ys), style in zip(_series(mine).items(), styles):
+            ax.plot(params, ys, style, label=name)
+        ax.set(xscale="log", yscale="log", xlabel="parameters (millions)", ylabel="seconds (median)",
+               title=f"time, {dtype}")
+        ax.legend(fontsize=7)
+    mem = axes[0][-1]
+    for dtype, dash in zip(dtypes, ("-", "--")):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        params = [r["params"] / 1e6 for r in mine]
+        for kind in ("fx", "inplace", "copy", "peft"):
+            mem.plot(params, [r[kind]["memory_bytes"] / r["weights"] for r in mine], "o" + dash, label=f"{kind}, {dtype}")
+    mem.set(xscale="log", xlabel="parameters (millions)", ylabel="added memory / model's weights",
+            title="memory a call adds")
+    mem.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -220,22 +284,25 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--repeats", type=int, help="runs of each kind per size (default: 3, 2 for H and g)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, help="runs of each kind per size (default: 2, 1 for H and g)")
+    ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX columns out")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--render", action="store_true", help="only write the .md and .png again from the .json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.child)))
+        print(json.dumps(child(args.model, args.child, args.dtype)))
         return
     out = Path(args.out)
     if args.render:
         rows = json.loads((out / "scaling.json").read_text())
     else:
         sizes = args.sizes.split(",")
-        repeats = {s: args.repeats or (2 if s in ("H", "g") else 3) for s in sizes}
-        rows = measure(sizes, repeats)
+        repeats = {s: args.repeats or (1 if s in ("H", "g") else 2) for s in sizes}
+        rows = measure(sizes, args.dtypes.split(","), repeats, onnx=not args.no_onnx)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "scaling.md").write_text(render(rows))

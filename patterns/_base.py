@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from repfold.core.affine import cast
+from repfold.core.affine import Product, cast, fetch
 
 from ._torch import fx, nn, torch
 
@@ -101,6 +101,7 @@ class Deferred:
     shape: tuple[int, ...]
     make: Callable[[], np.ndarray]
     stored: Callable[[], np.ndarray] | None = None  # the same values in the file's dtype (often a view)
+    tensor: Callable[[], Any] | None = None  # the torch tensor holding them, as ``shape`` (fx): never converted
 
 
 def torch_own(m) -> bool:
@@ -139,6 +140,74 @@ def as_numpy(value, ref) -> np.ndarray:
     return cast(value, numpy_dtype(ref) or np.float64)
 
 
+def as_tensor(value, ref) -> torch.Tensor:
+    """``value`` (an array, or a product the fold left unevaluated) as a tensor of ``ref``'s shape, dtype and
+    device. A product is evaluated a block of rows at a time straight into the new tensor (see
+    :func:`write_product`); the largest change the cast made to a 16-bit float is kept on it
+    (``value.rounding``) for the report."""
+    if isinstance(value, Product):
+        out = torch.empty(value.shape, dtype=ref.dtype)
+        value.rounding = write_product(value, out)
+        return out.reshape(ref.shape).to(ref.device)
+    return torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
+
+
+def write_into(value, ref: torch.Tensor) -> None:
+    """Write ``value`` (an array, or a product left unevaluated) into the tensor ``ref`` itself, a block of
+    rows at a time where ``ref`` is a contiguous CPU tensor (no copy of the layer), else through one tensor
+    of the layer's size."""
+    with torch.no_grad():
+        if isinstance(value, Product) and ref.device.type == "cpu" and ref.is_contiguous():
+            value.rounding = write_product(value, ref.view(value.shape))
+        else:
+            ref.copy_(as_tensor(value, ref))
+
+
+_ROWS = 1 << 20  # values in a block of rows of write_product (8 MB in float64: large enough for two threads)
+
+
+def write_product(P: Product, out: torch.Tensor) -> float:
+    """Write ``diag(g)·W·(diag(d) + U·V)`` into ``out`` (a CPU tensor of the product's shape, any float dtype)
+    a block of rows at a time: ``W`` is converted once per block, multiplied by the factors in the adapter's
+    own rank (``out·in·r`` flops, never the dense ``in × in`` map), and rounded once into ``out``.
+
+    The arithmetic is float64 for a float32 or float64 ``out`` and float32 for a 16-bit one (float32 holds a
+    16-bit float's weights exactly and rounds the sum 2⁻¹⁶ closer than the 16-bit cast does). Returns the
+    largest absolute change the cast to a 16-bit ``out`` made (0.0 for wider types).
+    """
+    raw = getattr(P.W, "tensor", None)  # the layer's own tensor (a bfloat16 one is then never copied whole)
+    W = raw().detach() if raw is not None else torch.from_numpy(np.asarray(fetch(P.W)))
+    half = out.dtype.itemsize < 4
+    acc = torch.float32 if half else torch.float64
+    F = P.F
+    U = torch.from_numpy(np.asarray(F.U, dtype=np.float64)).to(acc) if F.rank else None
+    V = torch.from_numpy(np.asarray(F.V, dtype=np.float64)).to(acc) if F.rank else None
+    d = F.d if isinstance(F.d, float) else torch.from_numpy(np.asarray(F.d, dtype=np.float64)).to(acc)
+    g = P.g if isinstance(P.g, float) else torch.from_numpy(np.asarray(P.g, dtype=np.float64)).to(acc)
+    n = W.shape[0]
+    step, worst = max(1, _ROWS // max(1, W.shape[1])), 0.0
+    with torch.no_grad():
+        for r in range(0, n, step):
+            rows = slice(r, min(n, r + step))
+            w = W[rows].to(device="cpu", dtype=acc, copy=True)
+            WU = w @ U if U is not None else None
+            if isinstance(d, float) and d == 0.0:
+                y = WU @ V if WU is not None else w.zero_()
+            else:
+                y = w if isinstance(d, float) and d == 1.0 else w.mul_(d)
+                if WU is not None:
+                    y.addmm_(WU, V)
+            if not isinstance(g, float):
+                y.mul_(g[rows, None])
+            elif g != 1.0:
+                y.mul_(g)
+            o = out[rows]
+            o.copy_(y)
+            if half:
+                worst = max(worst, float((o.to(acc) - y).abs_().max()) if o.numel() else 0.0)
+    return worst
+
+
 def const_vector(t: np.ndarray | float, rank: int) -> tuple[int | None, np.ndarray | float]:
     """Split a broadcast constant into (axis it varies along, values).
 
@@ -168,17 +237,22 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
         values = params(old, W, b)
         # the tensors about to be replaced are shared, not cloned, by the copy
         current = {name: getattr(old, name) for name in values}
-        new = copy.deepcopy(old, {id(t): t for t in current.values() if t is not None})
+        shared = [*current.values(), *old.parameters(), *old.buffers()] if ctx.inplace else current.values()
+        new = copy.deepcopy(old, {id(t): t for t in shared if t is not None})
         for name, p in old.named_parameters():
             if name not in values and ctx.trainable(p):
                 new.get_parameter(name).requires_grad_(True)
         for name, value in values.items():
             ref = current[name]
+            if ref is not None and ctx.writable(ref) and int(np.prod(np.shape(value))) == ref.numel():
+                ctx.write(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
+                setattr(new, name, ref)
+                continue
             if ref is None:  # a layer without a bias taking one: the weight's dtype, device and training
                 ref, grad = old.weight.new_empty(np.shape(value)), ctx.trainable(old.weight)
             else:
                 grad = ctx.trainable(ref)
-            t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
+            t = ctx.tensor(value, ref)
             setattr(new, name, nn.Parameter(t, requires_grad=grad))
         args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))

@@ -95,7 +95,7 @@ class Dense:
         else:
             # A factored map: multiply the weight as stored (float32, say) a block at a time, in float64,
             # and read it again when the product is written out rather than keep it.
-            W = OnDemand(self.weight.shape, lambda: stored(self.weight))
+            W = OnDemand(self.weight.shape, lambda: stored(self.weight), getattr(self.weight, "tensor", None))
         c = 0.0 if plain else matvec(fetch(W), v.c)
         return v.with_map(matmul(W, M), c if self.b is None else c + self.b, W.shape[0])
 
@@ -190,9 +190,13 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 def _weight(t: torch.Tensor, shape) -> Deferred:
     """A layer's weight as ``shape``: float64 when first needed, or viewed in place as stored (CPU)."""
     shape = tuple(shape)
-    view = t.device.type == "cpu" and numpy_dtype(t) is not None
-    return Deferred(shape, lambda: _np(t).reshape(shape),
-                    (lambda: t.detach().numpy().reshape(shape)) if view else None)
+    if t.device.type == "cpu" and numpy_dtype(t) is not None:
+        stored = lambda: t.detach().numpy().reshape(shape)
+    elif t.is_floating_point() and t.dtype.itemsize < 4:  # bfloat16 (NumPy has none): float32 holds it exactly
+        stored = lambda: t.detach().float().cpu().numpy().reshape(shape)
+    else:
+        stored = None
+    return Deferred(shape, lambda: _np(t).reshape(shape), stored, lambda: t.detach().reshape(shape))
 
 
 def _is_pointwise_conv(m: nn.Module) -> bool:

@@ -32,6 +32,7 @@ def fold(
     return_report: bool = False,
     into: nn.Module | None = None,
     graph: bool = False,
+    inplace: bool = False,
 ):
     """Fold every adapter region into its neighbouring layer; returns a new model of the same kind.
 
@@ -83,7 +84,25 @@ def fold(
     a wrapper left with one layer replaced by that layer), run once on the
     example inputs against the folded graph. Where an adapter did not fold,
     or the class cannot hold the fold, it raises ``ValueError`` with the reason.
+
+    ``inplace=True`` (as timm's ``reparameterize_model(model, inplace=True)``;
+    what PEFT's ``merge_and_unload`` always does) edits the given module and
+    returns it: each re-weighted layer's new values are written into its own
+    tensors a block of rows at a time, so the fold adds one layer's working
+    set to the memory the model holds, not a copy of it (a 6B-parameter model
+    folds where two copies would not fit). A GraphModule stays one (its graph
+    and modules replaced by the folded ones), a module of the user's class is
+    edited as its copy would be (``into=model``: ``model`` itself). The graph
+    ``insert`` returns shares the frozen weights of the model it was made
+    from, so an in-place fold writes the folded values into that model's
+    tensors too: fold into it (``fold(gm, into=model, inplace=True)``), or do
+    not use it unfolded afterwards.
     """
+    if inplace and not isinstance(model, nn.Module):
+        raise TypeError("inplace=True edits an nn.Module (a GraphModule insert made, or a model of its own "
+                        f"class); a {type(model).__name__} folds into a new one")
+    if inplace and graph and not isinstance(model, fx.GraphModule):
+        raise TypeError("inplace=True keeps the model's own class: graph=True would need a new GraphModule")
     own = isinstance(model, (str, os.PathLike))
     if own:  # read a field at a time (the file is never held twice), then its external data
         from onnx.external_data_helper import load_external_data_for_model
@@ -100,6 +119,9 @@ def fold(
 
         out, report = fold_export(model, scales=scales)
     elif isinstance(model, nn.Module) and (parts := _parts(model)):
+        if inplace:
+            raise TypeError("inplace=True folds a module traced whole; this one holds graphs made by insert, "
+                            "folded part by part into a copy of the model")
         if into is not None:
             raise TypeError("into= takes a module folded whole; this one holds graphs made by insert, folded part "
                             "by part into the model itself")
@@ -113,7 +135,7 @@ def fold(
                 "BatchNorm running statistics)", UserWarning, stacklevel=2,
             )
         out, report = fold_fx(model, example_inputs, scales=scales, leaf_modules=leaf_modules,
-                              leaf_functions=leaf_functions, into=into,
+                              leaf_functions=leaf_functions, into=into, inplace=inplace,
                               own_class=into is None and not graph and not isinstance(model, fx.GraphModule))
         out.train(False)
     elif type(model).__name__ == "ModelProto":

@@ -332,7 +332,7 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
     fx_graph = None
     inputs = _trace.example_inputs(model, example_inputs)
     try:
-        gm = to_graph_module(model, leaf_modules, leaf_functions)
+        gm = to_graph_module(model, leaf_modules, leaf_functions, alias=True)
         shape(gm, inputs)
         index_assignments(gm)  # writes into views as the exporters keep them (torch.export's: in to_graph_module)
         hidden = _hidden(gm, model, patterns)
@@ -352,7 +352,7 @@ def _traced(model, leaf_modules, leaf_functions, example_inputs, patterns) -> tu
                           "the adapters go into fx's graph", UserWarning, stacklevel=3)
             return fx_graph, inputs, "torch.fx"
         raise TraceError(f"{why}; torch.export failed too: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    gm = to_graph_module(ep.module())
+    gm = to_graph_module(ep.module(), alias=True)
     shape(gm, inputs)
     return gm, inputs, "torch.export"
 
@@ -423,7 +423,13 @@ def insert(
     or a ``torch.export.ExportedProgram`` (its ``module()``: ATen ops, scopes
     from the module paths torch.export records). The result is a trainable
     ``fx.GraphModule``; ``repfold.fold`` folds it, or the ExportedProgram
-    exported from it.
+    exported from it. It shares the model's weights rather than copying them
+    (as PEFT's ``get_peft_model`` does): its parameters are objects of its own
+    (frozen there, the model's left as they were) over the model's memory, so
+    a giant backbone is not held twice. Training the adapters, and folding into
+    a new model, leave the model as it was; what writes into the backbone's
+    weights (unfreezing them, ``fold(gm, inplace=True)``) writes into the
+    model's.
 
     A bare name matches the last part of a module path (``"attn"``), a dotted
     one the whole path with ``*`` wildcards (``"blocks.*.norm1"``).
@@ -579,7 +585,7 @@ def _insert_in_parts(model: nn.Module, names: list[str], after_names: list[str],
                 raise ValueError(f"{where}={pattern!r} matches no module of {type(model).__name__} (which neither "
                                  f"tracer takes whole: {str(why).splitlines()[0]})")
             hits.update(dict.fromkeys((where, p) for p in found))
-    own = copy.deepcopy(model)
+    own = copy.deepcopy(model, _trace.aliases(model))
     owners = sorted({a for _, h in hits for a in _ancestors(h)}, key=lambda a: (a.count("."), a))
     seen: dict[str, tuple] = {}
 

@@ -209,8 +209,14 @@ class Channels:
         return np.arange(math.prod(src), dtype=np.int64).reshape(src)
 
     def _identity_reduced(self, source: str) -> np.ndarray:
+        """The source's own positions at channel 0 (built from the strides, never the whole arange)."""
         src, k = self.shapes[source], self.axis[source]
-        return np.arange(math.prod(src), dtype=np.int64).reshape(src).take([0], axis=k)
+        out = np.zeros([1] * len(src), dtype=np.int64)
+        for i, n in enumerate(src):
+            if i != k and n > 1:
+                out = out + (np.arange(n, dtype=np.int64) * _stride(src, i)).reshape([-1 if j == i else 1
+                                                                                     for j in range(len(src))])
+        return out
 
     def _canonical(self, v: Affine) -> Affine:
         """Write a layout that equals the source's as ``pos=None``."""
@@ -233,11 +239,17 @@ def _stride(shape: tuple[int, ...], k: int) -> int:
 
 def _channel_fiber(pos: np.ndarray, a: int, stride: int, n: int) -> np.ndarray | None:
     """``pos`` at index 0 of axis ``a`` if moving along ``a`` walks a whole source axis of stride ``stride``."""
-    first = pos.take([0], axis=a)
+    at = [slice(None)] * pos.ndim
+    at[a] = slice(0, 1)
+    first = pos[tuple(at)]  # a view: ``pos`` is often a transposed view of a large array
     if np.any((first // stride) % n):
         return None
-    steps = (np.arange(n, dtype=np.int64) * stride).reshape([-1 if i == a else 1 for i in range(pos.ndim)])
-    return first if np.array_equal(pos, first + steps) else None
+    if n > 1:  # every step along ``a`` is one ``stride``: checked between neighbours, without a full-size sum
+        nxt = list(at)
+        at[a], nxt[a] = slice(0, n - 1), slice(1, n)
+        if not (np.subtract(pos[tuple(nxt)], pos[tuple(at)]) == stride).all():
+            return None
+    return first.copy()
 
 
 # --- arithmetic on (M, c) -------------------------------------------------------------
@@ -300,8 +312,9 @@ class OnDemand:
     worth of memory.
     """
 
-    def __init__(self, shape: tuple[int, ...], fetch: Callable[[], np.ndarray]) -> None:
+    def __init__(self, shape: tuple[int, ...], fetch: Callable[[], np.ndarray], tensor=None) -> None:
         self.shape, self.fetch = tuple(shape), fetch
+        self.tensor = tensor  # where a frontend has it: a callable giving the weight as the framework holds it
 
 
 def fetch(W: np.ndarray | OnDemand) -> np.ndarray:
@@ -327,6 +340,7 @@ class Product:
         self.shape = (W.shape[0], F.shape[1])
         self.ndim = 2
         self._dense: np.ndarray | None = None
+        self.rounding: float | None = None  # set by a frontend that wrote it out: its cast's largest change
 
     def evaluate(self, dtype=np.float64, transpose: bool = False) -> np.ndarray:
         """The dense product (or its transpose) in ``dtype``: float64 arithmetic, one rounding at the end."""

@@ -24,13 +24,16 @@ forward's own code that a fold removes (``x * self.gamma``) is one the class wou
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
 
-from repfold.frontends.trace import get_attr, has_submodule, module_paths, set_module
+from repfold.frontends.trace import get_attr, has_submodule, module_paths
+from repfold.frontends.trace import set_module as _set_module
 from repfold.report import FoldReport
 
 REPLACED_KEY = "repfold_replaced"  # gm.meta: a tensor the fold made -> the model's tensor whose values it
@@ -85,7 +88,7 @@ def scopes(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str]], inputs: tuple,
-               label: str = "the model") -> tuple[nn.Module, list[str], float]:
+               label: str = "the model", inplace: bool = False) -> tuple[nn.Module, list[str], float]:
     """A copy of ``model`` (never modified) holding the fold of its graph: ``(copy, edits, error)``; the
     edits in words and the copy's largest difference from ``folded`` on ``inputs``. ``before``: the
     :func:`scopes` of the graph the fold started from. Raises :class:`NotWritable`.
@@ -94,11 +97,15 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
     the copy's state dict keeps the model's layout (a conv's BatchNorm becomes an identity, the conv stays
     where it was); only where that does not compute the fold (a wrapper whose forward still runs the
     adapters it held: PEFT's tuner layers) are wrappers replaced by the one layer left of them.
+
+    With ``inplace`` the edits are made on ``model`` itself (whose tensors the fold wrote already), and
+    undone where they do not compute the fold.
     """
     error, why = float("inf"), ""
     after = scopes(folded)
     for wrappers in (False, True):
-        own, edits = _edited(model, folded, before, after, label, wrappers)
+        undo: list[Callable[[], None]] = []
+        own, edits = _edited(model, folded, before, after, label, wrappers, undo if inplace else None)
         why = ""
         try:
             error, allowed = difference(own, folded, inputs)
@@ -106,6 +113,8 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
             error, allowed, why = float("inf"), TOLERANCE, f"{type(e).__name__}: {e}"
         if error <= allowed:
             return own, edits, error
+        for step in reversed(undo):
+            step()
     calls = {n.name for n in folded.graph.nodes}
     gone = sorted({name for names in before.values() for name in names if name not in calls})
     raise NotWritable(f"{label} with the fold's module edits computes something else than the folded graph "
@@ -114,13 +123,26 @@ def write_back(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[
 
 
 def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str]], after: dict[str, list[str]],
-            label: str, wrappers: bool) -> tuple[nn.Module, list[str]]:
+            label: str, wrappers: bool, undo: list | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` with the fold's module edits (with ``wrappers``, a scope left with one call of one
     of its submodules becomes that submodule, one left with a chain of them an ``nn.Sequential`` of them,
-    named as they were), and the edits in words."""
-    own = copy.deepcopy(model, _shared_tensors(model, folded))
+    named as they were), and the edits in words. With ``undo`` (a list), ``model`` itself is edited and
+    ``undo`` gets the steps that take each module edit back."""
+    own = model if undo is not None else copy.deepcopy(model, _shared_tensors(model, folded))
     mods = dict(own.named_modules())
     originals = dict(model.named_modules())  # (what a tensor was: the copy may hold the fold's already)
+
+    def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+        if undo is not None:
+            undo.append(functools.partial(_set_module, root, path, mods[path]))
+        _set_module(root, path, new)
+
+    def take(layer: nn.Module, rebuilt: nn.Module, path: str, was: nn.Module | None) -> bool:
+        if undo is not None:
+            missing = [k for k, t in layer._parameters.items() if t is None]
+            undo.append(lambda: [layer._parameters.__setitem__(k, None) for k in missing])
+        return _take(layer, rebuilt, path, was)
+
     settled: list[str] = []  # scopes replaced whole: nothing under them is edited again
     edits: list[str] = []
 
@@ -147,7 +169,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
             layers = []
             for n, sub in chain:
                 if n.op == "call_module":  # (a call of a function's: its tensors are taken below)
-                    _take(mods[sub], folded.get_submodule(sub), sub, originals.get(sub))
+                    take(mods[sub], folded.get_submodule(sub), sub, originals.get(sub))
                 layers.append((sub[len(path) + 1:].replace(".", "_"), mods[sub]))
             new = layers[0][1] if len(layers) == 1 else nn.Sequential(OrderedDict(layers))
             set_module(own, path, new)
@@ -172,7 +194,7 @@ def _edited(model: nn.Module, folded: fx.GraphModule, before: dict[str, list[str
                 settled.append(n.target)
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) -> its folded copy (submodules "
                              "folded one by one)")
-            elif _take(mods[n.target], rebuilt, n.target, originals.get(n.target)):
+            elif take(mods[n.target], rebuilt, n.target, originals.get(n.target)):
                 edits.append(f"{n.target} ({type(mods[n.target]).__name__}) re-weighted")
             continue
         new = get_attr(folded, n.target)
@@ -316,27 +338,38 @@ def difference(own: nn.Module, folded: fx.GraphModule, inputs: tuple) -> tuple[f
     return diff / max(scale, 1e-30), allowed
 
 
-def into_class(into: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport) -> nn.Module:
-    """The fold written into a copy of ``into`` (its own class), when every adapter region folded."""
+def into_class(into: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport,
+               inplace: bool = False) -> nn.Module:
+    """The fold written into a copy of ``into`` (its own class), when every adapter region folded; with
+    ``inplace``, into ``into`` itself."""
     name = type(into).__name__
     kept = report.kept
     if kept:
         raise NotWritable(f"cannot write the fold into {name}: {len(kept)} region(s) did not fold, first "
                           f"{kept[0].source}: {kept[0].reason}")
-    own, edits, error = write_back(into, gm, before, inputs, label=name)
+    try:
+        own, edits, error = write_back(into, gm, before, inputs, label=name, inplace=inplace)
+    except NotWritable as e:
+        if inplace:
+            raise _written_in_place(name, e) from e
+        raise
     report.into, report.edits, report.into_error = name, edits, error
     return own
 
 
-def into_own_class(model: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport
-                    ) -> nn.Module:
+def into_own_class(model: nn.Module, gm: fx.GraphModule, before: dict, inputs: tuple, report: FoldReport,
+                   inplace: bool = False) -> nn.Module:
     """The fold written into a copy of ``model``, of its own class. Where the class cannot hold it even so
     (its code reads the folded modules in a way the edits do not serve), the copy is the model as it was and
-    every adapter region is reported kept, with why; either way a warning names the adapters left running."""
+    every adapter region is reported kept, with why; either way a warning names the adapters left running.
+    With ``inplace``, into ``model`` itself (whose tensors the fold wrote already: there is no model as it
+    was to fall back on, so that case raises)."""
     name = type(model).__name__
     try:
-        own, edits, error = write_back(model, gm, before, inputs, label=name)
+        own, edits, error = write_back(model, gm, before, inputs, label=name, inplace=inplace)
     except NotWritable as e:
+        if inplace:
+            raise _written_in_place(name, e) from e
         own, edits, error = copy.deepcopy(model), [], 0.0
         own.train(False)
         report.regions = [r for r in report.regions if not (r.scale and r.folded)]  # the model's own, as it was
@@ -372,6 +405,14 @@ def _unwrapped(own: nn.Module, gm: fx.GraphModule, inputs: tuple, report: FoldRe
     report.edits.append(f"{report.into} -> its get_base_model() ({type(base).__name__})")
     report.into, report.into_error = type(base).__name__, max(report.into_error or 0.0, error)
     return base
+
+
+def _written_in_place(name: str, e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"repfold.fold(..., inplace=True): the folded weights were written into the model, but {name} cannot "
+        f"hold the fold's module edits ({e}); this is repfold's failure, please report it. The model's weights "
+        f"are folded while its modules are not: load its weights again, then fold without inplace=True (a copy "
+        f"is returned, the model as it was where the class cannot hold the fold)")
 
 
 GRAPH_HINT = "left in the class (fold(..., graph=True) folds it in a GraphModule)"

@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from repfold.core import driver as _driver
 from repfold.core import engine as _engine
 from repfold.core import graph as _graph
-from repfold.core.affine import NotAffine
+from repfold.core.affine import NotAffine, Product
 from repfold.core.steps import OUTPUT, Plan, Step
 from repfold.frontends.classes import GRAPH_HINT, REPLACED_KEY, in_code, into_class, into_own_class, scopes
 from repfold.frontends.trace import (
@@ -40,20 +40,48 @@ from repfold.frontends.trace import (
 )
 from repfold.frontends.writes import ALIAS, index_assignments, restore_aliases
 from repfold.patterns import fx_rules
-from repfold.patterns._base import as_numpy, torch_own
+from repfold.patterns._base import as_tensor, torch_own, write_into
 from repfold.report import FoldReport, Region, placement
 
 
 class FxContext:
     """What the fx matchers in ``repfold.patterns`` may ask about a graph."""
 
-    def __init__(self, gm: fx.GraphModule, thaw: set[int] = frozenset()) -> None:
+    def __init__(self, gm: fx.GraphModule, thaw: set[int] = frozenset(), inplace: bool = False) -> None:
         self.gm, self.graph = gm, gm.graph
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
         # the modules whose tensors a get_attr reads (``a.b`` and ``a`` for ``a.b.weight``)
         self.read_owners = {t.rsplit(".", k)[0] for t in self.reads for k in range(1, t.count(".") + 1)}
         self.thaw = thaw
+        self.inplace = inplace
+        self.dry = False  # rewrite the graph only: new tensors are made on the meta device, never evaluated
+        self._holders: Counter | None = None
+
+    def writable(self, ref) -> bool:
+        """Whether a fold in place may write a layer's new values into ``ref`` itself: ``inplace`` was asked
+        for, and nothing else holds or reads its memory (a tied weight, a view of it, a get_attr of it)."""
+        if not (self.inplace and isinstance(ref, torch.Tensor)) or ref.device.type == "meta":
+            return False
+        if self._holders is None:
+            held = [t for _, t in self.gm.named_parameters(remove_duplicate=False)]
+            held += [t for _, t in self.gm.named_buffers(remove_duplicate=False)]
+            held += [t for t in (get_attr(self.gm, target) for target in self.reads for _ in range(self.reads[target]))
+                     if isinstance(t, torch.Tensor)]
+            self._holders = Counter(_memory(t) for t in held)
+        return self._holders[_memory(ref)] == 1
+
+    def write(self, value, ref: torch.Tensor) -> None:
+        """Write the fold's ``value`` for ``ref`` into ``ref`` (see :meth:`writable`)."""
+        write_into(value, ref)
+
+    def tensor(self, value, ref: torch.Tensor) -> torch.Tensor:
+        """A new tensor of ``ref``'s shape, dtype and device holding ``value`` (a dry fold's: no values)."""
+        if self.dry:
+            if isinstance(value, Product):
+                value.rounding = 0.0  # (not evaluated: the real fold that follows measures it)
+            return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
+        return as_tensor(value, ref)
 
     def trainable(self, ref: torch.Tensor) -> bool:
         """Whether a tensor made from ``ref`` requires grad: as ``ref`` does, or it was frozen only by insert."""
@@ -132,12 +160,15 @@ class FxContext:
         if like.op == "get_attr" and shape is None:
             ref = get_attr(self.gm, like.target)
             trainable = self.trainable(ref)
+            if self.writable(ref) and int(np.prod(np.shape(value))) == ref.numel():
+                self.write(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
+                return self.graph.get_attr(like.target)
         else:  # ``shape`` (where it is not ``like``'s), ``like``'s dtype and device
             roots = self.weights.roots(like)
             ref = torch.empty(shape or self.shape(like), dtype=self.dtype(like),
                               device=roots[0].device if roots else None)
             trainable = any(self.trainable(r) for r in roots)
-        t = torch.from_numpy(as_numpy(value, ref)).reshape(ref.shape).to(ref)
+        t = self.tensor(value, ref)
         base, i = hint.replace(".", "_") + "_folded", 0
         name = base
         while hasattr(self.gm, name):
@@ -383,7 +414,7 @@ class Prepared:
 
 
 def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=(),
-            cut: frozenset[str] = frozenset()) -> Prepared:
+            cut: frozenset[str] = frozenset(), inplace: bool = False) -> Prepared:
     """Trace, shape and plan the fold of ``model``: every region found, and how each would fold.
 
     The copy shares the caller's parameters (adapters and absorbed weights are
@@ -408,7 +439,7 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     # (as the model was before insert, and as an export expects: a frozen nn.MultiheadAttention takes a fused path).
     frozen = set(gm.meta.get(META_KEY, {}).get("frozen", ()))
     thaw = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in frozen}
-    ctx = FxContext(gm, thaw)
+    ctx = FxContext(gm, thaw, inplace)
     read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
@@ -471,7 +502,7 @@ def _lost_adapters(gm: fx.GraphModule, regions, label) -> list[Region]:
 
 def fold_fx(
     model: nn.Module, example=None, *, scales: bool = True, leaf_modules=(), leaf_functions=(), into=None,
-    own_class: bool = False,
+    own_class: bool = False, inplace: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every adapter region of ``model``; returns a new GraphModule and the report.
 
@@ -487,21 +518,29 @@ def fold_fx(
     (ops written in a forward's own code, which the class would still run) are
     planned again as kept, with the reason, so that the copy computes exactly
     the folded graph.
+
+    With ``inplace`` the result is ``model`` itself (``into`` itself), edited:
+    each re-weighted layer's new values are written into its own tensors, a
+    block of rows at a time, so that the fold adds one layer's working set to
+    the model's memory, not a copy. A fold into the class plans its cuts first
+    without writing anything (no weight is written twice).
     """
     cut: set[str] = set()
     why: dict[str, str] = {}  # a region's source (its label) -> the code the class still runs of it
     folded_first: set[str] = set()
     for attempt in range(_ATTEMPTS):
+        dry = inplace and own_class  # (an in-place fold into the class writes once, with the last plan's cuts)
         p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions,
-                    cut=frozenset(cut))
+                    cut=frozenset(cut), inplace=inplace and not dry)
+        p.ctx.dry = dry
         before = scopes(p.gm) if into is not None or own_class else None
         reads = {n.name: [i.name for i in n.all_input_nodes if i.op != "get_attr"]  # (before the rewrite
                  for n in p.gm.graph.nodes} if own_class else {}  # erases what it removes)
         gm, report = _rewritten(p, model, scales, leaf_modules, leaf_functions)
         if into is not None:
-            return into_class(into, gm, before, p.inputs, report), report
+            return into_class(into, gm, before, p.inputs, report, inplace=inplace), report
         if not own_class:
-            return gm, report
+            return (take_over(model, gm) if inplace else gm), report
         if attempt == 0:
             folded_first = {r.source for r in report.folded}
         found = {op: v for op, v in in_code(before, gm, p.plan.members, p.nodes, model).items() if op not in cut}
@@ -510,10 +549,27 @@ def fold_fx(
         for op in found:  # the op alone: no region may hold it, from what it reads or into what reads it
             cut |= {op, *reads[op]}
         why.update({p.label(src): reason for src, reason in found.values()})
+    if inplace:  # the plan settled: carried out once more, for real, into the model's own tensors
+        p = prepare(model, example, scales=scales, leaf_modules=leaf_modules, leaf_functions=leaf_functions,
+                    cut=frozenset(cut), inplace=True)
+        before = scopes(p.gm)
+        gm, report = _rewritten(p, model, scales, leaf_modules, leaf_functions)
     for r in report.kept:  # what the class made the fold leave, with where
         if r.source in why or r.source in folded_first:
             r.reason = why.get(r.source) or f"{r.reason}; the class's own code ends it there: {GRAPH_HINT}"
-    return into_own_class(model, gm, before, p.inputs, report), report
+    return into_own_class(model, gm, before, p.inputs, report, inplace=inplace), report
+
+
+def take_over(model: fx.GraphModule, gm: fx.GraphModule) -> fx.GraphModule:
+    """``model`` made the folded ``gm`` (its graph, submodules, parameters and buffers): a fold in place."""
+    for store in ("_modules", "_parameters", "_buffers"):
+        held = getattr(model, store)
+        held.clear()
+        held.update(getattr(gm, store))
+    model.meta = gm.meta
+    model.graph = gm.graph  # (recompiles)
+    model.train(False)
+    return model
 
 
 _ATTEMPTS = 4  # plans of a fold into the model's own class: each keeps the regions the last one found in code
@@ -526,12 +582,18 @@ def _rewritten(p: Prepared, model: nn.Module, scales: bool, leaf_modules, leaf_f
     _driver.rewrite(plan, p.by_name.values(), _FxEdits(p), p.label)
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm, p.read_before)
-    own_parameters(gm, model, ctx.thaw)
+    if ctx.inplace:  # the model's own tensors, written where they changed: trainable again, as before insert
+        for t in gm.parameters():
+            if id(t) in ctx.thaw:
+                t.requires_grad_(True)
+    elif not ctx.dry:
+        own_parameters(gm, model, ctx.thaw)
     gm.meta.get(META_KEY, {}).pop("frozen", None)
     restore_aliases(gm)
     gm.graph.lint()
     gm.recompile()
-    _fold_leaves(gm, p.inputs, report, scales, leaf_modules, leaf_functions)
+    if not ctx.dry:  # (a dry fold's new tensors hold no values: it is only planned)
+        _fold_leaves(gm, p.inputs, report, scales, leaf_modules, leaf_functions)
     report.ops_after, report.params_after = op_counts(gm), n_params(gm)
     gm.train(False)
     return gm, report
@@ -813,6 +875,11 @@ def _drop_unread_tensors(gm: fx.GraphModule, read_before: set[str]) -> None:
         mod = gm.get_submodule(owner)
         mod._parameters.pop(name, None)
         mod._buffers.pop(name, None)
+
+
+def _memory(t: torch.Tensor) -> tuple:
+    """Where ``t``'s values live (two views of one storage share it)."""
+    return (t.device.type, t.untyped_storage().data_ptr()) if t.numel() else (id(t),)
 
 
 def _name_of(n: fx.Node) -> str:

@@ -8,6 +8,7 @@ import functools
 import inspect
 import io
 import sys
+import warnings
 
 import torch
 from torch import fx, nn
@@ -182,19 +183,30 @@ def _drop_specialised(gm: fx.GraphModule, fixed: list[bool]) -> None:
     gm.recompile()
 
 
+def aliases(model: nn.Module) -> dict[int, nn.Parameter]:
+    """A deepcopy memo giving each parameter of ``model`` a new ``nn.Parameter`` of its own (its own
+    ``requires_grad``) that shares its memory: a copy costs no weights, and freezing or training one side's
+    parameter objects leaves the other's alone. Tied parameters stay tied; a parameter of another class
+    (a quantized one) is copied as deepcopy copies it."""
+    return {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            for p in model.parameters() if type(p) is nn.Parameter}
+
+
 def to_graph_module(
-    model: nn.Module, leaf_modules=(), leaf_functions=(), *, share_parameters: bool = False
+    model: nn.Module, leaf_modules=(), leaf_functions=(), *, share_parameters: bool = False, alias: bool = False
 ) -> fx.GraphModule:
     """A private copy of ``model`` as a GraphModule; the caller's model is never touched.
 
     With ``share_parameters`` the copy holds the caller's own parameter
     tensors (modules, graph and buffers are still copied): a caller that
     replaces many of them saves cloning those, and must call
-    ``own_parameters`` on the result before handing it out. A graph of ATen
+    ``own_parameters`` on the result before handing it out. With ``alias``
+    it holds parameters of its own that share the caller's memory
+    (:func:`aliases`). A graph of ATen
     ops loses the ops that write nothing and that nobody reads, with the
     weights only they read (``repfold.frontends.export.as_torch``).
     """
-    memo = {id(p): p for p in model.parameters()} if share_parameters else {}
+    memo = {id(p): p for p in model.parameters()} if share_parameters else aliases(model) if alias else {}
     own = copy.deepcopy(model, memo)
     if isinstance(own, fx.GraphModule):
         own.meta = copy.deepcopy(getattr(model, "meta", {}))
@@ -341,12 +353,17 @@ def _dtype_device(model: nn.Module):
 
 
 def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Record every node's output shape in ``node.meta['tensor_meta']``."""
+    """Record every node's output shape in ``node.meta['tensor_meta']``.
+
+    The graph runs on fake tensors (shapes and dtypes, no data: a giant model's forward pass costs nothing);
+    where an op needs real values (data-dependent shapes, ``.item()``, an op with no fake kernel), it runs
+    once on the example inputs instead."""
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            _Shapes(gm).propagate(*inputs)
+            if not _fake_shapes(gm, inputs):
+                _Shapes(gm).propagate(*inputs)
     except Exception as e:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
         cause = e
@@ -358,6 +375,23 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
         ) from e
     finally:
         gm.train(was_training)
+
+
+def _fake_shapes(gm: fx.GraphModule, inputs: tuple) -> bool:
+    """Shape ``gm`` on fake copies of ``inputs`` (the model's own tensors read as they are); False where
+    that fails, for any reason: the caller then runs the graph for real."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mode:
+                _Shapes(gm).propagate(*fake)
+    except Exception:  # noqa: BLE001 (the real run that follows reports what is the model's own)
+        return False
+    return True
 
 
 class _Shapes(ShapeProp):
