@@ -82,7 +82,11 @@ def child(model_name: str, what: str, dtype: str) -> dict:
     import repfold
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval().to(getattr(torch, dtype))
+    torch.set_default_dtype(getattr(torch, dtype))  # made in its dtype: no float32 copy made and freed first
+    try:
+        model = timm.create_model(model_name, pretrained=False).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     x = torch.randn(1, *model.pretrained_cfg["input_size"]).to(getattr(torch, dtype))
     params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from repfold.core.affine import Product, cast, fetch
+from repfold.core.affine import Product, cast, fetch, matvec
 
 from ._torch import fx, nn, torch
 
@@ -163,7 +163,39 @@ def write_into(value, ref: torch.Tensor) -> None:
             ref.copy_(as_tensor(value, ref))
 
 
+def weight_matvec(W, c) -> np.ndarray:
+    """``W·c`` in float64 for a weight that may be :class:`~repfold.core.affine.OnDemand` with the tensor
+    behind it (fx): read a block of rows at a time as stored, never converted whole."""
+    raw = getattr(W, "tensor", None)
+    if raw is None:
+        return matvec(fetch(W), c)
+    T = raw().detach()
+    n, m = T.shape
+    vec = torch.from_numpy(np.full(m, c) if isinstance(c, float) else np.asarray(c, dtype=np.float64))
+    out = np.empty(n)
+    dest = torch.from_numpy(out)
+    step = max(1, _ROWS // max(1, m))
+    with torch.no_grad():
+        for r in range(0, n, step):
+            block = T[r:r + step]
+            wide = _scratch(0, block.numel(), torch.float64).view(block.shape)
+            wide.copy_(block)
+            torch.mv(wide, vec, out=dest[r:r + step])
+    return out
+
+
 _ROWS = 1 << 20  # values in a block of rows of write_product (8 MB in float64: large enough for two threads)
+_SCRATCH: dict = {}
+
+
+def _scratch(slot: int, n: int, dtype) -> torch.Tensor:
+    """A reusable CPU buffer of at least ``n`` values (its first ``n``): blocks are converted into the same
+    memory again and again, never into fresh pages (which the kernel zeroes, or a VM's host maps, one page
+    at a time)."""
+    buf = _SCRATCH.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[(slot, dtype)] = torch.empty(max(n, _ROWS), dtype=dtype)
+    return buf[:n]
 
 
 def write_product(P: Product, out: torch.Tensor) -> float:
@@ -189,7 +221,9 @@ def write_product(P: Product, out: torch.Tensor) -> float:
     with torch.no_grad():
         for r in range(0, n, step):
             rows = slice(r, min(n, r + step))
-            w = W[rows].to(device="cpu", dtype=acc, copy=True)
+            block = W[rows]
+            w = _scratch(0, block.numel(), acc).view(block.shape)
+            w.copy_(block)
             WU = w @ U if U is not None else None
             if isinstance(d, float) and d == 0.0:
                 y = WU @ V if WU is not None else w.zero_()
@@ -203,8 +237,10 @@ def write_product(P: Product, out: torch.Tensor) -> float:
                 y.mul_(g)
             o = out[rows]
             o.copy_(y)
-            if half:
-                worst = max(worst, float((o.to(acc) - y).abs_().max()) if o.numel() else 0.0)
+            if half and o.numel():
+                moved = _scratch(1, o.numel(), acc).view(o.shape)
+                moved.copy_(o)
+                worst = max(worst, float(moved.sub_(y).abs_().max()))
     return worst
 
 

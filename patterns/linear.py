@@ -43,12 +43,10 @@ from repfold.core.affine import (
     cast,
     collapse_groups,
     expand_groups,
-    fetch,
     matmul,
-    matvec,
 )
 
-from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored, torch_own
+from ._base import Deferred, Match, fx_rebuild, numpy_dtype, resolve, stored, torch_own, weight_matvec
 from ._torch import F, fx, nn, torch
 
 
@@ -96,8 +94,17 @@ class Dense:
             # A factored map: multiply the weight as stored (float32, say) a block at a time, in float64,
             # and read it again when the product is written out rather than keep it.
             W = OnDemand(self.weight.shape, lambda: stored(self.weight), getattr(self.weight, "tensor", None))
-        c = 0.0 if plain else matvec(fetch(W), v.c)
+        c = 0.0 if plain else self._times(W, v.c)
         return v.with_map(matmul(W, M), c if self.b is None else c + self.b, W.shape[0])
+
+    def _times(self, W, c) -> np.ndarray:
+        """``W·c``, kept for the next planning pass (which reaches this layer with the same constant)."""
+        last = vars(self).get("_product")
+        if last is not None and np.array_equal(last[0], c):
+            return last[1]
+        out = weight_matvec(W, c)
+        self._product = (np.copy(c), out)
+        return out
 
     def absorb(self, v: Affine, ch: Channels) -> tuple[np.ndarray | Product, np.ndarray | None]:
         """New ``(W, b)`` for this layer reading the source directly; NotAffine if it can't.

@@ -209,3 +209,27 @@ def test_a_layer_with_adapters_on_both_sides_folds_in_place_as_into_a_copy():
     with torch.no_grad():
         assert float((out(X) - want).abs().max()) < 1e-10
         assert float((out(X) - copied(X)).abs().max()) < 1e-12
+
+
+def test_a_hugging_face_model_traced_by_torch_export_folds_in_place():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.ViTForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    linears = sorted({n.rpartition(".")[2] for n, m in base.named_modules()
+                      if isinstance(m, nn.Linear) and m is not base.classifier})  # (their names vary by version)
+    model = peft.get_peft_model(base, peft.LoraConfig(target_modules=linears, r=4, init_lora_weights=False)).eval()
+    layer = next(m for n, m in base.named_modules() if n.endswith(linears[0]) and hasattr(m, "base_layer"))
+    with torch.no_grad():
+        want = model(x).logits
+        assert float((want - copy.deepcopy(model).merge_and_unload()(x).logits).abs().max()) < 1e-4
+    ptr = layer.base_layer.weight.data_ptr()
+    path = next(n for n, m in base.named_modules() if m is layer)
+    out, report = repfold.fold(model, inplace=True, example_inputs=x, return_report=True)
+    assert out is base and not report.kept
+    assert out.get_submodule(path).weight.data_ptr() == ptr  # written where it was
+    with torch.no_grad():
+        assert float((out(x).logits - want).abs().max()) < 1e-5

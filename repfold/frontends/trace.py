@@ -387,8 +387,9 @@ def _fake_shapes(gm: fx.GraphModule, inputs: tuple) -> bool:
         fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            shapes = _Shapes(gm)  # (made outside the mode: inside, ShapeProp would copy the model to fake tensors)
             with mode:
-                _Shapes(gm).propagate(*fake)
+                shapes.propagate(*fake)
     except Exception:  # noqa: BLE001 (the real run that follows reports what is the model's own)
         return False
     return True
