@@ -205,8 +205,7 @@ class Channels:
     def _full(self, v: Affine) -> np.ndarray:
         if v.pos is not None:
             return v.pos
-        src = self.shapes[v.source]
-        return np.arange(math.prod(src), dtype=np.int64).reshape(src)
+        return _positions(self.shapes[v.source])
 
     def _identity_reduced(self, source: str) -> np.ndarray:
         """The source's own positions at channel 0 (built from the strides, never the whole arange)."""
@@ -224,13 +223,27 @@ class Channels:
             return v
         if v.cax is None:
             src = self.shapes[v.source]
-            same = v.shape == src and np.array_equal(v.pos.reshape(-1), np.arange(v.pos.size))
+            same = v.shape == src and np.array_equal(v.pos, _positions(src))
             return replace(v, pos=None) if same else v
         k = self.axis[v.source]
         ident = self._identity_reduced(v.source)
         if v.cax == k and v.pos.shape == ident.shape and np.array_equal(v.pos, ident):
             return replace(v, pos=None)
         return v
+
+
+_COUNT = np.arange(0, dtype=np.int64)  # 0, 1, 2, ...: shared, read-only, grown as needed
+
+
+def _positions(shape: tuple[int, ...]) -> np.ndarray:
+    """``arange(prod(shape)).reshape(shape)`` as a read-only view of one array shared by every layout (a
+    transpose or reshape of it is a view too): a giant model's activations are not held once per op."""
+    global _COUNT
+    n = math.prod(shape)
+    if _COUNT.size < n:
+        _COUNT = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
+        _COUNT.flags.writeable = False
+    return _COUNT[:n].reshape(shape)
 
 
 def _stride(shape: tuple[int, ...], k: int) -> int:
