@@ -12,7 +12,7 @@ ORT        := onnxruntime-gpu
 # ruff pinned: a new release with new default rules cannot break `make lint`.
 RUFF       := ruff==0.17.6
 
-.PHONY: demo test test-slow fuzz bench bench-scaling lint clean zoo
+.PHONY: demo test test-slow fuzz bench bench-scaling bench-giant lint clean zoo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,11 +38,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/onnx_fold.py $(BENCH_ARGS) $(if $(BENCH_ARGS),,--json benchmarks/results/onnx_fold_vit_base_patch16_224.json)
 
-# Fold time and memory against model size, ViT-S to ViT-g in fx, torch.export and ONNX, beside their floors
-# (benchmarks/results/scaling.{json,md,png}; about 25 minutes on 2 cores, 20 GB of memory, 9 GB of disk).
+# Fold time and memory against model size, ViT-S to ViT-g, float32 and bfloat16, in fx (new model and in
+# place), torch.export and ONNX, beside copy.deepcopy and PEFT's merge (benchmarks/results/scaling.{json,md,png};
+# about 25 minutes on 2 cores, 20 GB of memory, 9 GB of disk).
 bench-scaling: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/scaling.py
+
+# A 6B-parameter bfloat16 ViT (InternViT-6B's shape) inserted and folded in place, against PEFT's merge
+# (benchmarks/results/giant.{json,md}; about 5 minutes on 2 cores, 14 GB of memory).
+bench-giant: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/giant.py
 
 # The model zoo into benchmarks/results/zoo.{md,json}: every torchvision classification/video/segmentation
 # model and one timm model per family, through fx, TorchScript ONNX and dynamo ONNX (193 models: about 100 min

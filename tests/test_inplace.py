@@ -233,3 +233,31 @@ def test_a_hugging_face_model_traced_by_torch_export_folds_in_place():
     assert out.get_submodule(path).weight.data_ptr() == ptr  # written where it was
     with torch.no_grad():
         assert float((out(x).logits - want).abs().max()) < 1e-5
+
+
+def test_a_fold_of_insert_graph_reuses_its_shapes_while_nothing_they_depend_on_changed(monkeypatch):
+    from repfold.frontends import fx as fx_frontend
+
+    calls = []
+    real = fx_frontend.shape
+    monkeypatch.setattr(fx_frontend, "shape", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    model = _vit()
+    gm = _inserted(model)
+    assert not calls  # insert's own plan of the fold reused the shapes it had just found
+    with torch.no_grad():
+        want = gm(X)
+    folded = repfold.fold(gm)
+    assert not calls  # the adapters' own ops were shaped from their inputs' shapes alone
+    with torch.no_grad():
+        assert float((folded(X) - want).abs().max()) < 1e-10
+    repfold.fold(copy.deepcopy(gm).float())  # another dtype: found again
+    assert len(calls) == 1
+    other = copy.deepcopy(gm)
+    out = next(n for n in other.graph.nodes if n.op == "output")
+    with other.graph.inserting_before(out):
+        doubled = other.graph.call_function(torch.mul, (out.args[0], 2.0))
+    out.args = (doubled,)
+    other.recompile()  # another graph: found again
+    with torch.no_grad():
+        assert float((repfold.fold(other)(X) - 2 * want).abs().max()) < 1e-9
+    assert len(calls) == 2

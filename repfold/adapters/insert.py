@@ -474,11 +474,15 @@ def insert(
     for where, scope in _chosen_scopes(gm, names, after_names):
         target = _place(gm, where, scope, axis, device, hidden_dim, groups, scale, dropout, bias)
         placed[scope if where == "before" else f"{scope}:after"] = target
-    _foresee(gm, inputs, placed, strict)
-    frozen = _freeze(gm, model, placed)
     gm.graph.lint()
     gm.recompile()
+    # the shapes found above hold for this graph: fold (and the plan below) need not find them again
+    known = {_trace.SHAPED_KEY: _trace.fingerprint(gm, inputs)} if _trace.shaped(gm) else {}
+    gm.meta[META_KEY] = dict(known)
+    _foresee(gm, inputs, placed, strict)
+    frozen = _freeze(gm, model, placed)
     gm.meta[META_KEY] = {
+        **known,
         "inputs": _trace.record_inputs(inputs),  # what fold and load_adapters make example inputs like
         "insert": {
             "before": names,
@@ -552,6 +556,7 @@ def _place(gm: fx.GraphModule, where: str, scope: str, axis, device, hidden_dim,
     with gm.graph.inserting_before(min(uses, key=order.__getitem__)):
         node = gm.graph.call_module(target, (value,))
     node.meta["tensor_meta"] = value.meta["tensor_meta"]  # an adapter keeps its input's shape and dtype
+    node.meta["type"] = value.meta.get("type", torch.Tensor)
     for n in uses:
         n.replace_input_with(value, node)
     return target

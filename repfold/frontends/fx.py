@@ -23,11 +23,14 @@ from repfold.core.steps import OUTPUT, Plan, Step
 from repfold.frontends.classes import GRAPH_HINT, REPLACED_KEY, in_code, into_class, into_own_class, scopes
 from repfold.frontends.trace import (
     META_KEY,
+    SHAPED_KEY,
     VALUE_KEY,
+    PartialShapes,
     TraceError,
     WritesBuffers,
     example_inputs,
     export_quietly,
+    fingerprint,
     get_attr,
     has_submodule,
     is_shape_read,
@@ -36,6 +39,7 @@ from repfold.frontends.trace import (
     reads_rank_only,
     set_module,
     shape,
+    shaped,
     to_graph_module,
 )
 from repfold.frontends.writes import ALIAS, index_assignments, restore_aliases
@@ -314,12 +318,13 @@ def _is_leaf(m: nn.Module) -> bool:
     return fx.Tracer().is_leaf_module(m, "")
 
 
-def inline_submodules(gm: fx.GraphModule) -> None:
-    """Trace through every call of a non-torch module (adapters included), in place.
+def inline_submodules(gm: fx.GraphModule, shapes: PartialShapes | None = None) -> bool:
+    """Trace through every call of a non-torch module (adapters included), in place; with ``shapes``, the
+    ops spliced in are shaped from their inputs' recorded shapes. Returns whether every spliced op was.
 
     The graph changes; ``gm``'s code is not regenerated (the caller recompiles when it is done).
     """
-    graph = gm.graph
+    graph, ok = gm.graph, True
     for node in list(graph.nodes):
         if node.op != "call_module" or _is_leaf(gm.get_submodule(node.target)):
             continue
@@ -330,11 +335,17 @@ def inline_submodules(gm: fx.GraphModule) -> None:
             continue
         result, copied = _splice(graph, node, sub_graph)
         if isinstance(result, fx.Node):
+            if shapes is not None and ok:
+                try:
+                    shapes.run(copied)
+                except Exception:  # noqa: BLE001 (the caller shapes the whole graph instead)
+                    ok = False
             node.replace_all_uses_with(result)
             graph.erase_node(node)
         else:  # a tuple or dict result: the module stays whole, and its copied ops must not run as well
             for new in reversed(copied):
                 graph.erase_node(new)
+    return ok
 
 
 def _splice(graph: fx.Graph, call: fx.Node, sub: fx.Graph):
@@ -423,13 +434,18 @@ def prepare(model: nn.Module, example=None, *, scales: bool = True, leaf_modules
     the model's class must leave where they are: the regions they are in end there).
     """
     inputs = example_inputs(model, example)
+    # a graph insert shaped, unchanged since (code, modules, tensors, inputs): its shapes are still right
+    known = isinstance(model, fx.GraphModule) and shaped(model) and \
+        model.meta.get(META_KEY, {}).get(SHAPED_KEY) == fingerprint(model, inputs)
     try:
         gm = to_graph_module(model, leaf_modules, leaf_functions, share_parameters=True)
     except TraceError as e:
         gm = _exported(model, inputs, e)
     gm.eval()
-    inline_submodules(gm)
-    shape(gm, inputs)  # shapes by interpreting the graph: no code is generated until the end
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    known = inline_submodules(gm, PartialShapes(gm, device) if known else None) and known and shaped(gm)
+    if not known:
+        shape(gm, inputs)  # shapes by interpreting the graph: no code is generated until the end
     index_assignments(gm)  # writes into views spelled as the exporters keep them (repfold.frontends.writes)
     traced = gm.meta.get(META_KEY, {}).get("trace")  # insert's: torch.export where fx could not
     report = FoldReport("fx" if traced in (None, "torch.fx") else f"fx, traced by {traced}",

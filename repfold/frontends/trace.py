@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import inspect
 import io
 import sys
@@ -12,7 +13,7 @@ import warnings
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from repfold.core import graph as _graph
 from repfold.frontends.aten import as_torch
@@ -375,6 +376,55 @@ def shape(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
         ) from e
     finally:
         gm.train(was_training)
+
+
+SHAPED_KEY = "shaped"  # gm.meta[META_KEY][SHAPED_KEY]: the fingerprint of what the nodes' shapes were found for
+
+
+def fingerprint(gm: fx.GraphModule, inputs: tuple) -> str:
+    """What the shapes recorded on ``gm``'s nodes depend on: its code, the class of each module it calls,
+    the name, shape, dtype and device of each of its tensors, and the inputs' shapes, dtypes and devices.
+    A graph whose fingerprint is the one recorded with its shapes needs no shape propagation again."""
+    h = hashlib.sha1(gm.graph.python_code(root_module="self").src.encode())  # (the graph, even if not recompiled)
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            h.update(f"{n.target}:{type(gm.get_submodule(n.target)).__qualname__};".encode())
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
+    for t in inputs:
+        what = f"{tuple(t.shape)}:{t.dtype}:{t.device}" if isinstance(t, torch.Tensor) else repr(t)
+        h.update(f"in:{what};".encode())
+    return h.hexdigest()
+
+
+def shaped(gm: fx.GraphModule) -> bool:
+    """Whether every node of ``gm`` has the shape (or type) that shape propagation records."""
+    return all("type" in n.meta for n in gm.graph.nodes)
+
+
+class PartialShapes:
+    """Shapes for nodes added to a graph whose other nodes are shaped already (the ops of an adapter spliced
+    in for its call): each runs on fake tensors made from its inputs' recorded shapes."""
+
+    def __init__(self, gm: fx.GraphModule, device) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode, self.device, self.shapes = FakeTensorMode(allow_non_fake_inputs=True), device, _Shapes(gm)
+
+    def run(self, nodes: list[fx.Node]) -> None:
+        env = self.shapes.env
+        env.clear()
+        mine = set(nodes)
+        with self.mode:
+            for n in nodes:
+                for i in n.all_input_nodes:
+                    if i not in mine and i not in env:
+                        meta = i.meta["tensor_meta"]
+                        if not isinstance(meta, TensorMetadata):
+                            raise TypeError(f"{i.name} holds no single tensor")
+                        env[i] = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device=self.device)
+                env[n] = self.shapes.run_node(n)
+        env.clear()
 
 
 def _fake_shapes(gm: fx.GraphModule, inputs: tuple) -> bool:
