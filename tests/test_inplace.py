@@ -4,6 +4,7 @@ product written straight into a layer, and shapes found without a forward pass."
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import pytest
@@ -261,3 +262,32 @@ def test_a_fold_of_insert_graph_reuses_its_shapes_while_nothing_they_depend_on_c
     with torch.no_grad():
         assert float((repfold.fold(other)(X) - 2 * want).abs().max()) < 1e-9
     assert len(calls) == 2
+
+
+class _Functional(nn.Module):
+    """A scale, then a Linear written as ``F.linear`` on tensors of its own (read by get_attr once traced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.w = nn.Parameter(torch.randn(6, 8))
+        self.b = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x * self.s, self.w, self.b)
+
+
+def test_a_functional_linear_folds_in_place_into_the_weight_it_reads():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(_Functional().double().eval())
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = gm(x)
+    ptr = gm.w.data_ptr()
+    out, report = repfold.fold(gm, inplace=True, example_inputs=x, return_report=True)
+    assert out is gm and len(report.folded) == 1
+    assert not any(n.op == "call_function" and n.target is operator.mul for n in out.graph.nodes)
+    with torch.no_grad():
+        assert float((out(x) - want).abs().max()) < 1e-12
+    read = next(n.target for n in out.graph.nodes if n.op == "get_attr" and n.target.startswith("w"))
+    assert out.get_parameter(read).data_ptr() == ptr  # F.linear's weight, written where it was

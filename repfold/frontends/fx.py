@@ -62,9 +62,10 @@ class FxContext:
         self.dry = False  # rewrite the graph only: new tensors are made on the meta device, never evaluated
         self._holders: Counter | None = None
 
-    def writable(self, ref) -> bool:
+    def writable(self, ref, read: fx.Node | None = None) -> bool:
         """Whether a fold in place may write a layer's new values into ``ref`` itself: ``inplace`` was asked
-        for, and nothing else holds or reads its memory (a tied weight, a view of it, a get_attr of it)."""
+        for, and nothing else holds or reads its memory (a tied weight, a view of it, a get_attr of it) but
+        the layer (``read``: the one get_attr a functional layer reads it through, read by that layer only)."""
         if not (self.inplace and isinstance(ref, torch.Tensor)) or ref.device.type == "meta":
             return False
         if self._holders is None:
@@ -73,7 +74,9 @@ class FxContext:
             held += [t for t in (get_attr(self.gm, target) for target in self.reads for _ in range(self.reads[target]))
                      if isinstance(t, torch.Tensor)]
             self._holders = Counter(_memory(t) for t in held)
-        return self._holders[_memory(ref)] == 1
+        if read is not None and (self.reads[read.target] != 1 or len(read.users) != 1):
+            return False
+        return self._holders[_memory(ref)] == 1 + (read is not None)
 
     def write(self, value, ref: torch.Tensor) -> None:
         """Write the fold's ``value`` for ``ref`` into ``ref`` (see :meth:`writable`)."""
@@ -164,7 +167,7 @@ class FxContext:
         if like.op == "get_attr" and shape is None:
             ref = get_attr(self.gm, like.target)
             trainable = self.trainable(ref)
-            if self.writable(ref) and int(np.prod(np.shape(value))) == ref.numel():
+            if self.writable(ref, like) and int(np.prod(np.shape(value))) == ref.numel():
                 self.write(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
                 return self.graph.get_attr(like.target)
         else:  # ``shape`` (where it is not ``like``'s), ``like``'s dtype and device
