@@ -16,6 +16,7 @@ The engine reads an op only through these protocols.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -185,16 +186,17 @@ def weight_matvec(W, c) -> np.ndarray:
 
 
 _ROWS = 1 << 20  # values in a block of rows of write_product (8 MB in float64: large enough for two threads)
-_SCRATCH: dict = {}
+_SCRATCH = threading.local()  # one set of buffers per thread: folds in two threads never share one
 
 
 def _scratch(slot: int, n: int, dtype) -> torch.Tensor:
     """A reusable CPU buffer of at least ``n`` values (its first ``n``): blocks are converted into the same
     memory again and again, never into fresh pages (which the kernel zeroes, or a VM's host maps, one page
     at a time)."""
-    buf = _SCRATCH.get((slot, dtype))
+    mine = vars(_SCRATCH)
+    buf = mine.get((slot, dtype))
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH[(slot, dtype)] = torch.empty(max(n, _ROWS), dtype=dtype)
+        buf = mine[(slot, dtype)] = torch.empty(max(n, _ROWS), dtype=dtype)
     return buf[:n]
 
 

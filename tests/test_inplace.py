@@ -291,3 +291,17 @@ def test_a_functional_linear_folds_in_place_into_the_weight_it_reads():
         assert float((out(x) - want).abs().max()) < 1e-12
     read = next(n.target for n in out.graph.nodes if n.op == "get_attr" and n.target.startswith("w"))
     assert out.get_parameter(read).data_ptr() == ptr  # F.linear's weight, written where it was
+
+
+def test_folds_in_two_threads_at_once_give_what_each_gives_alone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    graphs = [_inserted(_vit()) for _ in range(2)]
+    _trained(graphs[1], seed=2)
+    with torch.no_grad():
+        want = [g(X) for g in graphs]
+    with ThreadPoolExecutor(2) as pool:
+        folded = list(pool.map(repfold.fold, graphs))
+    with torch.no_grad():
+        for f, w in zip(folded, want):
+            assert float((f(X) - w).abs().max()) < 1e-10

@@ -239,11 +239,12 @@ def _positions(shape: tuple[int, ...]) -> np.ndarray:
     """``arange(prod(shape)).reshape(shape)`` as a read-only view of one array shared by every layout (a
     transpose or reshape of it is a view too): a giant model's activations are not held once per op."""
     global _COUNT
-    n = math.prod(shape)
-    if _COUNT.size < n:
-        _COUNT = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
-        _COUNT.flags.writeable = False
-    return _COUNT[:n].reshape(shape)
+    n, count = math.prod(shape), _COUNT  # (one read of the global: another thread may replace it)
+    if count.size < n:
+        count = np.arange(max(n, 2 * count.size), dtype=np.int64)
+        count.flags.writeable = False
+        _COUNT = count
+    return count[:n].reshape(shape)
 
 
 def _stride(shape: tuple[int, ...], k: int) -> int:
