@@ -110,6 +110,7 @@ def test_a_peft_model_folds_in_place_as_merge_and_unload_does():
     merged = copy.deepcopy(wrapped).merge_and_unload()
     with torch.no_grad():
         want = wrapped(X)
+        assert float((want - _vit()(X)).abs().max()) > 1e-2  # the LoRA changes the output
         assert float((want - merged.base_model(X) if hasattr(merged, "base_model") else want - merged(X)).abs()
                      .max()) < 1e-10
     out, report = repfold.fold(wrapped, inplace=True, example_inputs=X, return_report=True)
@@ -140,6 +141,8 @@ def test_an_in_place_fold_never_writes_into_a_tied_weight():
     x = torch.randn(4, 8, dtype=torch.float64)
     with torch.no_grad():
         want = model(x)
+        plain = model.b(torch.relu(model.a(x)))
+    assert float((want - plain).abs().max()) > 1e-2  # the scale changes the output
     tied = model.a.weight.clone()
     out = repfold.fold(model, inplace=True, example_inputs=x, graph=False)
     with torch.no_grad():
@@ -203,6 +206,7 @@ def test_a_layer_with_adapters_on_both_sides_folds_in_place_as_into_a_copy():
     gm = _trained(repfold.insert(model, before=["fc1", "qkv"], after=["fc1", "proj"], example_inputs=X))
     with torch.no_grad():
         want = gm(X)
+        assert float((want - model(X)).abs().max()) > 1e-2  # the adapters change the output
     copied, report = repfold.fold(gm, return_report=True)
     out, again = repfold.fold(gm, inplace=True, return_report=True)
     assert [r.line() for r in again.regions] == [r.line() for r in report.regions]
@@ -226,6 +230,8 @@ def test_a_hugging_face_model_traced_by_torch_export_folds_in_place():
     layer = next(m for n, m in base.named_modules() if n.endswith(linears[0]) and hasattr(m, "base_layer"))
     with torch.no_grad():
         want = model(x).logits
+        with model.disable_adapter():
+            assert float((want - model(x).logits).abs().max()) > 1e-3  # the LoRA changes the output
         assert float((want - copy.deepcopy(model).merge_and_unload()(x).logits).abs().max()) < 1e-4
     ptr = layer.base_layer.weight.data_ptr()
     path = next(n for n, m in base.named_modules() if m is layer)
@@ -283,6 +289,8 @@ def test_a_functional_linear_folds_in_place_into_the_weight_it_reads():
     x = torch.randn(4, 8, dtype=torch.float64)
     with torch.no_grad():
         want = gm(x)
+    with torch.no_grad():
+        assert float((want - torch.nn.functional.linear(x, gm.w, gm.b)).abs().max()) > 1e-2  # the scale counts
     ptr = gm.w.data_ptr()
     out, report = repfold.fold(gm, inplace=True, example_inputs=x, return_report=True)
     assert out is gm and len(report.folded) == 1
