@@ -283,7 +283,7 @@ def fx_rebuild(node, ctx, params: Callable[[nn.Module, Any, Any], dict[str, np.n
         for name, value in values.items():
             ref = current[name]
             if ref is not None and ctx.writable(ref) and int(np.prod(np.shape(value))) == ref.numel():
-                ctx.write(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
+                write_into(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
                 setattr(new, name, ref)
                 continue
             if ref is None:  # a layer without a bias taking one: the weight's dtype, device and training

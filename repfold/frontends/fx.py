@@ -78,10 +78,6 @@ class FxContext:
             return False
         return self._holders[_memory(ref)] == 1 + (read is not None)
 
-    def write(self, value, ref: torch.Tensor) -> None:
-        """Write the fold's ``value`` for ``ref`` into ``ref`` (see :meth:`writable`)."""
-        write_into(value, ref)
-
     def tensor(self, value, ref: torch.Tensor) -> torch.Tensor:
         """A new tensor of ``ref``'s shape, dtype and device holding ``value`` (a dry fold's: no values)."""
         if self.dry:
@@ -168,7 +164,7 @@ class FxContext:
             ref = get_attr(self.gm, like.target)
             trainable = self.trainable(ref)
             if self.writable(ref, like) and int(np.prod(np.shape(value))) == ref.numel():
-                self.write(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
+                write_into(value, ref)  # the model's own tensor takes its new values (fold(..., inplace=True))
                 return self.graph.get_attr(like.target)
         else:  # ``shape`` (where it is not ``like``'s), ``like``'s dtype and device
             roots = self.weights.roots(like)
